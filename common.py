@@ -1,0 +1,180 @@
+"""
+What the training scripts share: device and precision setup, DDP, the optimizer and its learning
+rate schedule, checkpoints written atomically and loaded safely, loss-curve plots, and a measure
+of the machine's matmul throughput (for an honest MFU).
+"""
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+
+# --- device, precision, processes ------------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: str  # "cpu", "cuda:0", "mps"
+    device_type: str  # "cpu", "cuda", "mps"
+    ptdtype: torch.dtype  # the autocast dtype (float32: no autocast)
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0  # only rank 0 logs and writes files
+
+    def autocast(self):
+        """Mixed precision: matmuls in bf16/fp16, reductions and the loss in fp32."""
+        if self.ptdtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, backend: str = "") -> Runtime:
+    """Picks the device and dtype, starts DDP when launched by torchrun, seeds torch."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = resolve_device(device)
+    if ddp:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    device_type = device.split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but torch sees no CUDA GPU: use --device=cpu")
+    if dtype == "auto":  # bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, fp32 on CPU
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype={dtype} is not one of auto, float32, bfloat16, float16")
+    torch.manual_seed(seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: ~8x faster than fp32 on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, device_type, getattr(torch, dtype), ddp, rank, local_rank, world_size)
+
+
+# --- optimizer and schedule ------------------------------------------------------------------------
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
+                        betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
+    norm gains toward zero has no regularising use. Fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
+    crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted file
+    cannot run code while it is unpickled."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no checkpoint at {path}") from None
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
+    return ckpt
+
+
+def load_model(out_dir: str, device: str = "cpu", train_cmd: str = "python train.py config/gutenberg.py"):
+    """The model (in eval mode), tokenizer and checkpoint saved in out_dir/ckpt.pt."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}: train one first ({train_cmd}) or pass --out_dir=DIR")
+    ckpt = load_checkpoint(path, device)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers: its state_dict has no
+    'module.' or '_orig_mod.' prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# --- measuring -------------------------------------------------------------------------------------
+def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """The machine's matmul throughput (FLOP/s) on square matrices: the ceiling MFU is relative to."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        sync() if iters % 8 == 0 else None
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> None:
+    """One PNG with a line per curve: {label: (xs, ys)}. Written atomically, like checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (xs, ys) in curves.items():
+        if xs:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

@@ -1,0 +1,137 @@
+"""
+The tokenizer: text <-> integer ids, one module for every script.
+
+Three kinds, all byte-level BPE run by tiktoken (fast, Rust, multi-threaded):
+- "bpe":  a French BPE trained on the corpus with rustbpe (default 8,192 tokens). It packs about
+          4 bytes of French per token, against 2.7 for GPT-2: a smaller output layer and more text
+          per context window.
+- "gpt2": the course's tokenizer (50,257 tokens), loaded offline from a ranks file.
+- "char": one token per character of the corpus (the Llama-MoE notebook's tokenizer). It is a
+          BPE too: the 256 bytes, plus one merged token for each multi-byte character seen in
+          training (é, œ, —, ...). A character never seen falls back to its UTF-8 bytes, so any
+          text still encodes and decodes back exactly (the policy of Llama's byte_fallback).
+
+Whatever the kind, a tokenizer is a list of ranks (bytes -> id), a split pattern and the special
+token <|endoftext|>, which separates documents. It is saved as a plain text file
+(`base64(token) rank` per line, tiktoken's own format) plus a few fields in meta.json, and it
+travels inside every checkpoint, so that a checkpoint is enough to sample from.
+"""
+
+import base64
+import os
+import unicodedata
+from collections.abc import Iterable
+
+import tiktoken
+import tiktoken.load
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.tiktoken"
+DEFAULT_GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tokenizers", "gpt2.tiktoken")
+
+# GPT-4's split pattern, taught French: elisions (l', d', qu', jusqu'...) become their own piece,
+# so " l'homme" splits as " l'" + "homme" and the BPE learns one token for " l'" instead of
+# gluing the apostrophe to the next word. \p{L} already covers accented letters (é, à, œ).
+FRENCH_PATTERN = (
+    r"""[ ]?(?i:[cdjlmnst]|qu|jusqu|lorsqu|puisqu|quoiqu)['’]"""
+    r"""|[^\r\n\p{L}\p{N}]?+\p{L}+"""
+    r"""|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+CHAR_PATTERN = r"""(?s:.)"""  # every character is its own piece: at most one token per character
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus what it takes to save and rebuild it (its state)."""
+
+    def __init__(self, kind: str, ranks: dict[bytes, int], pattern: str, nfc: bool):
+        self.kind, self.ranks, self.pattern, self.nfc = kind, ranks, pattern, nfc
+        self.eot_id = len(ranks)  # the special token comes right after the ranks
+        self.vocab_size = len(ranks) + 1
+        self.enc = tiktoken.Encoding(kind, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: self.eot_id})
+
+    def normalize(self, text: str) -> str:
+        # NFC: "é" typed as e + combining accent becomes the single character the model knows
+        return unicodedata.normalize("NFC", text) if self.nfc else text
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; a literal "<|endoftext|>" in the text is just text, never the special token."""
+        return self.enc.encode_ordinary(self.normalize(text))
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts], num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))  # bytes that are not (yet) valid UTF-8 become U+FFFD
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    # --- saving and loading: a plain text file, never a pickle ---------------------------------
+    def state(self) -> dict:
+        """Everything needed to rebuild the tokenizer, as plain strings (goes into checkpoints)."""
+        ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in self.ranks.items())
+        return {"kind": self.kind, "pattern": self.pattern, "nfc": self.nfc, "ranks": ranks}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Tokenizer":
+        ranks = {}
+        for line in state["ranks"].splitlines():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+        return cls(state["kind"], ranks, state["pattern"], state["nfc"])
+
+    def save(self, data_dir: str) -> dict:
+        """Writes data_dir/tokenizer.tiktoken (loadable with tiktoken.load.load_tiktoken_bpe);
+        returns the fields that go into meta.json."""
+        path = os.path.join(data_dir, TOKENIZER_FILE)
+        with open(path + ".tmp", "w") as f:
+            f.write(self.state()["ranks"])
+        os.replace(path + ".tmp", path)
+        return {"kind": self.kind, "file": TOKENIZER_FILE, "pattern": self.pattern, "nfc": self.nfc,
+                "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+
+def load(data_dir: str, meta: dict) -> Tokenizer:
+    """The tokenizer that prepare.py saved in data_dir (meta is data_dir/meta.json, parsed)."""
+    t = meta["tokenizer"]
+    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, t["file"]))
+    return Tokenizer(t["kind"], ranks, t["pattern"], t["nfc"])
+
+
+# --- building each kind ---------------------------------------------------------------------------
+def gpt2(ranks_path: str = DEFAULT_GPT2_RANKS) -> Tokenizer:
+    """GPT-2's BPE, identical to tiktoken.get_encoding("gpt2") but read from a local file, offline."""
+    if not os.path.exists(ranks_path):
+        raise SystemExit(f"error: GPT-2 ranks not found at {ranks_path}: pass --gpt2_ranks=PATH to a gpt2.tiktoken file")
+    return Tokenizer("gpt2", tiktoken.load.load_tiktoken_bpe(ranks_path), GPT2_PATTERN, nfc=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained with rustbpe on texts; vocab_size counts <|endoftext|>."""
+    import rustbpe
+
+    if vocab_size < 257:
+        raise SystemExit(f"error: --vocab_size={vocab_size} is too small for a byte-level BPE: use at least 257")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator((unicodedata.normalize("NFC", t) for t in texts), vocab_size - 1, pattern=FRENCH_PATTERN)
+    ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+    return Tokenizer("bpe", ranks, bpe.get_pattern(), nfc=True)
+
+
+def train_char(texts: Iterable[str]) -> Tokenizer:
+    """The 256 bytes, then every multi-byte character of the texts by frequency (with the prefixes
+    BPE needs to merge its bytes step by step: b"\\xe2\\x80" before "—" = b"\\xe2\\x80\\x94")."""
+    from collections import Counter
+
+    counts = Counter()
+    for t in texts:
+        counts.update(unicodedata.normalize("NFC", t))
+    ranks = {bytes([b]): b for b in range(256)}
+    for ch, _ in counts.most_common():
+        b = ch.encode("utf-8")
+        for i in range(2, len(b) + 1):
+            ranks.setdefault(b[:i], len(ranks))
+    return Tokenizer("char", ranks, CHAR_PATTERN, nfc=True)

@@ -1,0 +1,276 @@
+"""
+Course part 3: training. Next-token prediction on random windows of the tokenized corpus.
+
+    python train.py config/gutenberg.py                    # the default CPU run, under 10 minutes
+    python train.py config/gutenberg.py --batch_size=8     # any setting can be overridden
+    python train.py config/gutenberg.py --init_from=resume # continue from out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=4 train.py config/gutenberg_gpu.py   # DDP
+
+Every eval_interval it measures train and val loss (and val bits per byte, comparable across
+tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (
+    configure_optimizer,
+    get_lr,
+    load_checkpoint,
+    measure_peak_flops,
+    plot_curves,
+    save_checkpoint,
+    setup_runtime,
+    unwrap,
+)
+from configurator import configure
+from model import GPT, GPTConfig
+from tokenizer import load as load_tokenizer
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-gutenberg"
+data_dir = "data/gutenberg_bpe8192"  # written by prepare.py
+init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+eval_interval = 250  # iterations between evaluations and checkpoints
+eval_iters = 20  # batches per split per evaluation
+log_interval = 10
+eval_only = False  # evaluate once and exit
+# model
+n_layer = 6
+n_head = 6
+n_embd = 384
+d_ff = 0  # 0 = 4 * n_embd
+block_size = 256
+dropout = 0.0
+bias = False
+# optimization
+batch_size = 16  # sequences per micro-step
+gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
+learning_rate = 1e-3
+max_iters = 5000
+max_time = 0.0  # seconds of training after which the run stops cleanly (evaluates, saves); 0 = no limit
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm; 0 = off
+warmup_iters = 100
+lr_decay_iters = 0  # cosine decay ends here; 0 = max_iters
+min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
+# system
+device = "auto"  # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
+backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())
+globals().update(config)
+
+# impossible values fail here, before any data is read
+for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "eval_interval", "eval_iters",
+            "log_interval", "gradient_accumulation_steps"):
+    if config[key] <= 0:
+        raise SystemExit(f"error: {key} must be positive, got {config[key]}")
+if n_embd % n_head != 0:
+    raise SystemExit(f"error: n_embd={n_embd} must be divisible by n_head={n_head}")
+if learning_rate <= 0 or min_lr < 0 or not 0 <= dropout < 1:
+    raise SystemExit("error: learning_rate must be > 0, min_lr >= 0 and dropout in [0, 1)")
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
+lr_decay_iters = lr_decay_iters or max_iters
+min_lr = min_lr or learning_rate / 10
+
+rt = setup_runtime(device, dtype, seed, backend)
+if gradient_accumulation_steps % rt.world_size != 0:
+    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                     f"{rt.world_size} processes")
+gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
+use_compile = rt.device_type == "cuda" if compile is None else compile
+log = print if rt.master else (lambda *a, **k: None)
+
+# --- data: random windows of the memory-mapped token files ---------------------------------------
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.exists(meta_path):
+    raise SystemExit(f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)")
+with open(meta_path) as f:
+    meta = json.load(f)
+for split in ("train", "val"):
+    n = meta[split]["tokens"]
+    if n <= block_size:
+        raise SystemExit(f"error: {data_dir}/{split}.bin holds {n} tokens, not more than block_size={block_size}: "
+                         "lower --block_size or prepare more text")
+tokenizer = load_tokenizer(data_dir, meta)
+bytes_per_token = meta["val"]["bytes_per_token"]
+tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
+log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
+    f"micro-steps x {batch_size} sequences x {block_size} tokens)")
+
+# batches come from their own generator, so that a resumed run draws the same batches as an
+# uninterrupted one (its state is saved in the checkpoint)
+batch_gen = torch.Generator().manual_seed(seed + rt.rank)
+
+
+def get_batch(split: str, gen: torch.Generator = batch_gen):
+    # a fresh memmap per batch: numpy's memmap would otherwise keep growing in memory
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix.tolist()]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))
+    if rt.device_type == "cuda":  # pinned memory: the copy to the GPU runs alongside compute
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+    return x.to(rt.device), y.to(rt.device)
+
+
+# --- model, optimizer, state -------------------------------------------------------------------
+model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                  n_embd=n_embd, d_ff=d_ff, dropout=dropout, bias=bias)
+iter_num, best_val_loss = 0, float("inf")
+history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss curves: (iters, losses)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    ckpt = load_checkpoint(ckpt_path, rt.device)
+    model_args = {**ckpt["model_args"], "dropout": dropout}  # the architecture comes from the checkpoint
+    if (block_size, tokenizer.vocab_size) != (model_args["block_size"], model_args["vocab_size"]):
+        raise SystemExit(f"error: block_size={block_size} and the data's vocabulary of {tokenizer.vocab_size} must match "
+                         f"the checkpoint's {model_args['block_size']} and {model_args['vocab_size']}")
+    iter_num, best_val_loss, history = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["history"]
+    log(f"resuming from {ckpt_path} at iteration {iter_num}")
+model = GPT(GPTConfig(**model_args)).to(rt.device)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+if init_from == "resume":
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    batch_gen.set_state(ckpt["rng"]["batch"])
+    torch.set_rng_state(ckpt["rng"]["torch"])  # dropout masks
+    if rt.device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    del ckpt
+# GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
+scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
+raw_model = model
+log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
+    f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
+    f"compile {use_compile}")
+if use_compile:
+    model = torch.compile(model)
+if rt.ddp:
+    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
+log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative to it")
+
+
+@torch.no_grad()
+def estimate_loss() -> dict[str, float]:
+    """Mean loss over eval_iters batches per split, the same batches at every evaluation."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1)  # fixed: comparable from one evaluation to the next
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = get_batch(split, gen)
+            with rt.autocast():
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def checkpoint() -> None:
+    save_checkpoint({
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+        "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "history": history,
+        "tokenizer": tokenizer.state(), "data_dir": data_dir, "bytes_per_token": bytes_per_token,
+        "rng": {"batch": batch_gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None},
+    }, ckpt_path)
+
+
+def evaluate_and_save() -> None:
+    global best_val_loss
+    losses = estimate_loss()
+    bpb = losses["val"] / np.log(2) / bytes_per_token  # nats/token -> bits/token -> bits/byte
+    log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val {bpb:.3f} bits/byte")
+    history["train_eval"][0].append(iter_num)
+    history["train_eval"][1].append(losses["train"])
+    history["val"][0].append(iter_num)
+    history["val"][1].append(losses["val"])
+    best_val_loss = min(best_val_loss, losses["val"])
+    if rt.master:
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint()
+        plot_curves(os.path.join(out_dir, "loss.png"),
+                    {"train (per iteration)": history["train"], "train (eval)": history["train_eval"],
+                     "val (held-out books)": history["val"]},
+                    "iteration", "cross-entropy (nats/token)", f"training curves of {out_dir}")
+
+
+if rt.master:
+    os.makedirs(out_dir, exist_ok=True)
+    log("config: " + json.dumps(config))
+model.train()
+t_start = time.time()
+t0 = t_start
+iter_start = iter_num
+while True:
+    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
+        evaluate_and_save()
+        t0 = time.time() - (iter_num % log_interval) * dt_last  # evaluation time is not training time
+    if eval_only:
+        break
+
+    # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
+    for micro_step in range(gradient_accumulation_steps):
+        if rt.ddp:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        x, y = get_batch("train")
+        with rt.autocast():
+            _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    iter_num += 1
+    if iter_num % log_interval == 0 and rt.master:
+        lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+        dt = (time.time() - t0) / log_interval
+        t0 = time.time()
+        tok_s = tokens_per_iter / dt
+        mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
+        elapsed = time.time() - t_start
+        left = (max_iters - iter_num) * dt
+        if max_time > 0:
+            left = min(left, max_time - elapsed)
+        history["train"][0].append(iter_num)
+        history["train"][1].append(lossf)
+        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
+            f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
+    # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
+    stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
+    if rt.ddp:
+        torch.distributed.broadcast(stop := stop.to(rt.device), src=0)
+    if stop.item():
+        if iter_num < max_iters:
+            log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")
+        evaluate_and_save()
+        log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
+            f"loss curve {os.path.join(out_dir, 'loss.png')}")
+        break
+
+if rt.ddp:
+    torch.distributed.destroy_process_group()
