@@ -146,10 +146,7 @@ optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta
 if init_from == "resume":
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    batch_gen.set_state(ckpt["rng"]["batch"])
-    torch.set_rng_state(ckpt["rng"]["torch"])  # dropout masks
-    if rt.device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    rng_state = ckpt["rng"]
     del ckpt
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
@@ -215,9 +212,14 @@ def evaluate_and_save() -> None:
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     log("config: " + json.dumps(config))
+if init_from == "resume":  # restored last, so that nothing above draws from them: same batches, same dropout
+    batch_gen.set_state(rng_state["batch"])
+    torch.set_rng_state(rng_state["torch"])
+    if rt.device_type == "cuda" and rng_state["cuda"] is not None:
+        torch.cuda.set_rng_state(rng_state["cuda"])
 model.train()
 t_start = time.time()
-t0 = t_start
+t0, n_timed = t_start, 0
 iter_start = iter_num
 while True:
     lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
@@ -225,7 +227,7 @@ while True:
         group["lr"] = lr
     if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
         evaluate_and_save()
-        t0 = time.time() - (iter_num % log_interval) * dt_last  # evaluation time is not training time
+        t0, n_timed = time.time(), 0  # evaluation time is not training time
     if eval_only:
         break
 
@@ -246,10 +248,11 @@ while True:
     optimizer.zero_grad(set_to_none=True)
 
     iter_num += 1
+    n_timed += 1
     if iter_num % log_interval == 0 and rt.master:
         lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-        dt = (time.time() - t0) / log_interval
-        t0 = time.time()
+        dt = (time.time() - t0) / n_timed
+        t0, n_timed = time.time(), 0
         tok_s = tokens_per_iter / dt
         mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
         elapsed = time.time() - t_start

@@ -1,0 +1,114 @@
+"""
+Course parts 4 and 5: generate text from a trained checkpoint, and look at its attention.
+
+    python sample.py --top_k=40                                 # from out-gutenberg/ckpt.pt
+    python sample.py --start="Il était une fois" --temperature=0.8 --num_samples=3 --max_new_tokens=200
+    python sample.py --start=FILE:prompt.txt --greedy
+    python sample.py --attention_map=attn.png --start="Le petit chat noir dort sur le canapé."
+
+Decoding strategies: greedy (always the likeliest token: safe, soon repetitive), temperature (divide
+the logits: < 1 sharper, > 1 more adventurous), top-k (sample among the k likeliest tokens only)
+and top-p (among the smallest set of tokens whose probabilities add up to p).
+"""
+
+import codecs
+import os
+import sys
+
+import torch
+
+from common import load_model, setup_runtime
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
+start = ""  # the prompt, or FILE:path to read it from a file; "" starts from <|endoftext|>
+num_samples = 1  # several samples are generated together, as one batch
+max_new_tokens = 200
+temperature = 0.8
+top_k = 40  # 0 = no top-k filtering
+top_p = 1.0  # 1.0 = no nucleus filtering
+greedy = False  # always take the likeliest token (same as temperature=0)
+seed = 1337
+device = "auto"
+dtype = "auto"
+attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
+# -----------------------------------------------------------------------------
+
+
+def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> None:
+    """One heatmap per layer (rows) and head (columns): row i shows where token i looks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layer, n_head, T = len(maps), maps[0].size(1), len(labels)
+    cell = max(2.5, 0.28 * T)  # inches per heatmap: room for one label per token
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(cell * n_head, cell * n_layer), squeeze=False)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            ax.imshow(maps[layer][0, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=10)
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
+            ax.set_yticks(range(T), labels, fontsize=8)
+    fig.supxlabel("key: the token looked at")
+    fig.supylabel("query: the token looking")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(c: dict) -> None:
+    if c["start"].startswith("FILE:"):
+        path = c["start"][5:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                c["start"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read the prompt file {path}: {e}") from None
+    if c["num_samples"] < 1 or c["max_new_tokens"] < 0 or c["temperature"] < 0 or not 0 < c["top_p"] <= 1:
+        raise SystemExit("error: need num_samples >= 1, max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1")
+    rt = setup_runtime(c["device"], c["dtype"], c["seed"])
+    model, tok, _ = load_model(c["out_dir"], rt.device)
+    block_size = model.config.block_size
+
+    ids = tok.encode(c["start"]) if c["start"] else [tok.eot_id]
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens; the model sees its last {block_size} (block_size)", file=sys.stderr)
+        ids = ids[-block_size:]
+    x = torch.tensor([ids], dtype=torch.long, device=rt.device)
+
+    if c["attention_map"]:
+        maps: list[torch.Tensor] = []
+        with torch.no_grad(), rt.autocast():
+            model(x, attn_maps=maps)
+        labels = [tok.decode([i]).replace(" ", "·").replace("\n", "⏎") for i in ids]
+        plot_attention(maps, labels, c["attention_map"])
+        print(f"wrote {os.path.abspath(c['attention_map'])}: {len(maps)} layers x {maps[0].size(1)} heads over {len(ids)} tokens")
+        return
+
+    gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
+    temperature = 0.0 if c["greedy"] else c["temperature"]
+    x = x.repeat(c["num_samples"], 1)
+    steps = model.generate(x, c["max_new_tokens"], temperature, c["top_k"] or None, c["top_p"], tok.eot_id, gen)
+    if c["num_samples"] == 1:  # stream the text as it comes
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        print(c["start"], end="", flush=True)
+        with rt.autocast():
+            for nxt in steps:
+                if nxt.item() == tok.eot_id:
+                    break
+                print(decoder.decode(tok.decode_bytes([nxt.item()])), end="", flush=True)
+        print(decoder.decode(b"", final=True))
+        return
+    with rt.autocast():
+        out = torch.cat([torch.empty(x.size(0), 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
+    for i, row in enumerate(out):
+        row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+        print(f"--- sample {i + 1} ---\n{c['start']}{tok.decode(row)}")
+
+
+if __name__ == "__main__":
+    main(configure(globals()))

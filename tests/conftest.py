@@ -1,0 +1,57 @@
+"""Shared fixtures: a slice of the French novels, prepared once, and a tiny model trained once.
+Scripts run as real subprocesses, from a temporary folder, exactly as a user runs them."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "..", "shared", "french_gutenberg", "data", "train-00000-of-00001.parquet")
+sys.path.insert(0, ROOT)
+
+# a tiny model: trains in seconds on a CPU, big enough to learn something
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+        "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--device=cpu"]
+
+
+def run(script: str, *args: str, cwd: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs one of the project's scripts with its arguments; returns the finished process."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def books() -> list[str]:
+    """Six real documents: 30,000 characters from each of six novels."""
+    table = pq.read_table(CORPUS, columns=["content"])
+    return [t[:30_000] for t in table.column("content").to_pylist()[:6]]
+
+
+@pytest.fixture(scope="session")
+def txt_dir(tmp_path_factory, books) -> str:
+    d = tmp_path_factory.mktemp("txt")
+    for i, b in enumerate(books):
+        (d / f"book{i}.txt").write_text(b, encoding="utf-8")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, txt_dir) -> str:
+    """A folder holding data/tiny (a BPE of 512 tokens on the six books), where scripts run."""
+    d = str(tmp_path_factory.mktemp("work"))
+    run("prepare.py", f"--dataset={txt_dir}", "--vocab_size=512", "--name=tiny", "--val_fraction=0.2", cwd=d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained(workdir) -> str:
+    """out-tiny/ckpt.pt: a tiny model trained for 60 iterations on data/tiny."""
+    run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny", "--max_iters=60", "--eval_interval=30", *TINY,
+        cwd=workdir)
+    return workdir

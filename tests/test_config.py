@@ -1,0 +1,50 @@
+import pytest
+
+from configurator import configure
+
+DEFAULTS = {"batch_size": 16, "learning_rate": 1e-3, "device": "auto", "compile": None, "bias": False,
+            "_private": 1, "np": pytest}
+
+
+def test_defaults_file_then_command_line(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 8\nlearning_rate = 3e-4\n")
+    out = configure(DEFAULTS, [str(cfg), "--batch_size=4", "--device=cuda", "--bias", "--compile=True"])
+    assert out == {"batch_size": 4, "learning_rate": 3e-4, "device": "cuda", "compile": True, "bias": True}
+
+
+def test_int_is_accepted_for_float_and_bool_spellings():
+    assert configure(DEFAULTS, ["--learning_rate=1"])["learning_rate"] == 1.0
+    assert configure(DEFAULTS, ["--bias=false"])["bias"] is False
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown config key 'batchsize'.*did you mean batch_size"):
+        configure(DEFAULTS, ["--batchsize=3"])
+    cfg = tmp_path / "c.py"
+    cfg.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(SystemExit, match=r"learning_rat.*in .*c\.py.*learning_rate"):
+        configure(DEFAULTS, [str(cfg)])
+
+
+@pytest.mark.parametrize("arg", ["--batch_size=8.5", "--batch_size=abc", "--learning_rate=fast", "--bias=maybe",
+                                 "--batch_size"])
+def test_wrong_types_are_one_line_errors(arg):
+    with pytest.raises(SystemExit, match="error: ") as e:
+        configure(DEFAULTS, [arg])
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    cfg = tmp_path / "broken.py"
+    cfg.write_text("batch_size = 8\nlearning_rate = 1 / 0\n")
+    with pytest.raises(SystemExit, match=r"broken\.py, line 2: ZeroDivisionError"):
+        configure(DEFAULTS, [str(cfg)])
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        configure(DEFAULTS, [str(tmp_path / "missing.py")])
+
+
+def test_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, ["--help"])
+    assert e.value.code == 0 and "--batch_size=16" in capsys.readouterr().out

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, sample_next
+
+
+def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **kw)
+    return GPT(cfg).eval()
+
+
+def test_shapes_and_last_position_logits():
+    m = tiny()
+    x = torch.randint(0, 50, (3, 10))
+    logits, loss = m(x, x)
+    assert logits.shape == (3, 10, 50) and loss.ndim == 0
+    assert math.isclose(loss.item(), math.log(50), rel_tol=0.1)  # an untrained model is near uniform
+    last, none = m(x)
+    assert last.shape == (3, 1, 50) and none is None
+    assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    m = tiny()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 7] = (x[0, 7] + 1) % 50
+    a, _ = m(x, x)
+    b, _ = m(y, y)
+    assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6)
+    assert not torch.allclose(a[0, 7:], b[0, 7:], atol=1e-3)
+
+
+def test_sdpa_equals_explicit_attention_and_maps_are_causal_distributions():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 12))
+    fast, _ = m(x, x)
+    maps = []
+    slow, _ = m(x, x, attn_maps=maps)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 12, 12)
+    assert torch.allclose(maps[1].sum(-1), torch.ones(2, 2, 12), atol=1e-5)
+    assert maps[0].triu(diagonal=1).abs().max() == 0  # nothing attends to the future
+
+
+def full_recompute_greedy(m: GPT, idx, n):
+    for _ in range(n):
+        logits, _ = m(idx[:, -m.config.block_size :])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("prompt_len,new", [(3, 10), (5, 30), (20, 8)])  # within, past, and beyond block_size
+def test_kv_cache_greedy_equals_full_recompute(prompt_len, new):
+    m = tiny(block_size=16)
+    idx = torch.randint(0, 50, (2, prompt_len))
+    cached = torch.cat([idx, *m.generate(idx, new, temperature=0.0)], dim=1)
+    assert torch.equal(cached, full_recompute_greedy(m, idx, new))
+
+
+def test_kv_cache_logits_match_full_forward():
+    m = tiny(block_size=16)
+    x = torch.randint(0, 50, (2, 12))
+    full, _ = m(x, x)
+    cache = m.new_cache(2)
+    m(x[:, :5], cache=cache)
+    for t in range(5, 12):
+        step, _ = m(x[:, t : t + 1], cache=cache)
+        assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
+
+
+def test_generation_stops_at_eot_and_pads_finished_rows():
+    m = tiny()
+    idx = torch.randint(0, 50, (2, 4))
+    free = torch.cat(list(m.generate(idx, 10, temperature=0.0)), dim=1)
+    eot = free[0, 0].item()  # call row 0's first token the end of text: row 0 is done at once
+    steps = torch.cat(list(m.generate(idx, 10, temperature=0.0, eot_id=eot)), dim=1)
+    row1 = free[1].tolist()
+    stop = row1.index(eot) + 1 if eot in row1 else 10  # generation ends when every row is done
+    assert steps.size(1) == stop
+    assert (steps[0] == eot).all() and steps[1].tolist() == row1[:stop]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), logits.argmax(-1, keepdim=True))
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    picks = {sample_next(probs.log(), 1.0, top_p=0.7).item() for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two
+
+
+def test_weight_tying_counting_and_init():
+    m = tiny(vocab_size=64)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    n_emb = 64 * 32 + 16 * 32
+    assert m.num_params() - m.num_params(embedding=False) == n_emb
+    assert m.flops_per_token(16) == 6 * (m.num_params() - 16 * 32 - 2 * 2 * 32 - 32) + 12 * 2 * 32 * 16
+    std = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert 0.005 < std < 0.012  # 0.02 / sqrt(2 * n_layer) = 0.01
+
+
+def test_tiny_model_overfits_a_tiny_batch():
+    m = tiny(block_size=16).train()
+    x = torch.randint(0, 50, (4, 17))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_config_rejects_heads_that_do_not_divide_width():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)

@@ -1,0 +1,63 @@
+import itertools
+import os
+import re
+
+import torch
+from conftest import ROOT, TINY, run
+
+from common import get_lr, load_checkpoint
+
+
+def losses(stdout: str) -> dict[int, str]:
+    return {int(i): loss for i, loss in re.findall(r"^iter (\d+): loss (\d+\.\d+)", stdout, re.M)}
+
+
+def test_training_writes_checkpoint_and_curve_and_learns(trained):
+    out = os.path.join(trained, "out-tiny")
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 60 and ckpt["config"]["max_iters"] == 60
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    val = ckpt["history"]["val"][1]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5  # evaluated at 0, 30, 60, and it learned
+
+
+def test_resumed_run_continues_with_the_same_losses(workdir):
+    common = ["--data_dir=data/tiny", "--eval_interval=10", "--lr_decay_iters=20", "--dropout=0.1", *TINY]
+    full = run("train.py", "--out_dir=out-full", "--max_iters=20", *common, cwd=workdir)
+    run("train.py", "--out_dir=out-half", "--max_iters=10", *common, cwd=workdir)
+    resumed = run("train.py", "--out_dir=out-half", "--max_iters=20", "--init_from=resume", *common, cwd=workdir)
+    assert "resuming from" in resumed.stdout
+    a, b = losses(full.stdout), losses(resumed.stdout)
+    assert sorted(b) == list(range(11, 21))
+    assert all(a[i] == b[i] for i in b), (a, b)
+
+
+def test_config_errors_come_before_reading_data(tmp_path):
+    p = run("train.py", "--n_embd=30", "--n_head=4", "--data_dir=nowhere", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "divisible" in p.stderr and "Traceback" not in p.stderr
+    p = run("train.py", "--batch_sise=4", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "did you mean batch_size" in p.stderr
+    p = run("train.py", "--batch_size=0", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "batch_size must be positive" in p.stderr
+    p = run("train.py", os.path.join(ROOT, "config", "gutenberg.py"), "--data_dir=nowhere", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "python prepare.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(workdir):
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-none", "--init_from=resume", *TINY, cwd=workdir,
+            check=False)
+    assert p.returncode == 1 and "no checkpoint at out-none/ckpt.pt" in p.stderr
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    lrs = [get_lr(i, 1.0, 10, 110, 0.1) for i in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1.0
+    assert abs(lrs[60] - (0.1 + 0.45)) < 1e-9  # halfway through the decay
+    assert lrs[110] == lrs[119] == 0.1
+    assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
+
+
+def test_checkpoint_is_weights_only(trained, tmp_path):
+    ckpt = torch.load(os.path.join(trained, "out-tiny", "ckpt.pt"), weights_only=True)
+    assert isinstance(ckpt["tokenizer"]["ranks"], str)
