@@ -47,20 +47,15 @@ def resolve_device(device: str) -> str:
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, backend: str = "") -> Runtime:
-    """Picks the device and dtype, starts DDP when launched by torchrun, seeds torch."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    """Checks the device and dtype, starts DDP when launched by torchrun, seeds torch."""
     device = resolve_device(device)
-    if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend or ("nccl" if device.startswith("cuda") else "gloo"))
-    else:
-        rank, local_rank, world_size = 0, 0, 1
     device_type = device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device={device} is not one of auto, cpu, cuda, cuda:N, mps")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda but torch sees no CUDA GPU: use --device=cpu")
+        raise SystemExit(f"error: --device={device} but torch sees no CUDA GPU: use --device=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but this torch has no MPS backend: use --device=cpu")
     if dtype == "auto":  # bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, fp32 on CPU
         if device_type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -68,6 +63,15 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
             dtype = "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"error: --dtype={dtype} is not one of auto, float32, bfloat16, float16")
+
+    rank, local_rank, world_size = 0, 0, 1
+    ddp = "RANK" in os.environ  # set by torchrun
+    if ddp:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device_type == "cuda":
+            device = f"cuda:{local_rank}"  # one GPU per process
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
     torch.manual_seed(seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: ~8x faster than fp32 on Ampere+

@@ -10,7 +10,9 @@ Every eval_interval it measures train and val loss (and val bits per byte, compa
 tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
 """
 
+import functools
 import json
+import math
 import os
 import time
 
@@ -92,7 +94,7 @@ if gradient_accumulation_steps % rt.world_size != 0:
                      f"{rt.world_size} processes")
 gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
 use_compile = rt.device_type == "cuda" if compile is None else compile
-log = print if rt.master else (lambda *a, **k: None)
+log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
 meta_path = os.path.join(data_dir, "meta.json")
@@ -100,11 +102,18 @@ if not os.path.exists(meta_path):
     raise SystemExit(f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)")
 with open(meta_path) as f:
     meta = json.load(f)
-for split in ("train", "val"):
-    n = meta[split]["tokens"]
-    if n <= block_size:
-        raise SystemExit(f"error: {data_dir}/{split}.bin holds {n} tokens, not more than block_size={block_size}: "
+for split in ("train", "val"):  # a missing, truncated or foreign .bin is an error now, not a crash later
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.exists(path) else -1
+    if size != 2 * meta[split]["tokens"]:
+        raise SystemExit(f"error: {path} is missing or damaged ({size} bytes where meta.json says "
+                         f"{meta[split]['tokens']} uint16 tokens): rerun python prepare.py --force")
+    if meta[split]["tokens"] <= block_size:
+        raise SystemExit(f"error: {path} holds {meta[split]['tokens']} tokens, not more than block_size={block_size}: "
                          "lower --block_size or prepare more text")
+    if np.memmap(path, dtype=np.uint16, mode="r").max() >= meta["vocab_size"]:
+        raise SystemExit(f"error: {path} holds token ids beyond the vocabulary of {meta['vocab_size']}: "
+                         "rerun python prepare.py --force")
 tokenizer = load_tokenizer(data_dir, meta)
 bytes_per_token = meta["val"]["bytes_per_token"]
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
@@ -190,11 +199,24 @@ def checkpoint() -> None:
     }, ckpt_path)
 
 
+def evaluate() -> dict[str, float]:
+    losses = estimate_loss()
+    log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+        f"val {losses['val'] / np.log(2) / bytes_per_token:.3f} bits/byte")  # nats/token -> bits/byte
+    return losses
+
+
+def check_finite(loss: float, what: str) -> None:
+    """A NaN or inf loss means the weights are ruined: stop, and keep the last good checkpoint."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the {what} is {loss} at iteration {iter_num}: stopping; the last good checkpoint "
+                         f"{ckpt_path} is kept (resume from it with a lower --learning_rate or --grad_clip)")
+
+
 def evaluate_and_save() -> None:
     global best_val_loss
-    losses = estimate_loss()
-    bpb = losses["val"] / np.log(2) / bytes_per_token  # nats/token -> bits/token -> bits/byte
-    log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val {bpb:.3f} bits/byte")
+    losses = evaluate()
+    check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
     history["train_eval"][0].append(iter_num)
     history["train_eval"][1].append(losses["train"])
     history["val"][0].append(iter_num)
@@ -209,6 +231,9 @@ def evaluate_and_save() -> None:
                     "iteration", "cross-entropy (nats/token)", f"training curves of {out_dir}")
 
 
+if eval_only:
+    evaluate()
+    raise SystemExit(0)
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     log("config: " + json.dumps(config))
@@ -228,8 +253,6 @@ while True:
     if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
         evaluate_and_save()
         t0, n_timed = time.time(), 0  # evaluation time is not training time
-    if eval_only:
-        break
 
     # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
     for micro_step in range(gradient_accumulation_steps):
@@ -251,6 +274,7 @@ while True:
     n_timed += 1
     if iter_num % log_interval == 0 and rt.master:
         lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+        check_finite(lossf, "training loss")
         dt = (time.time() - t0) / n_timed
         t0, n_timed = time.time(), 0
         tok_s = tokens_per_iter / dt
@@ -266,7 +290,8 @@ while True:
     # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
     stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
     if rt.ddp:
-        torch.distributed.broadcast(stop := stop.to(rt.device), src=0)
+        stop = stop.to(rt.device)
+        torch.distributed.broadcast(stop, src=0)
     if stop.item():
         if iter_num < max_iters:
             log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")

@@ -1,7 +1,9 @@
 import itertools
 import os
 import re
+import shutil
 
+import numpy as np
 import torch
 from conftest import ROOT, TINY, run
 
@@ -61,3 +63,27 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 def test_checkpoint_is_weights_only(trained, tmp_path):
     ckpt = torch.load(os.path.join(trained, "out-tiny", "ckpt.pt"), weights_only=True)
     assert isinstance(ckpt["tokenizer"]["ranks"], str)
+
+
+def test_damaged_data_is_a_clear_error(workdir, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(os.path.join(workdir, "data", "tiny"), d)
+    size = os.path.getsize(d / "train.bin")
+    with open(d / "train.bin", "r+b") as f:
+        f.truncate(size - 1)  # an odd byte length: not uint16 tokens
+    p = run("train.py", f"--data_dir={d}", "--out_dir=o", *TINY, cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "damaged" in p.stderr and "Traceback" not in p.stderr
+    np.full(size // 2, 60000, dtype=np.uint16).tofile(d / "train.bin")  # ids beyond the 512-token vocabulary
+    p = run("train.py", f"--data_dir={d}", "--out_dir=o", *TINY, cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "beyond the vocabulary" in p.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
+    args = ["--data_dir=data/tiny", "--out_dir=out-nan", "--eval_interval=5", *TINY]
+    run("train.py", "--max_iters=5", *args, cwd=workdir)
+    ckpt = os.path.join(workdir, "out-nan", "ckpt.pt")
+    good = open(ckpt, "rb").read()
+    p = run("train.py", *args, "--max_iters=30", "--init_from=resume", "--learning_rate=1e30", "--grad_clip=0",
+            cwd=workdir, check=False)  # later arguments win: the huge learning rate blows the weights up
+    assert p.returncode == 1 and re.search(r"is (nan|inf) at iteration \d+", p.stderr), p.stderr
+    assert open(ckpt, "rb").read() == good
