@@ -5,6 +5,7 @@ of the machine's matmul throughput (for an honest MFU).
 """
 
 import contextlib
+import datetime
 import math
 import os
 import time
@@ -46,7 +47,8 @@ def resolve_device(device: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, backend: str = "") -> Runtime:
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, backend: str = "",
+                  ddp_timeout: float = 300.0) -> Runtime:
     """Checks the device and dtype, starts DDP when launched by torchrun, seeds torch."""
     device = resolve_device(device)
     device_type = device.split(":")[0]
@@ -71,12 +73,59 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
+        # the timeout: when a process dies, the others stop with an error instead of waiting forever
+        torch.distributed.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"),
+                                             timeout=datetime.timedelta(seconds=ddp_timeout))
     torch.manual_seed(seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: ~8x faster than fp32 on Ampere+
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device, device_type, getattr(torch, dtype), ddp, rank, local_rank, world_size)
+
+
+def check_config(c: dict) -> None:
+    """Impossible values of a training config are one-line errors, raised before any data is read.
+    Checks the keys that c has, so that every training script can use it."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+    for k, v in c.items():
+        if isinstance(v, float):
+            need(math.isfinite(v), f"{k} must be a finite number, got {v}")
+    for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "eval_interval", "eval_iters",
+              "log_interval", "gradient_accumulation_steps", "ddp_timeout"):
+        if k in c:
+            need(c[k] > 0, f"{k} must be positive, got {c[k]}")
+    for k in ("d_ff", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time"):
+        if k in c:
+            need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
+    if "n_embd" in c and "n_head" in c:
+        need(c["n_embd"] % c["n_head"] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
+    if "learning_rate" in c:
+        need(c["learning_rate"] > 0, f"learning_rate must be positive, got {c['learning_rate']}")
+    if "dropout" in c:
+        need(0 <= c["dropout"] < 1, f"dropout must be in [0, 1), got {c['dropout']}")
+    for k in ("beta1", "beta2"):
+        if k in c:
+            need(0 <= c[k] < 1, f"{k} must be in [0, 1), got {c[k]}")
+    if "init_from" in c:
+        need(c["init_from"] in ("scratch", "resume"), f"init_from must be scratch or resume, got {c['init_from']!r}")
+
+
+@contextlib.contextmanager
+def ddp_guard(rt: Runtime):
+    """Under DDP, a process that died shows up in the survivors as an error of the next collective
+    operation (or, if that never completes, after ddp_timeout): turn it into one line and stop."""
+    try:
+        yield
+    except (torch.distributed.DistError, RuntimeError) as e:
+        text = str(e)
+        if not rt.ddp or not (isinstance(e, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
+            raise
+        raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably died "
+                         f"(see its log): {text.splitlines()[0][:200]}") from None
 
 
 # --- optimizer and schedule ------------------------------------------------------------------------
@@ -105,11 +154,23 @@ def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
     crash at any moment leaves either the old checkpoint or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points to them
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where it hits
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0][:200]}): {kept}") from None
+    if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> dict:

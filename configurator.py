@@ -23,7 +23,7 @@ def config_keys(namespace: dict) -> list[str]:
 def _unknown(key: str, known: dict, where: str) -> SystemExit:
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the keys"
-    return SystemExit(f"error: unknown config key '{key}' ({where}){hint}")
+    return SystemExit(f"error: unknown config key {key!r} ({where}){hint}")
 
 
 def _check_type(key: str, value, default, where: str):
@@ -86,11 +86,11 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
         else:
             key, eq, raw = arg[2:].partition("=")
             if key not in defaults:
-                raise _unknown(key, defaults, f"from {arg}")
+                raise _unknown(key, defaults, f"from {arg!r}")
             if not eq:
                 if not isinstance(defaults[key], bool):
-                    raise SystemExit(f"error: {arg} needs a value: --{key}=VALUE")
+                    raise SystemExit(f"error: {arg!r} needs a value: --{key}=VALUE")
                 raw = "True"  # --compile alone means --compile=True
             value = _parse_value(key, raw, defaults[key])
-            config[key] = _check_type(key, value, defaults[key], f"from {arg}")
+            config[key] = _check_type(key, value, defaults[key], f"from {arg!r}")
     return config

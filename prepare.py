@@ -97,7 +97,13 @@ def load_documents(spec: str, column: str) -> tuple[list[str], str]:
                              + ", ".join(sorted({os.path.splitext(f)[1] or f for f in files})))
         kind = kinds.pop()
         extra = {"sample_by": "document"} if kind == "text" else {}
-        ds = load_dataset(kind, data_files=files, split="train", **extra)
+        if kind in ("text", "json"):
+            extra["encoding_errors"] = "replace"  # bytes that are not UTF-8 become U+FFFD, and are counted below
+        try:
+            ds = load_dataset(kind, data_files=files, split="train", **extra)
+        except Exception as e:  # the loaders raise many kinds of errors on malformed files
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise SystemExit(f"error: cannot read --dataset={spec} as {kind} files: {msg}") from None
         if kind == "text":
             column = "text"  # the text loader names its column "text"
         source = f"{len(files)} {kind} file(s) from {spec}"
@@ -116,6 +122,8 @@ def load_documents(spec: str, column: str) -> tuple[list[str], str]:
     docs = [d for d in ds[column] if isinstance(d, str) and d.strip()]
     if len(docs) < len(ds):
         print(f"skipped {len(ds) - len(docs)} empty or missing documents")
+    if n_bad := sum("\ufffd" in d for d in docs):
+        print(f"{n_bad} documents hold bytes that are not UTF-8 (or U+FFFD itself): kept, those bytes read as U+FFFD")
     return docs, source
 
 

@@ -21,7 +21,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
+    check_config,
     configure_optimizer,
+    ddp_guard,
     get_lr,
     load_checkpoint,
     measure_peak_flops,
@@ -69,29 +71,21 @@ device = "auto"  # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
 compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
 backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
+ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
 globals().update(config)
 
-# impossible values fail here, before any data is read
-for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "eval_interval", "eval_iters",
-            "log_interval", "gradient_accumulation_steps"):
-    if config[key] <= 0:
-        raise SystemExit(f"error: {key} must be positive, got {config[key]}")
-if n_embd % n_head != 0:
-    raise SystemExit(f"error: n_embd={n_embd} must be divisible by n_head={n_head}")
-if learning_rate <= 0 or min_lr < 0 or not 0 <= dropout < 1:
-    raise SystemExit("error: learning_rate must be > 0, min_lr >= 0 and dropout in [0, 1)")
-if init_from not in ("scratch", "resume"):
-    raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
+check_config(config)  # impossible values fail here, before any data is read
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
 
-rt = setup_runtime(device, dtype, seed, backend)
+rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
 if gradient_accumulation_steps % rt.world_size != 0:
-    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-                     f"{rt.world_size} processes")
+    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is shared among "
+                     f"{rt.world_size} processes: pass a multiple of {rt.world_size}, e.g. "
+                     f"--gradient_accumulation_steps={rt.world_size * gradient_accumulation_steps}")
 gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
 use_compile = rt.device_type == "cuda" if compile is None else compile
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
@@ -246,59 +240,60 @@ model.train()
 t_start = time.time()
 t0, n_timed = t_start, 0
 iter_start = iter_num
-while True:
-    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
-        evaluate_and_save()
-        t0, n_timed = time.time(), 0  # evaluation time is not training time
+with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
+    while True:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
+            evaluate_and_save()
+            t0, n_timed = time.time(), 0  # evaluation time is not training time
 
-    # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
-    for micro_step in range(gradient_accumulation_steps):
-        if rt.ddp:  # all-reduce the gradients on the last micro-step only
-            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        x, y = get_batch("train")
-        with rt.autocast():
-            _, loss = model(x, y)
-            loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
-        scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+        # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
+        for micro_step in range(gradient_accumulation_steps):
+            if rt.ddp:  # all-reduce the gradients on the last micro-step only
+                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            x, y = get_batch("train")
+            with rt.autocast():
+                _, loss = model(x, y)
+                loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    iter_num += 1
-    n_timed += 1
-    if iter_num % log_interval == 0 and rt.master:
-        lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
-        check_finite(lossf, "training loss")
-        dt = (time.time() - t0) / n_timed
-        t0, n_timed = time.time(), 0
-        tok_s = tokens_per_iter / dt
-        mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
-        elapsed = time.time() - t_start
-        left = (max_iters - iter_num) * dt
-        if max_time > 0:
-            left = min(left, max_time - elapsed)
-        history["train"][0].append(iter_num)
-        history["train"][1].append(lossf)
-        log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
-            f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
-    # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
-    stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
-    if rt.ddp:
-        stop = stop.to(rt.device)
-        torch.distributed.broadcast(stop, src=0)
-    if stop.item():
-        if iter_num < max_iters:
-            log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")
-        evaluate_and_save()
-        log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
-            f"loss curve {os.path.join(out_dir, 'loss.png')}")
-        break
+        iter_num += 1
+        n_timed += 1
+        if iter_num % log_interval == 0 and rt.master:
+            lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            check_finite(lossf, "training loss")
+            dt = (time.time() - t0) / n_timed
+            t0, n_timed = time.time(), 0
+            tok_s = tokens_per_iter / dt
+            mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
+            elapsed = time.time() - t_start
+            left = (max_iters - iter_num) * dt
+            if max_time > 0:
+                left = min(left, max_time - elapsed)
+            history["train"][0].append(iter_num)
+            history["train"][1].append(lossf)
+            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
+                f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
+        # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
+        stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
+        if rt.ddp:
+            stop = stop.to(rt.device)
+            torch.distributed.broadcast(stop, src=0)
+        if stop.item():
+            if iter_num < max_iters:
+                log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")
+            evaluate_and_save()
+            log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
+                f"loss curve {os.path.join(out_dir, 'loss.png')}")
+            break
 
 if rt.ddp:
     torch.distributed.destroy_process_group()

@@ -108,3 +108,24 @@ def test_bad_dataset_arguments(tmp_path, monkeypatch):
     (tmp_path / "one.txt").write_text("un seul livre")
     with pytest.raises(SystemExit, match="at least 2"):
         prepare.main(config(dataset=str(tmp_path / "one.txt"), tokenizer="char"))
+
+
+def test_bad_bytes_and_empty_documents_are_counted(tmp_path, books, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_bytes(books[0].encode() + b" \xff\xfe latin-1: \xe9t\xe9")
+    (tmp_path / "b.txt").write_text(books[1], encoding="utf-8")
+    (tmp_path / "c.txt").write_text(books[2], encoding="utf-8")
+    (tmp_path / "d.txt").write_text("   \n", encoding="utf-8")
+    prepare.main(config(dataset=str(tmp_path / "*.txt"), tokenizer="char", name="u"))
+    out = capsys.readouterr().out
+    assert "skipped 1 empty" in out and "1 documents hold bytes that are not UTF-8" in out
+    with open(tmp_path / "data" / "u" / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 3
+
+
+def test_malformed_jsonl_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"content": "un"}\n{"content": "deux"\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"cannot read --dataset=.*x\.jsonl as json files"):
+        prepare.main(config(dataset=str(tmp_path / "x.jsonl"), tokenizer="char"))

@@ -1,0 +1,162 @@
+"""Faults, caused for real: kill -9, crafted and damaged checkpoints, a full disk, a dying DDP process,
+and any input at all to the tokenizers and the configuration."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+
+import pytest
+import torch
+from conftest import ROOT, TINY, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_train import losses
+
+import common
+import tokenizer as tok
+from configurator import configure
+
+
+def popen(script: str, *args: str, cwd: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_kill_9_during_training_then_resume_gives_the_same_losses(workdir):
+    args = ["--data_dir=data/tiny", "--eval_interval=5", "--lr_decay_iters=40", "--dropout=0.1", *TINY,
+            "--max_iters=40"]
+    full = losses(run("train.py", "--out_dir=out-kill-full", *args, cwd=workdir).stdout)
+    p = popen("train.py", "--out_dir=out-kill", *args, cwd=workdir)
+    for line in p.stdout:
+        if line.startswith("iter 17:"):
+            p.send_signal(signal.SIGKILL)  # no chance to clean up, like a power cut
+            break
+    assert p.wait() == -signal.SIGKILL
+    resumed = losses(run("train.py", "--out_dir=out-kill", *args, "--init_from=resume", cwd=workdir).stdout)
+    first = min(resumed)
+    assert first % 5 == 1 and first <= 21 and max(resumed) == 40  # from the last checkpoint before the kill
+    assert all(resumed[i] == full[i] for i in resumed), (full, resumed)
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    writer = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; from common import save_checkpoint\n"
+              "w = torch.randn(4_000_000)\n"  # 16 MB: each write takes a while, so the kills land inside writes
+              "for i in range(10**6):\n"
+              f"    save_checkpoint({{'model': {{'w': w}}, 'model_args': {{}}, 'i': i}}, {path!r}); print(i, flush=True)\n")
+    for delay in (0.05, 0.11, 0.17, 0.23, 0.31):
+        p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()  # one checkpoint is complete
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = common.load_checkpoint(path)  # always the last complete one
+        assert isinstance(ckpt["i"], int) and ckpt["model"]["w"].shape == (4_000_000,)
+
+
+def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = tmp_path / "out-evil"
+    out.mkdir()
+    torch.save({"model": Evil(), "model_args": {}}, out / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"ckpt\.pt is not a readable checkpoint"):
+        common.load_checkpoint(str(out / "ckpt.pt"))
+    p = run("sample.py", f"--out_dir={out}", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "not a readable checkpoint" in p.stderr
+    assert not marker.exists()
+
+
+def test_truncated_or_foreign_checkpoint_errors_name_the_file(trained, tmp_path):
+    good = open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()
+    (tmp_path / "half.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(SystemExit, match=r"half\.pt is not a readable checkpoint"):
+        common.load_checkpoint(str(tmp_path / "half.pt"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"notes\.pt is not a readable checkpoint"):
+        common.load_checkpoint(str(tmp_path / "notes.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other\.pt is not a checkpoint of this project"):
+        common.load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}, "i": 1}, path)
+    real_save = torch.save
+
+    def save_then_fill_the_disk(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    with pytest.raises(SystemExit, match=r"No space left on device.*previous checkpoint is intact"):
+        common.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "i": 2}, path)
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
+
+
+def test_ddp_a_dying_process_stops_the_others(workdir):
+    args = ["--data_dir=data/tiny", "--out_dir=out-ddp-die", "--eval_interval=1000", *TINY, "--max_iters=100000",
+            "--log_interval=10", "--ddp_timeout=30", "--gradient_accumulation_steps=2"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"), *args], cwd=workdir, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("iter 20:"):
+            break
+    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train.py"], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    try:
+        rest = p.communicate(timeout=120)[0]  # ends, rather than hanging
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("the surviving DDP process hung after the other died")
+    assert p.returncode != 0 and "lost contact with the other processes" in rest
+
+
+@pytest.fixture(scope="module")
+def all_tokenizers(books):
+    return [tok.train_bpe(books, 400), tok.gpt2(), tok.train_char(books[:2])]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text())
+def test_any_string_survives_encode_decode(all_tokenizers, text):
+    for t in all_tokenizers:
+        expected = unicodedata.normalize("NFC", text) if t.nfc else text
+        assert t.decode(t.encode(text)) == expected
+
+
+TRAIN_KEYS = ["batch_size", "learning_rate", "n_embd", "n_head", "dropout", "device", "compile", "init_from",
+              "max_time", "beta2", "block_size", "bogus_key", "batchsize"]
+
+
+def train_defaults() -> dict:
+    """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
+    source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]
+    namespace: dict = {}
+    exec(source, namespace)
+    return namespace
+
+
+TRAIN_DEFAULTS = train_defaults()
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(TRAIN_KEYS) | st.text(max_size=12), value=st.text(max_size=20))
+def test_any_key_value_is_a_config_or_a_one_line_error(key, value):
+    try:
+        config = configure(TRAIN_DEFAULTS, [f"--{key}={value}"])
+        common.check_config(config)
+    except SystemExit as e:
+        msg = str(e)
+        assert msg.startswith("error: ") and "\n" not in msg, msg
