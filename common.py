@@ -199,6 +199,22 @@ def load_model(out_dir: str, device: str = "cpu", train_cmd: str = "python train
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
+def completion_logits(model: torch.nn.Module, prompt: list[int], completion: list[int]):
+    """Scores a completion given its prompt in one forward pass. Returns the logits (T, V) that
+    predict each of the T completion tokens, and those tokens (T,). The prompt's own tokens are
+    never scored; when prompt + completion exceed block_size, the prompt loses its oldest tokens
+    first (at least one stays), then the completion its last ones."""
+    bs = unwrap(model).config.block_size
+    completion = completion[:bs]
+    prompt = prompt[-max(1, bs + 1 - len(completion)) :]
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + completion], dtype=torch.long, device=device)[:, : bs + 1]
+    targets = ids[:, 1:].clone()
+    targets[:, : len(prompt) - 1] = -1  # positions that predict prompt tokens: not scored
+    logits, _ = model(ids[:, :-1], targets)
+    return logits[0, len(prompt) - 1 :], ids[0, len(prompt) :]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP and torch.compile wrappers: its state_dict has no
     'module.' or '_orig_mod.' prefixes."""

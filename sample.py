@@ -60,6 +60,19 @@ def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> No
     plt.close(fig)
 
 
+def stream(steps, tok) -> list[int]:
+    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    ids = []
+    for nxt in steps:
+        if nxt.item() == tok.eot_id:
+            break
+        ids.append(nxt.item())
+        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
+    print(decoder.decode(b"", final=True), flush=True)
+    return ids
+
+
 def main(c: dict) -> None:
     if c["start"].startswith("FILE:"):
         path = c["start"][5:]
@@ -94,14 +107,9 @@ def main(c: dict) -> None:
     x = x.repeat(c["num_samples"], 1)
     steps = model.generate(x, c["max_new_tokens"], temperature, c["top_k"] or None, c["top_p"], tok.eot_id, gen)
     if c["num_samples"] == 1:  # stream the text as it comes
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
         print(c["start"], end="", flush=True)
         with rt.autocast():
-            for nxt in steps:
-                if nxt.item() == tok.eot_id:
-                    break
-                print(decoder.decode(tok.decode_bytes([nxt.item()])), end="", flush=True)
-        print(decoder.decode(b"", final=True))
+            stream(steps, tok)
         return
     with rt.autocast():
         out = torch.cat([torch.empty(x.size(0), 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()

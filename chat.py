@@ -1,0 +1,239 @@
+"""
+Course part 6: talk with the model, rate its replies, and watch it learn from each rating.
+
+    python chat.py --out_dir=out-gutenberg           # type a prompt, read the reply, rate it from -1 to +1
+    python chat.py --pairwise                        # two replies per prompt: pick the better one (1, 2 or =)
+    python chat.py --script=session.txt              # the same lines, read from a file instead of the keyboard
+    python chat.py --auto_rate=dialogue < prompts.txt  # a rule rates instead of a person: +1 for dialogue
+
+Each rating is one step of REINFORCE (Williams, 1992), the policy gradient at the heart of RLHF:
+    loss = -(rating - baseline) * mean_t log p(reply_t | prompt, reply_<t) + kl_coef * mean_t KL(p || p_ref)
+- The log-probabilities are those of the reply's tokens given the prompt and the reply so far: the
+  model predicted them there. (The course's version lined the reply's tokens up with the prompt's
+  positions, so it taught the model to predict the reply from the wrong context.)
+- The baseline is a running mean of the ratings: a reply better than usual is reinforced, a worse
+  one discouraged, which lowers the variance of the gradient.
+- The KL term keeps the model close to the frozen starting model at the reply's positions, so that
+  a few ratings cannot wreck its French.
+
+Every exchange is appended at once to <chat_dir>/feedback.jsonl (prompt, replies, rating or choice,
+time, update count), which dpo.py can read as preference pairs. The tuned model goes to
+<chat_dir>/ckpt.pt every save_every updates and at the end (end of input, q, or Ctrl-C); the
+starting checkpoint is never written. rewards.png plots the ratings and their running mean.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from common import completion_logits, load_model, plot_curves, save_checkpoint, setup_runtime
+from configurator import configure
+from sample import stream
+
+# -----------------------------------------------------------------------------
+out_dir = "out-gutenberg"  # the starting model: read, never written
+chat_dir = ""  # the tuned model, feedback.jsonl and rewards.png; "" = <out_dir>-chat. An existing one is continued
+fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept and appended to)
+script = ""  # read the prompt and rating lines from this file instead of standard input
+pairwise = False  # two replies per prompt, and the choice of the better one
+auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
+max_new_tokens = 60
+temperature = 0.8
+top_k = 40
+learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it away)
+kl_coef = 0.1  # weight of the KL penalty to the starting model
+baseline_decay = 0.9  # running mean of the ratings: baseline = decay * baseline + (1 - decay) * rating
+grad_clip = 5.0  # a guard against a rare huge gradient; typical ones are well below
+save_every = 10  # updates between saves of the tuned model
+seed = 1337
+device = "auto"
+dtype = "auto"
+# -----------------------------------------------------------------------------
+HELP = """Type a prompt; the model continues it. Then rate the reply:
+  a number from -1 (bad) to 1 (good)   the model takes one step toward or away from that reply
+  s                                    skip: no rating, no update
+  q                                    save and quit (end of input and Ctrl-C do the same)
+  ?                                    this help
+With --pairwise, answer 1 or 2 for the better reply, = when neither is."""
+
+
+def ask(lines, prompt: str) -> str:
+    """The next input line (from the keyboard, a pipe or the script); EOFError at the end."""
+    if lines is None:
+        return input(prompt)
+    print(prompt, end="", flush=True)
+    line = next(lines, None)
+    if line is None:
+        raise EOFError
+    print(line)  # echoed, so that a scripted session reads like a typed one
+    return line
+
+
+def ask_rating(lines, pairwise: bool):
+    """A rating in [-1, 1] (or 1, 2, "=" with --pairwise), "s" or "q"; asks again, saying why, otherwise."""
+    while True:
+        answer = ask(lines, "choice [1, 2, =, s, q, ?]> " if pairwise else "rating [-1..1, s, q, ?]> ").strip()
+        if answer in ("s", "q"):
+            return answer
+        if answer == "?":
+            print(HELP)
+            continue
+        if pairwise:
+            if answer in ("1", "2", "="):
+                return answer
+            print(f"'{answer}' is not a choice: answer 1 or 2 for the better reply, = for a tie, s to skip, q to quit")
+            continue
+        try:
+            rating = float(answer)
+        except ValueError:
+            print(f"'{answer}' is not a number: rate from -1 (bad) to 1 (good), s to skip, q to quit")
+            continue
+        if -1.0 <= rating <= 1.0:
+            return rating
+        print(f"{rating} is outside [-1, 1]: rate from -1 (bad) to 1 (good)")
+
+
+def has_dialogue(text: str) -> bool:
+    """The auto_rate rule: a French dialogue mark (dash or guillemet) in the reply."""
+    return any(mark in text for mark in ("—", "–", "«", "»"))
+
+
+def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef: float, grad_clip: float) -> dict:
+    """One policy-gradient step on one or more replies to a prompt, each with its advantage."""
+    policy.train()
+    loss, kl_total = 0.0, 0.0
+    for reply, adv in zip(replies, advantages, strict=True):
+        logits, targets = completion_logits(policy, prompt, reply)  # (T, V), (T,)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        with torch.no_grad():
+            ref_logp = F.log_softmax(completion_logits(ref, prompt, reply)[0].float(), dim=-1)
+        token_logp = logp.gather(1, targets[:, None]).squeeze(1)  # log p(reply_t | context), (T,)
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()  # exact KL over the vocabulary, mean over positions
+        loss = loss - adv * token_logp.mean() + kl_coef * kl
+        kl_total += kl.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    optimizer.step()
+    policy.eval()
+    return {"loss": loss.item(), "kl": kl_total / len(replies), "grad_norm": grad_norm.item()}
+
+
+def main(c: dict) -> None:
+    if c["auto_rate"] not in ("", "dialogue"):
+        raise SystemExit(f"error: --auto_rate={c['auto_rate']} is not a known rule: use dialogue (or leave it empty)")
+    if c["auto_rate"] and c["pairwise"]:
+        raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
+    if c["learning_rate"] < 0 or c["kl_coef"] < 0 or not 0 <= c["baseline_decay"] < 1 or c["save_every"] < 1:
+        raise SystemExit("error: need learning_rate >= 0, kl_coef >= 0, 0 <= baseline_decay < 1 and save_every >= 1")
+    lines = None
+    if c["script"]:
+        try:
+            with open(c["script"], encoding="utf-8") as f:
+                lines = iter(f.read().splitlines())
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read the script {c['script']}: {e}") from None
+    elif not sys.stdin.isatty():
+        lines = (line.rstrip("\n") for line in sys.stdin)
+
+    chat_dir = c["chat_dir"] or c["out_dir"].rstrip("/") + "-chat"
+    if os.path.abspath(chat_dir) == os.path.abspath(c["out_dir"]):
+        raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
+    rt = setup_runtime(c["device"], c["dtype"], c["seed"])
+    ref, tok, ckpt = load_model(c["out_dir"], rt.device)
+    for p in ref.parameters():
+        p.requires_grad_(False)  # the reference is frozen: no gradient, no change
+    start_dir = c["out_dir"]
+    if not c["fresh"] and os.path.exists(os.path.join(chat_dir, "ckpt.pt")):
+        start_dir = chat_dir
+    policy, _, start = load_model(start_dir, rt.device)
+    state = start.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
+    print(f"policy from {start_dir}/ckpt.pt ({state['updates']} updates so far), reference {c['out_dir']}/ckpt.pt; "
+          f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
+    optimizer = torch.optim.SGD(policy.parameters(), lr=c["learning_rate"])
+    os.makedirs(chat_dir, exist_ok=True)
+    log_path = os.path.join(chat_dir, "feedback.jsonl")
+    gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
+
+    def save() -> None:
+        save_checkpoint({**{k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
+                         "model": policy.state_dict(), "config": c, "chat": state,
+                         "iter_num": ckpt.get("iter_num", 0)}, os.path.join(chat_dir, "ckpt.pt"))
+        r = state["ratings"]
+        running, mean = [], 0.0
+        for x in r:
+            mean = c["baseline_decay"] * mean + (1 - c["baseline_decay"]) * x
+            running.append(mean)
+        plot_curves(os.path.join(chat_dir, "rewards.png"), {"rating": (list(range(1, len(r) + 1)), r),
+                    "running mean (the baseline)": (list(range(1, len(r) + 1)), running)},
+                    "rated exchange", "rating", f"ratings of {chat_dir}")
+
+    def reply(prompt_ids: list[int]) -> list[int]:
+        x = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
+        with torch.no_grad(), rt.autocast():
+            return stream(policy.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None, None,
+                                          tok.eot_id, gen), tok)
+
+    if lines is None:
+        print(HELP)
+    try:
+        while True:
+            text = ask(lines, "\nprompt> ")
+            if text.strip() == "q":
+                break
+            if text.strip() == "?":
+                print(HELP)
+                continue
+            prompt = [tok.eot_id, *tok.encode(text)]  # as at the start of a document
+            replies = []
+            for k in range(2 if c["pairwise"] else 1):
+                print(f"[{k + 1}] " if c["pairwise"] else "", end="")
+                print(text, end="", flush=True)
+                replies.append(reply(prompt))
+            texts = [tok.decode(r) for r in replies]
+            if c["auto_rate"]:
+                answer = 1.0 if has_dialogue(texts[0]) else -1.0
+                print(f"rating (rule {c['auto_rate']}): {answer:+.0f}")
+            else:
+                answer = ask_rating(lines, c["pairwise"])
+            if answer == "q":
+                break
+            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompt": text}
+            if c["pairwise"]:
+                entry.update(replies=texts, choice=None if answer == "s" else (answer if answer == "=" else int(answer)))
+            else:
+                entry.update(reply=texts[0], rating=None if answer == "s" else answer)
+            stats = None
+            if answer not in ("s", "=") and all(replies):
+                if c["pairwise"]:  # the chosen reply up, the other down, by the same amount
+                    advantages = [0.5, -0.5] if answer == "1" else [-0.5, 0.5]
+                else:
+                    advantages = [answer - state["baseline"]]
+                    state["baseline"] = c["baseline_decay"] * state["baseline"] + (1 - c["baseline_decay"]) * answer
+                    state["ratings"].append(answer)
+                with rt.autocast():
+                    stats = reinforce_step(policy, ref, optimizer, prompt, replies, advantages, c["kl_coef"],
+                                           c["grad_clip"])
+                state["updates"] += 1
+            entry["update"] = state["updates"]
+            with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if stats:
+                print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start {stats['kl']:.4f}")
+                if state["updates"] % c["save_every"] == 0:
+                    save()
+    except (EOFError, KeyboardInterrupt):
+        print()
+    save()
+    print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}, "
+          f"ratings plot {chat_dir}/rewards.png")
+
+
+if __name__ == "__main__":
+    main(configure(globals()))

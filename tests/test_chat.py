@@ -1,0 +1,120 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run
+from torch.nn import functional as F
+
+from common import completion_logits, load_model
+
+
+def chat(cwd: str, stdin: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=12",
+                        *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"chat.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def feedback(cwd: str, chat_dir: str) -> list[dict]:
+    with open(os.path.join(cwd, chat_dir, "feedback.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def reply_logprob(out_dir: str, prompt: str, reply: str) -> float:
+    model, tok, _ = load_model(out_dir)
+    with torch.no_grad():
+        logits, targets = completion_logits(model, [tok.eot_id, *tok.encode(prompt)], tok.encode(reply))
+        return F.log_softmax(logits, -1).gather(1, targets[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("rating,sign", [("1", 1), ("-1", -1)])
+def test_a_rating_moves_the_reply_logprob_its_way(trained, rating, sign):
+    d = f"chat-{sign}"
+    chat(trained, f"Il était une fois\n{rating}\n", f"--chat_dir={d}", "--learning_rate=0.05")
+    [entry] = feedback(trained, d)
+    assert entry["rating"] == float(rating) and entry["update"] == 1
+    before = reply_logprob(os.path.join(trained, "out-tiny"), entry["prompt"], entry["reply"])
+    after = reply_logprob(os.path.join(trained, d), entry["prompt"], entry["reply"])
+    assert sign * (after - before) > 0.05, (before, after)
+
+
+def mean_kl_to_start(cwd: str, chat_dir: str) -> float:
+    ref, tok, _ = load_model(os.path.join(cwd, "out-tiny"))
+    pol, _, _ = load_model(os.path.join(cwd, chat_dir))
+    kls = []
+    with torch.no_grad():
+        for e in feedback(cwd, chat_dir):
+            prompt, reply = [tok.eot_id, *tok.encode(e["prompt"])], tok.encode(e["reply"])
+            p = F.log_softmax(completion_logits(pol, prompt, reply)[0], -1)
+            q = F.log_softmax(completion_logits(ref, prompt, reply)[0], -1)
+            kls.append((p.exp() * (p - q)).sum(-1).mean().item())
+    return sum(kls) / len(kls)
+
+
+def test_the_kl_term_bounds_the_drift(trained):
+    session = "Le soir tombait\n1\n" * 12
+    for kl, d in ((0.0, "chat-kl0"), (20.0, "chat-kl20")):
+        chat(trained, session, f"--chat_dir={d}", "--learning_rate=0.05", f"--kl_coef={kl}", "--baseline_decay=0")
+    free, held = mean_kl_to_start(trained, "chat-kl0"), mean_kl_to_start(trained, "chat-kl20")
+    assert held < 0.5 * free, (held, free)
+
+
+def test_bad_input_is_asked_again_and_end_of_input_saves(trained):
+    start = hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest()
+    p = chat(trained, "La nuit\nabc\n2\n?\n0.5\nLe jour\ns\n", "--chat_dir=chat-bad")
+    assert "'abc' is not a number" in p.stdout and "2.0 is outside [-1, 1]" in p.stdout
+    assert "skip: no rating" in p.stdout  # the help
+    log = feedback(trained, "chat-bad")
+    assert [e["rating"] for e in log] == [0.5, None] and log[-1]["update"] == 1
+    ckpt = torch.load(os.path.join(trained, "chat-bad", "ckpt.pt"), weights_only=True)
+    assert ckpt["chat"]["updates"] == 1 and os.path.getsize(os.path.join(trained, "chat-bad", "rewards.png")) > 1000
+    assert hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest() == start
+    # the tuned model works with the other scripts
+    run("sample.py", "--out_dir=chat-bad", "--max_new_tokens=5", cwd=trained)
+
+
+def test_pairwise_choices_and_script_file(trained, tmp_path):
+    script = tmp_path / "session.txt"
+    script.write_text("La mer\n3\n1\nLe vent\n=\nLa pluie\nq\nnever read\n", encoding="utf-8")
+    p = chat(trained, "", "--chat_dir=chat-pair", "--pairwise", f"--script={script}")
+    assert "'3' is not a choice" in p.stdout and "never read" not in p.stdout.split("choice [")[-1]
+    log = feedback(trained, "chat-pair")
+    assert [e["choice"] for e in log] == [1, "="] and all(len(e["replies"]) == 2 for e in log)
+    assert [e["update"] for e in log] == [1, 1]  # a tie teaches nothing
+
+
+def test_a_killed_session_leaves_valid_jsonl_and_ctrl_c_saves(trained):
+    args = [sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=8"]
+    for sig, d in ((signal.SIGKILL, "chat-kill"), (signal.SIGINT, "chat-int")):
+        p = subprocess.Popen([*args, f"--chat_dir={d}"], cwd=trained, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        updates = 0
+        for i in range(3):
+            p.stdin.write(f"Prompt {i}\n0.{i + 1}\n")
+            p.stdin.flush()
+            while updates <= i:
+                updates += p.stdout.readline().startswith("update ")
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        log = feedback(trained, d)  # every line parses
+        assert [e["rating"] for e in log] == [0.1, 0.2, 0.3]
+        if sig == signal.SIGINT:
+            assert p.returncode == 0
+            assert torch.load(os.path.join(trained, d, "ckpt.pt"), weights_only=True)["chat"]["updates"] == 3
+
+
+def test_clear_errors(trained, tmp_path):
+    p = chat(trained, "", "--chat_dir=out-tiny", check=False)
+    assert p.returncode == 1 and "never overwritten" in p.stderr
+    p = chat(trained, "", "--auto_rate=length", check=False)
+    assert p.returncode == 1 and "use dialogue" in p.stderr
+    p = chat(trained, "", f"--script={tmp_path / 'none.txt'}", check=False)
+    assert p.returncode == 1 and "cannot read the script" in p.stderr
+    p = chat(str(tmp_path), "", check=False)
+    assert p.returncode == 1 and "python train.py" in p.stderr and "Traceback" not in p.stderr
