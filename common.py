@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig
+from model import make_model
 from tokenizer import Tokenizer
 
 
@@ -103,6 +103,19 @@ def check_config(c: dict) -> None:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
     if "n_embd" in c and "n_head" in c:
         need(c["n_embd"] % c["n_head"] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
+    if c.get("n_kv_head"):
+        need(c["n_head"] % c["n_kv_head"] == 0, f"n_head={c['n_head']} must be divisible by n_kv_head={c['n_kv_head']}")
+    if "arch" in c:
+        need(c["arch"] in ("gpt", "llama"), f"arch must be gpt or llama, got {c['arch']!r}")
+    for k in ("n_kv_head", "d_expert", "moe_every", "no_rope_interval", "aux_loss_coef", "z_loss_coef"):
+        if k in c:
+            need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
+    if c.get("arch") == "llama" and c.get("moe_every"):
+        need(1 <= c["n_expert_per_token"] <= c["n_expert"],
+             f"n_expert_per_token={c['n_expert_per_token']} must be between 1 and n_expert={c['n_expert']}")
+    for k in ("rope_theta", "norm_eps"):
+        if k in c:
+            need(c[k] > 0, f"{k} must be positive, got {c[k]}")
     if "learning_rate" in c:
         need(c["learning_rate"] > 0, f"learning_rate must be positive, got {c['learning_rate']}")
     if "dropout" in c:
@@ -193,7 +206,7 @@ def load_model(out_dir: str, device: str = "cpu", train_cmd: str = "python train
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}: train one first ({train_cmd}) or pass --out_dir=DIR")
     ckpt = load_checkpoint(path, device)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = make_model(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt

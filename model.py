@@ -132,7 +132,73 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class LanguageModel(nn.Module):
+    """What both architectures share: counting parameters and FLOPs, and generation with a KV cache.
+    A subclass has .config (vocab_size, block_size, n_layer, n_head, n_embd), .transformer.wte,
+    .lm_head, and forward(idx, targets=None, cache=None, attn_maps=None) -> (logits, loss)."""
+
+    # --- counting ----------------------------------------------------------------------------------
+    def num_params(self, embedding: bool = True) -> int:
+        """All parameters (the tied wte/lm_head once), or without the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward) for a context of T tokens:
+        2 x 3 per weight of every matmul, the output layer included (an embedding lookup costs
+        nothing; of a mixture of experts, only the k experts a token goes to count), plus the
+        attention scores and their use, 2 x 2 x 3 x n_layer x n_embd x T (counting the causal
+        mask's zeros, as PaLM's appendix B does)."""
+        cfg, T = self.config, T or self.config.block_size
+        matmul = 0.0
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and name != "transformer.wpe.weight":
+                matmul += p.numel()
+            elif p.dim() == 3:  # (n_expert, in, out): one of n_expert_per_token experts per token
+                matmul += p.numel() * cfg.n_expert_per_token / cfg.n_expert
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * T
+
+    # --- generation --------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int) -> KVCache:
+        cfg, p = self.config, self.lm_head.weight
+        n_kv_head = getattr(cfg, "n_kv_head", cfg.n_head)  # grouped-query attention caches fewer heads
+        return KVCache(cfg.n_layer, batch_size, n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eot_id: int | None = None, generator: torch.Generator | None = None):
+        """Yields the next token of each row, (B, 1), max_new_tokens times or until every row has
+        produced eot_id (a finished row then repeats eot_id). temperature 0 is greedy decoding.
+
+        The prompt goes through the model once (prefill) and fills the KV cache; each next token
+        then costs one position. Past block_size the context slides: every token then changes
+        position (and with it every later layer's keys), so the cache is rebuilt from the last
+        block_size tokens at each step, which gives exactly what full recomputation gives."""
+        bs = self.config.block_size
+        seq = idx[:, -bs:]
+        cache = self.new_cache(idx.size(0))
+        logits, _ = self(seq, cache=cache)
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eot_id is not None:
+                nxt = nxt.masked_fill(done, eot_id)
+                done |= nxt == eot_id
+            yield nxt
+            if done.all():
+                return
+            seq = torch.cat((seq, nxt), dim=1)[:, -bs:]
+            if cache.pos < bs:
+                logits, _ = self(nxt, cache=cache)
+            else:  # the window is full: slide it by one and recompute it
+                cache.pos = 0
+                logits, _ = self(seq, cache=cache)
+
+
+
+class GPT(LanguageModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -185,57 +251,244 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    # --- counting ----------------------------------------------------------------------------------
-    def num_params(self, embedding: bool = True) -> int:
-        """All parameters (the tied wte/lm_head once), or without the two embedding tables."""
-        n = sum(p.numel() for p in self.parameters())
-        if not embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
+# =====================================================================================================
+# A Llama-4-style decoder: RMSNorm, rotary position embedding, grouped-query attention, and a
+# Mixture of Experts (a router sends each token to one of n_expert SwiGLU networks, beside a shared
+# one). The semantics follow Llama 4's (and Hugging Face's Llama4ForCausalLM), so export.py can
+# check this implementation against that one.
+# =====================================================================================================
 
-    def flops_per_token(self, T: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward = 3 x forward) for a context of T tokens:
-        2 x 3 per weight of every matmul, the output layer included (an embedding lookup costs
-        nothing), plus the attention scores and their use, 2 x 2 x 3 x n_layer x n_embd x T
-        (counting the causal mask's zeros, as PaLM's appendix B does)."""
-        cfg, T = self.config, T or self.config.block_size
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != "transformer.wpe.weight")
-        return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * T
 
-    # --- generation --------------------------------------------------------------------------------
-    def new_cache(self, batch_size: int) -> KVCache:
-        cfg, p = self.config, self.lm_head.weight
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, p.device, p.dtype)
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 8192
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention: n_head // n_kv_head query heads share each key/value head
+    n_embd: int = 256
+    d_ff: int = 0  # hidden width of the dense SwiGLU layers; 0 = 4 * n_embd
+    d_expert: int = 0  # hidden width of each expert and of the shared expert; 0 = 2 * n_embd
+    n_expert: int = 4
+    n_expert_per_token: int = 1
+    moe_every: int = 1  # layers 1-in-moe_every (the last of each group) are MoE, the others dense; 0 = no MoE
+    rope_theta: float = 10000.0
+    no_rope_interval: int = 4  # every no_rope_interval-th layer has no RoPE (Llama 4's iRoPE); 0 = RoPE everywhere
+    qk_norm: bool = True  # RMS-normalise queries and keys (no weight) after RoPE, on RoPE layers
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
+    z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eot_id: int | None = None, generator: torch.Generator | None = None):
-        """Yields the next token of each row, (B, 1), max_new_tokens times or until every row has
-        produced eot_id (a finished row then repeats eot_id). temperature 0 is greedy decoding.
+    def __post_init__(self):
+        self.d_ff = self.d_ff or 4 * self.n_embd
+        self.d_expert = self.d_expert or 2 * self.n_embd
+        if self.n_embd % self.n_head != 0 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
+                             f"and n_head by n_kv_head={self.n_kv_head}")
+        if self.moe_every and not 1 <= self.n_expert_per_token <= self.n_expert:
+            raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be between 1 and n_expert={self.n_expert}")
 
-        The prompt goes through the model once (prefill) and fills the KV cache; each next token
-        then costs one position. Past block_size the context slides: with learned absolute
-        positions every token then changes position, so the cache is rebuilt from the last
-        block_size tokens at each step, which gives exactly what full recomputation gives."""
-        bs = self.config.block_size
-        seq = idx[:, -bs:]
-        cache = self.new_cache(idx.size(0))
-        logits, _ = self(seq, cache=cache)
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if eot_id is not None:
-                nxt = nxt.masked_fill(done, eot_id)
-                done |= nxt == eot_id
-            yield nxt
-            if done.all():
-                return
-            seq = torch.cat((seq, nxt), dim=1)[:, -bs:]
-            if cache.pos < bs:
-                logits, _ = self(nxt, cache=cache)
-            else:  # the window is full: slide it by one and recompute it
-                cache.pos = 0
-                logits, _ = self(seq, cache=cache)
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.no_rope_interval == 0 or (layer + 1) % self.no_rope_interval != 0
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring and bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x):
+        y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return y * self.weight if self.weight is not None else y
+
+
+def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """e^(i * position * theta^(-2j/head_dim)) for each position and pair j: (T, head_dim/2), complex."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle (Meta's
+    interleaved convention). Then q . k depends on the positions only through their distance."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, nh, hd/2)
+    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.n_kv_head
+        self.head_dim, self.dropout = config.n_embd // config.n_head, config.dropout
+        self.use_rope, self.rope_theta = config.uses_rope(layer), config.rope_theta
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.qk_norm = RMSNorm(self.head_dim, config.norm_eps, weight=False) if config.qk_norm and self.use_rope else None
+
+    def forward(self, x, positions, cache: KVCache | None = None, attn_maps: list | None = None):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.use_rope:
+            freqs_cis = precompute_freqs_cis(self.head_dim, positions, self.rope_theta)
+            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            if self.qk_norm is not None:
+                q, k = self.qk_norm(q), self.qk_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # the cache holds the n_kv_head heads only
+        rep = self.n_head // self.n_kv_head  # each key/value head serves rep query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps)
+        return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): a gated MLP, Llama's feed-forward."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Mixture of Experts, Llama 4 style: a router scores each token for every expert, keeps the
+    top n_expert_per_token scores, and the sigmoid of each kept score multiplies the token on its
+    way INTO that expert (Mixtral instead weighs the expert's output). For SwiGLU this is not the
+    same thing: silu(g * s) * (u * s) is not s * silu(g) * u, so the router learns to scale the
+    expert's input, and an expert sees inputs of varying size. Every token also goes through one
+    shared expert."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        E, D, H = config.n_expert, config.n_embd, config.d_expert
+        self.n_expert, self.top_k = E, config.n_expert_per_token
+        self.router = nn.Linear(D, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * H))  # each expert's gate and up, side by side
+        self.down_proj = nn.Parameter(torch.empty(E, H, D))
+        self.shared_expert = SwiGLU(D, H)
+        self.aux_loss = self.z_loss = torch.zeros(())
+        self.tokens_per_expert = torch.zeros(E)  # of the last forward pass, for the logs
+
+    def expert(self, e: int, x):
+        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[e]
+
+    def forward(self, x):
+        B, T, D = x.size()
+        x = x.view(-1, D)  # (N, D): tokens are routed one by one
+        logits = self.router(x)  # (N, E)
+        top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # (N, k): on the raw scores
+        scores = torch.sigmoid(top_logits.float()).type_as(x)
+        # dispatch without a loop over tokens: sort the N*k (token, expert) assignments by expert,
+        # so that each expert's tokens are one contiguous slice, run each expert once on its slice
+        flat_experts = top_experts.view(-1)
+        order = flat_experts.argsort(stable=True)
+        tokens = order // self.top_k  # the token of each sorted assignment
+        counts = torch.bincount(flat_experts, minlength=self.n_expert)
+        routed_in = x[tokens] * scores.view(-1)[order, None]  # (N*k, D), weighted on the way in
+        slices = routed_in.split(counts.tolist())  # expert e's tokens are the e-th slice
+        routed_out = torch.cat([self.expert(e, xs) for e, xs in enumerate(slices) if len(xs)])
+        y = self.shared_expert(x).index_add(0, tokens, routed_out)  # scatter back, summing a token's k experts
+        # load balance (Switch Transformer, eq. 4): n_expert * sum_i f_i * P_i, with f_i the share of
+        # assignments expert i got and P_i its mean router probability; 1 when routing is uniform
+        probs = F.softmax(logits.float(), dim=-1)
+        share = counts.float() / flat_experts.numel()
+        self.aux_loss = self.n_expert * (share * probs.mean(0)).sum()
+        self.z_loss = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()  # ST-MoE's router z-loss
+        self.tokens_per_expert = counts.detach()
+        return y.view(B, T, D)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = LlamaAttention(config, layer)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MoE(config) if config.is_moe(layer) else SwiGLU(config.n_embd, config.d_ff)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, positions, cache=None, attn_maps=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, attn_maps))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Llama(LanguageModel):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([LlamaBlock(config, i) for i in range(config.n_layer)]),
+            "ln_f": RMSNorm(config.n_embd, config.norm_eps),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in the GPT
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:  # residual branches' last projections start smaller, as in GPT-2
+                last = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if last else 0.02)
+        self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
+        """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
+        to the loss (aux_loss holds their weighted sum); the val loss stays a pure cross-entropy."""
+        T = idx.size(1)
+        pos0 = cache.pos if cache is not None else 0
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size={self.config.block_size}")
+        positions = torch.arange(pos0, pos0 + T, device=idx.device)
+        x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
+        for block in self.transformer.h:
+            x = block(x, positions, cache, attn_maps)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.training and self.moe_layers:
+            loss = loss + self.aux_loss()
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """The routers' weighted auxiliary losses of the last forward pass."""
+        c = self.config
+        return sum(c.aux_loss_coef * m.aux_loss + c.z_loss_coef * m.z_loss for m in self.moe_layers)
+
+    def expert_shares(self) -> list[list[float]]:
+        """For each MoE layer, the share of the last batch's tokens each expert received."""
+        return [(m.tokens_per_expert.float() / m.tokens_per_expert.sum()).tolist() for m in self.moe_layers]
+
+
+def make_model(model_args: dict) -> LanguageModel:
+    """The model a checkpoint's model_args describe: {"arch": "gpt" or "llama", config fields...}."""
+    args = dict(model_args)
+    arch = args.pop("arch", "gpt")
+    if arch == "gpt":
+        return GPT(GPTConfig(**args))
+    if arch == "llama":
+        return Llama(LlamaConfig(**args))
+    raise ValueError(f"unknown architecture {arch!r}: gpt or llama")
+
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -10,6 +10,7 @@ Every eval_interval it measures train and val loss (and val bits per byte, compa
 tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -33,7 +34,7 @@ from common import (
     unwrap,
 )
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPTConfig, LlamaConfig, make_model
 from tokenizer import load as load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -46,13 +47,26 @@ eval_iters = 20  # batches per split per evaluation
 log_interval = 10
 eval_only = False  # evaluate once and exit
 # model
+arch = "gpt"  # gpt | llama (the Llama-4-style decoder: RMSNorm, RoPE, grouped-query attention, experts)
 n_layer = 6
 n_head = 6
 n_embd = 384
-d_ff = 0  # 0 = 4 * n_embd
+d_ff = 0  # width of the (dense) MLPs; 0 = 4 * n_embd
 block_size = 256
 dropout = 0.0
-bias = False
+bias = False  # gpt only
+# llama only
+n_kv_head = 0  # key/value heads (grouped-query attention); 0 = n_head
+n_expert = 4  # experts per MoE layer
+n_expert_per_token = 1
+d_expert = 0  # width of each expert and of the shared expert; 0 = 2 * n_embd
+moe_every = 1  # every moe_every-th layer is a MoE layer; 0 = a dense Llama
+rope_theta = 10000.0
+no_rope_interval = 4  # every no_rope_interval-th layer has no RoPE; 0 = RoPE everywhere
+qk_norm = True
+norm_eps = 1e-5
+aux_loss_coef = 0.01  # load-balancing loss weight
+z_loss_coef = 0.001  # router z-loss weight
 # optimization
 batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -131,8 +145,10 @@ def get_batch(split: str, gen: torch.Generator = batch_gen):
 
 
 # --- model, optimizer, state -------------------------------------------------------------------
-model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                  n_embd=n_embd, d_ff=d_ff, dropout=dropout, bias=bias)
+fields = {f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else LlamaConfig)}
+model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vocab_size": tokenizer.vocab_size}
+if arch == "llama":
+    model_args["n_kv_head"] = n_kv_head or n_head
 iter_num, best_val_loss = 0, float("inf")
 history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss curves: (iters, losses)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -144,7 +160,7 @@ if init_from == "resume":
                          f"the checkpoint's {model_args['block_size']} and {model_args['vocab_size']}")
     iter_num, best_val_loss, history = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["history"]
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
-model = GPT(GPTConfig(**model_args)).to(rt.device)
+model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 if init_from == "resume":
     model.load_state_dict(ckpt["model"])
@@ -282,6 +298,9 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             history["train"][1].append(lossf)
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
                 f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
+            if getattr(raw_model, "moe_layers", None):  # is the router spreading the tokens?
+                log("  tokens per expert (%): " + " | ".join(
+                    " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
         # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
         stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
         if rt.ddp:

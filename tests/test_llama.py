@@ -1,0 +1,112 @@
+import pytest
+import torch
+from test_model import full_recompute_greedy
+
+from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+
+
+def tiny(**kw) -> Llama:
+    torch.manual_seed(0)
+    args = {"vocab_size": 50, "block_size": 16, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+            "n_expert": 4, "n_expert_per_token": 1, "moe_every": 2, "no_rope_interval": 4, **kw}
+    return Llama(LlamaConfig(**args)).eval()
+
+
+def test_rope_scores_depend_only_on_distance():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m: int, n: int) -> float:
+        f = precompute_freqs_cis(16, torch.arange(64), 10000.0)
+        return (apply_rotary_emb(q, f[m : m + 1]) * apply_rotary_emb(k, f[n : n + 1])).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(45, 42), abs=1e-5)
+    assert score(7, 7) == pytest.approx((q * k).sum().item(), abs=1e-5)  # distance 0: no rotation at all
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rmsnorm_matches_its_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    n = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(8))
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * n.weight
+    assert torch.allclose(n(x), expected, atol=1e-6)
+
+
+def naive_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: what the sorted dispatch must equal."""
+    out = []
+    for t in x.view(-1, x.size(-1)):
+        logits = m.router(t)
+        top, experts = logits.topk(m.top_k)
+        y = m.shared_expert(t)
+        for s, e in zip(torch.sigmoid(top), experts.tolist(), strict=True):
+            y = y + m.expert(e, (t * s)[None])[0]
+        out.append(y)
+    return torch.stack(out).view_as(x)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sorted_dispatch_equals_a_naive_loop_forward_and_backward(top_k):
+    torch.manual_seed(0)
+    m = tiny(n_expert_per_token=top_k).transformer.h[1].mlp
+    assert isinstance(m, MoE)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    fast = m(x)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, m.gate_up_proj, m.router.weight])
+    slow = naive_moe(m, x)
+    g_slow = torch.autograd.grad(slow.square().sum(), [x, m.gate_up_proj, m.router.weight])
+    assert torch.allclose(fast, slow, atol=1e-5)
+    for a, b in zip(g_fast, g_slow, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_aux_loss_is_one_for_uniform_routing():
+    m = tiny(n_embd=32, n_expert=4).transformer.h[1].mlp
+    with torch.no_grad():
+        m.router.weight.copy_(torch.eye(4, 32) * 3.0)  # token i prefers expert i % 4, always as much
+    x = torch.eye(32)[torch.arange(64) % 4].view(4, 16, 32)
+    m(x)
+    assert m.tokens_per_expert.tolist() == [16, 16, 16, 16]
+    assert m.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_loss_adds_the_router_losses_eval_does_not():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 16))
+    _, pure = m(x, x)
+    m.train()
+    _, with_aux = m(x, x)
+    assert with_aux.item() == pytest.approx(pure.item() + m.aux_loss().item(), abs=1e-5)
+    assert m.aux_loss().item() > 0
+
+
+def test_causal_and_attention_maps():
+    m = tiny()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8] = (x[0, 8] + 1) % 50
+    a, _ = m(x, x)
+    b, _ = m(y, y)
+    assert torch.allclose(a[0, :8], b[0, :8], atol=1e-5) and not torch.allclose(a[0, 8:], b[0, 8:], atol=1e-3)
+    maps = []
+    c, _ = m(x, x, attn_maps=maps)
+    assert torch.allclose(a, c, atol=1e-5) and len(maps) == 4 and maps[0].shape == (1, 4, 12, 12)
+
+
+@pytest.mark.parametrize("prompt_len,new", [(3, 10), (5, 30)])
+def test_kv_cache_with_gqa_equals_full_recompute(prompt_len, new):
+    m = tiny()
+    idx = torch.randint(0, 50, (2, prompt_len))
+    cached = torch.cat([idx, *m.generate(idx, new, temperature=0.0)], dim=1)
+    assert torch.equal(cached, full_recompute_greedy(m, idx, new))
+    assert m.new_cache(2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
+
+
+def test_active_flops_count_one_expert_of_four():
+    dense, moe = tiny(moe_every=0, d_ff=128), tiny(moe_every=1, d_expert=64)
+    # each MoE layer: the shared expert + 1 of 4 experts of width 64 = a dense SwiGLU of width 128
+    # (plus the router's 32 x 4 weights)
+    assert moe.flops_per_token() - dense.flops_per_token() == 6 * 4 * 32 * 4
