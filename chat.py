@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from common import completion_logits, load_model, plot_curves, save_checkpoint, setup_runtime
 from configurator import configure
+from eval import has_dialogue
 from sample import stream
 
 # -----------------------------------------------------------------------------
@@ -95,11 +96,6 @@ def ask_rating(lines, pairwise: bool):
         if -1.0 <= rating <= 1.0:
             return rating
         print(f"{rating} is outside [-1, 1]: rate from -1 (bad) to 1 (good)")
-
-
-def has_dialogue(text: str) -> bool:
-    """The auto_rate rule: a French dialogue mark (dash or guillemet) in the reply."""
-    return any(mark in text for mark in ("—", "–", "«", "»"))
 
 
 def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef: float, grad_clip: float) -> dict:

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model import make_model
@@ -123,8 +124,6 @@ def check_config(c: dict) -> None:
     for k in ("beta1", "beta2"):
         if k in c:
             need(0 <= c[k] < 1, f"{k} must be in [0, 1), got {c[k]}")
-    if "init_from" in c:
-        need(c["init_from"] in ("scratch", "resume"), f"init_from must be scratch or resume, got {c['init_from']!r}")
 
 
 @contextlib.contextmanager
@@ -139,6 +138,19 @@ def ddp_guard(rt: Runtime):
             raise
         raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably died "
                          f"(see its log): {text.splitlines()[0][:200]}") from None
+
+
+# --- data --------------------------------------------------------------------------------------------
+def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str):
+    """batch_size random windows of a tokenized .bin file: inputs x and targets y (the same
+    windows shifted by one token), both (batch_size, block_size) int64."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 # --- optimizer and schedule ------------------------------------------------------------------------
@@ -212,20 +224,46 @@ def load_model(out_dir: str, device: str = "cpu", train_cmd: str = "python train
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
+# --- scoring completions given prompts (chat.py, dpo.py) ----------------------------------------------
+def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[int]:
+    """The part of a prompt that fits before a completion in block_size + 1 tokens: the oldest
+    tokens go first, one always stays (it predicts the completion's first token)."""
+    return prompt[-max(1, block_size + 1 - completion_len) :]
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], block_size: int, device) -> tuple:
+    """A right-padded batch that scores each completion given its prompt in one forward pass.
+    Returns x (B, T) inputs and y (B, T) targets, -1 where nothing is scored (the prompt's own
+    tokens, padding). Rows longer than block_size + 1 lose prompt tokens first, then the
+    completion's last ones."""
+    rows = []
+    for p, c in zip(prompts, completions, strict=True):
+        c = c[:block_size]
+        rows.append((fit_prompt(p, len(c), block_size), c))
+    T = max(len(p) + len(c) for p, c in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids = torch.tensor(p + c)
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, len(p) - 1 : len(ids) - 1] = ids[len(p) :]
+    return x.to(device), y.to(device)
+
+
+def completion_logps(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(completion | prompt) per row: the sum of the scored targets' log-probabilities, (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (y != -1)).sum(-1)
+
+
 def completion_logits(model: torch.nn.Module, prompt: list[int], completion: list[int]):
-    """Scores a completion given its prompt in one forward pass. Returns the logits (T, V) that
-    predict each of the T completion tokens, and those tokens (T,). The prompt's own tokens are
-    never scored; when prompt + completion exceed block_size, the prompt loses its oldest tokens
-    first (at least one stays), then the completion its last ones."""
-    bs = unwrap(model).config.block_size
-    completion = completion[:bs]
-    prompt = prompt[-max(1, bs + 1 - len(completion)) :]
+    """One completion: the logits (T, V) that predict each of its T tokens given the prompt and
+    the tokens before it, and those tokens (T,)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt + completion], dtype=torch.long, device=device)[:, : bs + 1]
-    targets = ids[:, 1:].clone()
-    targets[:, : len(prompt) - 1] = -1  # positions that predict prompt tokens: not scored
-    logits, _ = model(ids[:, :-1], targets)
-    return logits[0, len(prompt) - 1 :], ids[0, len(prompt) :]
+    x, y = pack([prompt], [completion], unwrap(model).config.block_size, device)
+    logits, _ = model(x, y)
+    scored = y[0] != -1
+    return logits[0, scored], y[0, scored]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

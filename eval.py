@@ -3,11 +3,16 @@ Measures a checkpoint on a text: cross-entropy per token, perplexity, and bits p
 
     python eval.py --out_dir=out-gutenberg --text=book.txt   # any UTF-8 text file, all of it
     python eval.py --out_dir=out-gutenberg                   # the held-out books of its data_dir
+    python eval.py --out_dir=out-gutenberg --num_samples=50  # and the quality of 50 generated texts
 
 Loss per token depends on the tokenizer (a GPT-2 token holds 2.7 bytes of French, one of our BPE
 tokens 4): bits per byte = total bits / total UTF-8 bytes does not, so it compares any two models.
 Every token is scored once, with at least block_size/2 tokens of context once the text is longer
 than a window (overlapping windows, as in Hugging Face's perplexity guide).
+
+A low loss does not guarantee good samples (a model can loop, or say the same thing every time), so
+--num_samples=N also continues N prompts taken from the same text and measures what was written:
+repeated 4-grams, distinct-2 and the share with dialogue (see text_stats).
 """
 
 import json
@@ -27,6 +32,12 @@ text = ""  # a UTF-8 text file; "" = the val.bin of the data_dir the checkpoint 
 batch_size = 16  # windows per forward pass
 device = "auto"
 dtype = "auto"
+num_samples = 0  # > 0: also continue this many prompts drawn from the text, and measure the samples
+prompt_tokens = 16  # length of each prompt
+max_new_tokens = 128
+temperature = 0.8  # as sample.py
+top_k = 40
+seed = 1337  # the same prompts and random draws every time: before/after comparisons are paired
 # -----------------------------------------------------------------------------
 
 
@@ -53,6 +64,53 @@ def score(model, tokens: np.ndarray, batch_size: int, rt) -> tuple[float, int]:
         total += nll.item()
         count += int((y != -1).sum())
     return total, count
+
+
+def has_dialogue(text: str) -> bool:
+    """A French dialogue mark (dash or guillemet) in the text. chat.py's auto_rate rule too."""
+    return any(mark in text for mark in ("—", "–", "«", "»"))
+
+
+def text_stats(texts: list[str]) -> dict:
+    """Repetition and diversity of generated texts, on words (split at white space, so that models
+    with different tokenizers compare):
+    rep-4: the share of a text's 4-grams that repeat an earlier one in the same text (Welleck et
+      al., 2019), averaged over texts; a model stuck in a loop scores high.
+    distinct-2: distinct word pairs / all word pairs, over all texts (Li et al., 2016); low when
+      the samples keep saying the same things.
+    dialogue: the share of texts with a dialogue mark."""
+    reps, pairs = [], []
+    for t in texts:
+        w = t.split()
+        grams = [tuple(w[i : i + 4]) for i in range(len(w) - 3)]
+        if grams:
+            reps.append(1 - len(set(grams)) / len(grams))
+        pairs += [tuple(w[i : i + 2]) for i in range(len(w) - 1)]
+    return {"rep_4": sum(reps) / max(1, len(reps)), "distinct_2": len(set(pairs)) / max(1, len(pairs)),
+            "dialogue": sum(map(has_dialogue, texts)) / max(1, len(texts))}
+
+
+@torch.no_grad()
+def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
+    """Continues num_samples prompts of prompt_tokens drawn from tokens (never across a document's
+    end), all in one batch, and measures the continuations with text_stats."""
+    gen = torch.Generator().manual_seed(c["seed"])
+    prompts = []
+    for _ in range(100 * c["num_samples"]):
+        i = torch.randint(len(tokens) - c["prompt_tokens"], (1,), generator=gen).item()
+        w = [int(t) for t in tokens[i : i + c["prompt_tokens"]]]
+        if tok.eot_id not in w:
+            prompts.append(w)
+        if len(prompts) == c["num_samples"]:
+            break
+    else:
+        raise SystemExit(f"error: the text has too few passages of {c['prompt_tokens']} tokens for {c['num_samples']} prompts")
+    x = torch.tensor(prompts, device=rt.device)
+    with rt.autocast():
+        steps = model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None, None, tok.eot_id, gen)
+        rows = torch.cat(list(steps), dim=1).tolist()
+    texts = [tok.decode(r[: r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows]
+    return text_stats(texts)
 
 
 def main(c: dict) -> dict:
@@ -90,6 +148,11 @@ def main(c: dict) -> dict:
     print(f"{source}: {count:,} tokens, {n_bytes:,} bytes")
     print(f"cross-entropy {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.2f}, "
           f"{res['bits_per_byte']:.4f} bits per byte")
+    if c["num_samples"] > 0:
+        res |= sample_stats(model, tok, tokens, c, rt)
+        print(f"{c['num_samples']} samples of {c['max_new_tokens']} tokens after {c['prompt_tokens']}-token prompts "
+              f"(temperature {c['temperature']}, top-k {c['top_k']}, seed {c['seed']}): repeated 4-grams "
+              f"{100 * res['rep_4']:.1f}%, distinct-2 {res['distinct_2']:.3f}, with dialogue {100 * res['dialogue']:.0f}%")
     return res
 
 

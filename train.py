@@ -29,6 +29,7 @@ from common import (
     load_checkpoint,
     measure_peak_flops,
     plot_curves,
+    random_batch,
     save_checkpoint,
     setup_runtime,
     unwrap,
@@ -92,6 +93,8 @@ config = configure(globals())
 globals().update(config)
 
 check_config(config)  # impossible values fail here, before any data is read
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
 lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
 
@@ -134,14 +137,7 @@ batch_gen = torch.Generator().manual_seed(seed + rt.rank)
 
 
 def get_batch(split: str, gen: torch.Generator = batch_gen):
-    # a fresh memmap per batch: numpy's memmap would otherwise keep growing in memory
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
-    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix.tolist()]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix.tolist()]).astype(np.int64))
-    if rt.device_type == "cuda":  # pinned memory: the copy to the GPU runs alongside compute
-        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-    return x.to(rt.device), y.to(rt.device)
+    return random_batch(os.path.join(data_dir, f"{split}.bin"), batch_size, block_size, gen, rt.device)
 
 
 # --- model, optimizer, state -------------------------------------------------------------------

@@ -55,3 +55,16 @@ def trained(workdir) -> str:
     run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny", "--max_iters=60", "--eval_interval=30", *TINY,
         cwd=workdir)
     return workdir
+
+
+LLAMA = ["--arch=llama", "--n_kv_head=1", "--n_expert=3", "--n_expert_per_token=2", "--moe_every=2",
+         "--no_rope_interval=2", "--d_expert=48"]
+
+
+@pytest.fixture(scope="session")
+def llama_trained(trained) -> str:
+    """out-llama-tiny: a tiny Llama-MoE trained by train.py on data/tiny, beside out-tiny."""
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-llama-tiny", "--max_iters=30", "--eval_interval=15",
+            *TINY, *LLAMA, cwd=trained)
+    assert "tokens per expert (%)" in p.stdout
+    return trained

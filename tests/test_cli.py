@@ -2,6 +2,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 from conftest import run
 
@@ -78,3 +79,19 @@ def test_eval_bad_text_is_a_clear_error(trained, tmp_path):
     f.write_bytes("élève".encode("latin-1"))
     p = run("eval.py", "--out_dir=out-tiny", f"--text={f}", cwd=trained, check=False)
     assert p.returncode == 1 and "not UTF-8" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_text_stats_by_hand():
+    from eval import text_stats
+
+    s = text_stats(["a b c d a b c d", "« Oui » dit-il"])
+    # first text: 4-grams abcd bcda cdab dabc abcd -> 1 repeat of 5; second: 1 four-gram, no repeat
+    assert s["rep_4"] == pytest.approx((1 / 5 + 0) / 2)
+    # pairs: ab bc cd da ab bc cd (4 distinct of 7) + «Oui Oui» »dit-il (3 distinct) -> 7 of 10
+    assert s["distinct_2"] == pytest.approx(7 / 10) and s["dialogue"] == 0.5
+
+
+def test_eval_measures_samples_the_same_way_every_time(trained):
+    args = ["--out_dir=out-tiny", "--num_samples=4", "--max_new_tokens=12", "--prompt_tokens=6", "--device=cpu"]
+    a, b = (run("eval.py", *args, cwd=trained).stdout for _ in range(2))
+    assert "4 samples of 12 tokens" in a and "distinct-2" in a and a == b

@@ -3,21 +3,9 @@ import os
 import pytest
 import torch
 import transformers
-from conftest import TINY, run
+from conftest import run
 
 from common import load_model
-
-LLAMA = ["--arch=llama", "--n_kv_head=1", "--n_expert=3", "--n_expert_per_token=2", "--moe_every=2",
-         "--no_rope_interval=2", "--d_expert=48"]
-
-
-@pytest.fixture(scope="module")
-def llama_trained(trained) -> str:
-    """out-llama-tiny: a tiny Llama-MoE trained by train.py on data/tiny, beside out-tiny."""
-    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-llama-tiny", "--max_iters=30", "--eval_interval=15",
-            *TINY, *LLAMA, cwd=trained)
-    assert "tokens per expert (%)" in p.stdout
-    return trained
 
 
 def test_llama_moe_checkpoint_samples_and_evaluates(llama_trained):

@@ -1,0 +1,301 @@
+"""
+Measures every stage against its baseline, side by side in one run on the machine it runs on, and
+prints a table: each figure beside its baseline, re-measured in the same run, and their ratio (no
+figure is compared across runs or machines).
+
+    python bench.py                          # everything: about 10 minutes on 2 CPU cores
+    python bench.py --only=generate,moe      # some sections: peak, train, generate, data, compile, moe
+
+The baselines are the course's choices (the TP: GPT-2 tokenizer, its model and batch, its generation
+loop that recomputes the whole sequence for every new token, its Dataset that scans the documents
+for every item) and transformers' own generate() with a KV cache, on the same weights.
+Training figures come from real train.py runs (a few iterations each, in a subprocess, so that the
+peak memory is that run's own); the rest is timed here.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import measure_peak_flops, random_batch
+from configurator import configure
+from model import MoE, SwiGLU, make_model
+from tokenizer import load as load_tokenizer
+
+# -----------------------------------------------------------------------------
+only = ""  # comma-separated sections; "" = all
+out_dir = "out-gutenberg"  # the weights for the generation section (a random model of the same shape if absent)
+train_iters = 16  # iterations per training measurement (the first log interval is warm-up, not counted)
+new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so that transformers' GPT-2 fits)
+device = "cpu"
+# -----------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))
+rows: list[tuple[str, str, str, str]] = []  # (stage, what, figure, against the baseline)
+
+
+def report(stage: str, what: str, figure: str, vs: str = "") -> None:
+    rows.append((stage, what, figure, vs))
+    print(f"  {stage}: {what}: {figure}{'  (' + vs + ')' if vs else ''}", flush=True)
+
+
+def run_train(*args: str) -> dict:
+    """Runs train.py for a few iterations; returns its median tokens/s and MFU (the first logged
+    interval, with its warm-up, left out), its seconds to the first iteration, and its peak RSS."""
+    out = tempfile.mkdtemp(prefix="bench-")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out}", f"--max_iters={train_iters}",
+           f"--eval_interval={10 * train_iters}", "--eval_iters=1", "--log_interval=2", f"--device={device}"]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first, lines = None, []
+    for line in p.stdout:
+        lines.append(line)
+        if first is None and line.startswith("iter "):
+            first = time.time() - t0
+    _, status, usage = os.wait4(p.pid, 0)  # this child's own peak memory
+    shutil.rmtree(out, ignore_errors=True)
+    if status != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed:\n{''.join(lines[-20:])}")
+    logs = [line for line in lines if line.startswith("iter ")][1:]
+    tok_s = [float(re.search(r"([\d,]+) tokens/s", s)[1].replace(",", "")) for s in logs]
+    mfu = [float(re.search(r"MFU ([\d.]+)%", s)[1]) for s in logs]
+    rss_gb = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    return {"tok_s": float(np.median(tok_s)), "mfu": float(np.median(mfu)), "first_iter_s": first, "rss_gb": rss_gb}
+
+
+def bytes_per_token(data_dir: str) -> float:
+    with open(os.path.join(ROOT, data_dir, "meta.json")) as f:
+        return json.load(f)["train"]["bytes_per_token"]
+
+
+def need_data(tokenizer: str, data_dir: str) -> None:
+    if not os.path.exists(os.path.join(ROOT, data_dir, "meta.json")):
+        print(f"preparing {data_dir}...", flush=True)
+        subprocess.run([sys.executable, "prepare.py", f"--tokenizer={tokenizer}"], cwd=ROOT, check=True)
+
+
+# --- 1. the limit ------------------------------------------------------------------------------------
+def bench_peak() -> float:
+    fp32 = measure_peak_flops(device, torch.float32, seconds=1.0)
+    report("peak", "matmul fp32 (1024x1024)", f"{fp32 / 1e9:,.0f} GFLOP/s")
+    bf16 = measure_peak_flops(device, torch.bfloat16, seconds=1.0)
+    report("peak", "matmul bf16 (1024x1024)", f"{bf16 / 1e9:,.0f} GFLOP/s", f"{bf16 / fp32:.2f}x fp32")
+    return fp32
+
+
+# --- 2. training -------------------------------------------------------------------------------------
+def bench_train() -> None:
+    need_data("bpe", "data/gutenberg_bpe8192")
+    need_data("gpt2", "data/gutenberg_gpt2")
+    ours = run_train("config/gutenberg.py", "--compile=False")
+    course = run_train("config/tp_seed.py", "--compile=False")
+    b_ours, b_course = bytes_per_token("data/gutenberg_bpe8192"), bytes_per_token("data/gutenberg_gpt2")
+    for name, r, b in (("config/gutenberg.py", ours, b_ours), ("config/tp_seed.py (course)", course, b_course)):
+        report("train", f"{name} tokens/s", f"{r['tok_s']:,.0f} ({r['tok_s'] * b / 1e3:,.1f} kB of text/s)")
+        report("train", f"{name} MFU", f"{r['mfu']:.0f}% of the measured fp32 peak")
+        report("train", f"{name} peak RSS", f"{r['rss_gb']:.2f} GB")
+    report("train", "text per second, ours / course", f"{ours['tok_s'] * b_ours / (course['tok_s'] * b_course):.1f}x",
+           "bytes of French read per second")
+    report("train", "peak RSS, ours / course", f"{ours['rss_gb'] / course['rss_gb']:.2f}x")
+
+
+# --- 3. generation -----------------------------------------------------------------------------------
+def course_generate(model, idx, n: int, top_k: int):
+    """The course's loop: the whole sequence goes through the model again for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        v, _ = torch.topk(logits[:, -1], top_k)
+        logits = logits[:, -1].masked_fill(logits[:, -1] < v[:, [-1]], -float("inf"))
+        idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+    return idx
+
+
+def timed(fn) -> float:
+    fn()  # warm-up (allocations, lazy initialisation)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def bench_generate() -> None:
+    path = os.path.join(ROOT, out_dir, "ckpt.pt")
+    if os.path.exists(path):
+        from common import load_model
+
+        model, _, _ = load_model(os.path.join(ROOT, out_dir), device)
+        source = out_dir
+    else:
+        model = make_model({"arch": "gpt", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 256}).eval()
+        source = "random weights, the default shape"
+    n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size
+    x = torch.randint(model.config.vocab_size, (1, 8), device=device)
+    what = f"batch 1, 8-token prompt, {n} new tokens, top-k 40 ({source})"
+    kv = n / timed(lambda: list(model.generate(x, n, 1.0, 40)))
+    course = n / timed(lambda: course_generate(model, x, n, 40))
+    report("generate", f"KV cache, {what}", f"{kv:,.0f} tokens/s")
+    report("generate", "the course's loop (recomputes everything)", f"{course:,.0f} tokens/s", f"KV cache {kv / course:.1f}x faster")
+    xb = x.repeat(8, 1)
+    batch = 8 * n / timed(lambda: list(model.generate(xb, n, 1.0, 40)))
+    report("generate", "KV cache, 8 samples as one batch", f"{batch:,.0f} tokens/s", f"{batch / kv:.1f}x batch 1")
+    try:
+        import transformers
+
+        from export import gpt2_state
+    except ImportError:
+        report("generate", "transformers", "not installed (pip install -r requirements-dev.txt)")
+        return
+    if model.config.__class__.__name__ != "GPTConfig":
+        return
+    config, sd = gpt2_state(model)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.load_state_dict(sd)
+    hf_tok_s = n / timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=40,
+                                             use_cache=True, pad_token_id=config.eos_token_id))
+    report("generate", f"transformers {transformers.__version__} GPT2LMHeadModel.generate(use_cache=True)",
+           f"{hf_tok_s:,.0f} tokens/s", f"ours {kv / hf_tok_s:.1f}x faster")
+
+
+# --- 4. data -----------------------------------------------------------------------------------------
+class CourseDataset:
+    """The course's TextDataset: windows of seq_length at a stride of seq_length/2 in each document;
+    item idx is found by scanning the documents' cumulative window counts from the first one."""
+
+    def __init__(self, docs: list[list[int]], seq_length: int):
+        self.docs, self.seq_length, self.stride = docs, seq_length, seq_length // 2
+        self.cumulative, total = [], 0
+        for d in docs:
+            total += max(0, (len(d) - seq_length) // self.stride + 1)
+            self.cumulative.append(total)
+
+    def __len__(self) -> int:
+        return self.cumulative[-1]
+
+    def __getitem__(self, idx: int):
+        i = 0
+        while i < len(self.cumulative) and idx >= self.cumulative[i]:
+            i += 1
+        start = (idx - (self.cumulative[i - 1] if i else 0)) * self.stride
+        ids = torch.tensor(self.docs[i][start : start + self.seq_length])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.cat([ids[1:], ids[:1]])}
+
+
+def bench_data() -> None:
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "prepare.py", "--name=bench_prepare", "--force"], cwd=ROOT,
+                       capture_output=True, text=True)
+    dt = time.time() - t0
+    shutil.rmtree(os.path.join(ROOT, "data", "bench_prepare"), ignore_errors=True)
+    if p.returncode:
+        raise SystemExit(f"error: prepare.py failed:\n{p.stderr[-2000:]}")
+    report("data", "prepare.py, the whole corpus, BPE 8k trained + encoded", f"{dt:.1f} s", f"{30 / dt:.1f}x under the 30 s goal")
+    path = os.path.join(ROOT, "data", "gutenberg_bpe8192", "train.bin")
+    need_data("bpe", "data/gutenberg_bpe8192")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    with open(os.path.join(ROOT, "data", "gutenberg_bpe8192", "meta.json")) as f:
+        eot = load_tokenizer(os.path.join(ROOT, "data", "gutenberg_bpe8192"), json.load(f)).eot_id
+    cuts = np.flatnonzero(data == eot)  # every document ends with <|endoftext|>
+    docs = [d.tolist() for d in np.split(np.asarray(data), cuts + 1) if len(d) > 1]
+    ds = CourseDataset(docs, 128)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def course_batches(n=20):
+        it = iter(loader)
+        for _ in range(n):
+            next(it)
+
+    def our_batches(n=200):
+        for _ in range(n):
+            random_batch(path, 32, 128, gen, device)
+
+    course = 20 / timed(course_batches)
+    ours = 200 / timed(our_batches)
+    report("data", "random batches (32 x 128) from the memmap", f"{ours:,.0f} batches/s")
+    report("data", "the course's Dataset + DataLoader (shuffle)", f"{course:,.1f} batches/s", f"memmap {ours / course:,.0f}x faster")
+
+
+# --- 5. torch.compile --------------------------------------------------------------------------------
+def bench_compile() -> None:
+    eager = run_train("config/gutenberg.py", "--compile=False")
+    compiled = run_train("config/gutenberg.py", "--compile=True")
+    report("compile", "train, config/gutenberg.py, eager", f"{eager['tok_s']:,.0f} tokens/s")
+    report("compile", "train, torch.compile", f"{compiled['tok_s']:,.0f} tokens/s",
+           f"{compiled['tok_s'] / eager['tok_s']:.2f}x eager; first iteration after "
+           f"{compiled['first_iter_s']:.0f} s against {eager['first_iter_s']:.0f} s")
+    model = make_model({"arch": "gpt", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 256}).eval()
+    x = torch.randint(8192, (1, 8))
+    n = 128
+    with torch.no_grad():
+        eager_s = timed(lambda: list(model.generate(x, n, 1.0, 40)))
+        model.forward = torch.compile(model.forward, dynamic=True)  # the decode step: one position, a growing cache
+        t0 = time.perf_counter()
+        list(model.generate(x, n, 1.0, 40))
+        warm = time.perf_counter() - t0
+        compiled_s = timed(lambda: list(model.generate(x, n, 1.0, 40)))
+    report("compile", f"decode, batch 1, {n} tokens, eager", f"{n / eager_s:,.0f} tokens/s")
+    report("compile", "decode, torch.compile(dynamic=True)", f"{n / compiled_s:,.0f} tokens/s",
+           f"{eager_s / compiled_s:.2f}x eager, after {warm:.0f} s of compiling")
+
+
+# --- 6. mixture of experts ---------------------------------------------------------------------------
+def bench_moe() -> None:
+    moe = run_train("config/llama_moe.py", "--compile=False")
+    dense = run_train("config/llama_moe.py", "--compile=False", "--moe_every=0", "--d_ff=1024")
+    report("moe", "config/llama_moe.py (4 experts, top-1, + shared)", f"{moe['tok_s']:,.0f} tokens/s")
+    report("moe", "dense Llama, same active weights (d_ff 1024)", f"{dense['tok_s']:,.0f} tokens/s",
+           f"MoE at {moe['tok_s'] / dense['tok_s']:.2f}x the dense speed")
+    # where the MoE's extra time goes: one MoE layer against the dense SwiGLU of the same FLOPs,
+    # forward + backward on one batch of tokens, set against a whole training step of the model
+    import dataclasses
+
+    from model import LlamaConfig
+
+    args = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
+            "n_embd": 256, "n_expert": 4, "n_expert_per_token": 1, "d_expert": 512, "moe_every": 1}
+    model = make_model(args).train()
+    cfg = LlamaConfig(**{k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(LlamaConfig)}})
+    moe_layer, dense_layer = MoE(cfg), SwiGLU(256, 1024)
+    for p in moe_layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(16, 256, 256, requires_grad=True)
+    idx = torch.randint(8192, (16, 256))
+    t_step = timed(lambda: model(idx, idx)[1].backward())
+    t_moe = timed(lambda: moe_layer(x).sum().backward())
+    t_dense = timed(lambda: dense_layer(x).sum().backward())
+    share = len(model.moe_layers) * max(0.0, t_moe - t_dense) / t_step
+    report("moe", "routing + dispatch (MoE layer minus a dense SwiGLU of equal FLOPs)",
+           f"{1000 * (t_moe - t_dense):.0f} ms per layer", f"{100 * share:.0f}% of a {1000 * t_step:.0f} ms forward+backward")
+
+
+SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,
+            "compile": bench_compile, "moe": bench_moe}
+
+
+def main(c: dict) -> None:
+    chosen = [s.strip() for s in c["only"].split(",") if s.strip()] or list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"error: unknown section(s) {', '.join(unknown)}: choose among {', '.join(SECTIONS)}")
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", flush=True)
+    for s in chosen:
+        print(f"[{s}]", flush=True)
+        SECTIONS[s]()
+    print("\n| stage | what | measured | against the baseline |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    config = configure(globals())
+    globals().update(config)
+    main(config)

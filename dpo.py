@@ -1,0 +1,370 @@
+"""
+Direct Preference Optimization (Rafailov et al., 2023): align a pretrained checkpoint with pairs of
+a preferred (chosen) and a dispreferred (rejected) completion of the same prompt.
+
+    python dpo.py config/dpo_gutenberg.py                      # self-play pairs, then DPO, under 10 minutes
+    python dpo.py --pairs=prefs.jsonl --init_from=out-gutenberg  # your pairs: prompt / chosen / rejected
+    python dpo.py --pairs=out-gutenberg-chat/feedback.jsonl     # the ratings and choices chat.py logged
+
+The loss needs no reward model: with pi the model being tuned and ref the frozen starting one,
+    h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
+    loss = -log sigmoid(beta * h)
+raises the chosen completion's probability relative to the rejected one, measured against where the
+reference stood; beta sets how far the model may move from the reference. log p(y|x) is the sum
+over the completion's tokens only: the prompt is context, never scored. The reference's log-probs
+never change, so they are computed once per pair before training: the reference then leaves memory.
+Variants: loss_type=ipo (Azar et al., 2023: a squared loss that does not push h to infinity, on
+per-token mean log-probs as in TRL) and label_smoothing (conservative DPO: the labels may be wrong).
+
+Without pairs of your own, --make_pairs=N builds self-play pairs from the corpus (SPIN, Chen et
+al., 2024): the prompt is a passage of a training book, chosen its true continuation, rejected
+the starting model's own sampled continuation. They go to out_dir/pairs.jsonl, with a held-out
+set from the validation books in out_dir/pairs_val.jsonl, for a person to read.
+"""
+
+import functools
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (
+    check_config,
+    completion_logps,
+    configure_optimizer,
+    ddp_guard,
+    fit_prompt,
+    get_lr,
+    load_model,
+    pack,
+    plot_curves,
+    save_checkpoint,
+    setup_runtime,
+    unwrap,
+)
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
+out_dir = "out-gutenberg-dpo"
+pairs = ""  # JSONL, JSON, parquet or a Hub dataset with prompt / chosen / rejected, or chat.py's feedback.jsonl
+val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
+make_pairs = 0  # build this many self-play pairs (and a tenth as many held out), write them, then train on them
+prompt_tokens = 64  # self-play: length of the prompt passage, in tokens
+completion_tokens = 48  # self-play: length of the true and the sampled continuations
+beta = 0.1
+loss_type = "sigmoid"  # sigmoid (DPO) | ipo
+label_smoothing = 0.0  # conservative DPO: the probability that a pair's labels are swapped
+batch_size = 8  # pairs per micro-step
+gradient_accumulation_steps = 1
+learning_rate = 1e-4
+max_iters = 300
+max_time = 0.0  # seconds; 0 = no limit
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+warmup_iters = 10
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 0.0  # 0 = learning_rate / 10
+eval_interval = 50
+log_interval = 10
+device = "auto"
+dtype = "auto"
+compile = None  # None = on for CUDA
+backend = ""
+ddp_timeout = 300.0
+seed = 1337
+# -----------------------------------------------------------------------------
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSONL/JSON/parquet file or a Hub dataset; errors name the file and the row."""
+    if path.endswith((".jsonl", ".json")) and os.path.exists(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".json") and raw.lstrip().startswith(b"["):
+            lines = [json.dumps(r).encode() for r in json.loads(raw)]
+        else:
+            lines = raw.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}, row {i}: not JSON ({e.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise SystemExit(f"error: {path}, row {i}: not a JSON object")
+        return rows
+    from datasets import load_dataset
+
+    try:
+        if path.endswith(".parquet"):
+            return list(load_dataset("parquet", data_files=path, split="train"))
+        return list(load_dataset(path, split="train"))
+    except Exception as e:
+        raise SystemExit(f"error: cannot read pairs from {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def pairs_from_feedback(rows: list[dict]) -> list[dict]:
+    """chat.py's log as pairs: a pairwise choice is a pair; two rated replies to the same prompt
+    with different ratings are a pair too (the better rated one chosen)."""
+    out, rated = [], {}
+    for r in rows:
+        if r.get("choice") in (1, 2):
+            out.append({"prompt": r["prompt"], "chosen": r["replies"][r["choice"] - 1],
+                        "rejected": r["replies"][2 - r["choice"]]})
+        elif r.get("rating") is not None:
+            rated.setdefault(r["prompt"], []).append((r["rating"], r["reply"]))
+    for prompt, replies in rated.items():
+        replies.sort(key=lambda t: -t[0])
+        for i, (ri, a) in enumerate(replies):
+            for rj, b in replies[i + 1 :]:
+                if ri > rj:
+                    out.append({"prompt": prompt, "chosen": a, "rejected": b})
+    return out
+
+
+def load_pairs(path: str) -> list[dict]:
+    rows = read_rows(path)
+    if rows and "prompt" in rows[0] and ("choice" in rows[0] or "rating" in rows[0]):
+        rows = pairs_from_feedback(rows)
+        print(f"{path}: chat.py's feedback log, {len(rows)} preference pairs")
+    for i, r in enumerate(rows, 1):
+        for col in COLUMNS:
+            if not isinstance(r.get(col), str):
+                raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs {', '.join(COLUMNS)})")
+        for col in ("chosen", "rejected"):
+            if not r[col].strip():
+                raise SystemExit(f"error: {path}, row {i}: the {col} completion is empty")
+    if not rows:
+        raise SystemExit(f"error: {path} holds no preference pairs")
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def self_play_pairs(model, tok, data_dir: str, split: str, n: int, c: dict, rt) -> list[dict]:
+    """n pairs from random passages of data_dir/<split>.bin: (passage, true continuation, the
+    model's own continuation). Passages that cross a document boundary are drawn again."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    span = c["prompt_tokens"] + c["completion_tokens"]
+    gen = torch.Generator().manual_seed(c["seed"] + (split == "val"))
+    windows = []
+    while len(windows) < n:
+        i = torch.randint(len(data) - span, (1,), generator=gen).item()
+        w = data[i : i + span].tolist()
+        if tok.eot_id not in w:
+            windows.append(w)
+    out = []
+    for b in range(0, n, 32):  # 32 prompts generated together
+        chunk = windows[b : b + 32]
+        x = torch.tensor([w[: c["prompt_tokens"]] for w in chunk], device=rt.device)
+        with rt.autocast():
+            steps = model.generate(x, c["completion_tokens"], 1.0, None, None, tok.eot_id, gen)
+            sampled = torch.cat(list(steps), dim=1).tolist()
+        for w, s in zip(chunk, sampled, strict=True):
+            s = s[: s.index(tok.eot_id)] if tok.eot_id in s else s
+            out.append({"prompt": tok.decode(w[: c["prompt_tokens"]]), "chosen": tok.decode(w[c["prompt_tokens"] :]),
+                        "rejected": tok.decode(s)})
+        print(f"  {split}: {len(out)}/{n} pairs", flush=True)
+    return [p for p in out if p["rejected"].strip()]
+
+
+def tokenize(rows: list[dict], tok, block_size: int) -> tuple[list[tuple], int]:
+    """(prompt, chosen, rejected) token ids per pair, cut to fit block_size the same way every
+    time: the prompt loses its oldest tokens first (to fit the longer completion), then the
+    completions their last ones. Returns the pairs and how many were cut."""
+    out, cut = [], 0
+    for r in rows:
+        p = [tok.eot_id, *tok.encode(r["prompt"])]  # a prompt starts like a document
+        cw, cl = tok.encode(r["chosen"])[:block_size], tok.encode(r["rejected"])[:block_size]
+        kept = fit_prompt(p, max(len(cw), len(cl)), block_size)
+        cut += len(kept) < len(p) or len(cw) < len(tok.encode(r["chosen"])) or len(cl) < len(tok.encode(r["rejected"]))
+        out.append((kept, cw, cl))
+    return out, cut
+
+
+def batch_logps(model, batch: list[tuple], block_size: int, device, mean: bool):
+    """log pi(chosen|prompt) and log pi(rejected|prompt) for a batch of pairs, (B,) each, in one
+    forward pass over 2B rows (chosen rows first). mean=True: per-token means (IPO)."""
+    prompts = [p for p, _, _ in batch] * 2
+    completions = [cw for _, cw, _ in batch] + [cl for _, _, cl in batch]
+    x, y = pack(prompts, completions, block_size, device)
+    logits, _ = model(x, y)
+    logps = completion_logps(logits, y)
+    if mean:
+        logps = logps / (y != -1).sum(-1)
+    return logps.chunk(2)
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, label_smoothing: float):
+    """The loss (mean over pairs) and the metrics TRL logs, under TRL's names."""
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # regresses h to 1/(2 beta) instead of pushing it up forever
+    else:
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    r_c, r_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # the implicit rewards
+    metrics = {"loss": losses.mean().item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+               "rewards/accuracies": (r_c > r_r).float().mean().item(), "rewards/margins": (r_c - r_r).mean().item(),
+               "logps/chosen": pi_c.detach().mean().item(), "logps/rejected": pi_r.detach().mean().item()}
+    return losses.mean(), metrics
+
+
+def main(c: dict) -> None:
+    check_config(c)
+    if c["loss_type"] not in ("sigmoid", "ipo"):
+        raise SystemExit(f"error: loss_type must be sigmoid or ipo, got {c['loss_type']!r}")
+    if c["beta"] <= 0 or not 0 <= c["label_smoothing"] < 0.5:
+        raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
+    if os.path.abspath(c["out_dir"]) == os.path.abspath(c["init_from"]):
+        raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never overwritten")
+    rt = setup_runtime(c["device"], c["dtype"], c["seed"], c["backend"], c["ddp_timeout"])
+    log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
+    model, tok, start = load_model(c["init_from"], rt.device, "python train.py config/gutenberg.py")
+    block_size = model.config.block_size
+    os.makedirs(c["out_dir"], exist_ok=True)
+
+    # --- the pairs ---------------------------------------------------------------------------------
+    train_path, val_path = c["pairs"], c["val_pairs"]
+    if c["make_pairs"]:
+        t0 = time.time()
+        log(f"making {c['make_pairs']} self-play pairs from {start['data_dir']} with {c['init_from']}...")
+        train_path, val_path = (os.path.join(c["out_dir"], f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
+        if rt.master:
+            write_jsonl(train_path, self_play_pairs(model, tok, start["data_dir"], "train", c["make_pairs"], c, rt))
+            write_jsonl(val_path, self_play_pairs(model, tok, start["data_dir"], "val", max(10, c["make_pairs"] // 10), c, rt))
+        if rt.ddp:
+            torch.distributed.barrier()
+        log(f"wrote {train_path} and {val_path} in {time.time() - t0:.0f}s")
+    if not train_path:  # the pairs an earlier --make_pairs run wrote
+        train_path = os.path.join(c["out_dir"], "pairs.jsonl")
+        if not os.path.exists(train_path):
+            raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or --make_pairs=N")
+        if not val_path and os.path.exists(os.path.join(c["out_dir"], "pairs_val.jsonl")):
+            val_path = os.path.join(c["out_dir"], "pairs_val.jsonl")
+    rows = load_pairs(train_path)
+    if val_path:
+        val_rows = load_pairs(val_path)
+    else:  # hold out a tenth, the same every time
+        order = np.random.default_rng(c["seed"]).permutation(len(rows))
+        n_val = max(1, len(rows) // 10)
+        val_rows, rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+    train, cut = tokenize(rows, tok, block_size)
+    val, val_cut = tokenize(val_rows, tok, block_size)
+    log(f"{len(train)} training pairs ({cut} cut to fit block_size={block_size}), {len(val)} held-out ({val_cut} cut)")
+
+    # --- the reference: its log-probs once per pair, then it is no longer needed -------------------
+    mean = c["loss_type"] == "ipo"
+    with torch.no_grad(), rt.autocast():
+        ref = {name: [torch.cat(t) for t in zip(*[batch_logps(model, data[i : i + 32], block_size, rt.device, mean)
+                                                  for i in range(0, len(data), 32)], strict=True)]
+               for name, data in (("train", train), ("val", val))}
+
+    optimizer = configure_optimizer(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
+    raw = model
+    if rt.device_type == "cuda" if c["compile"] is None else c["compile"]:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    lr_decay_iters = c["lr_decay_iters"] or c["max_iters"]
+    min_lr = c["min_lr"] or c["learning_rate"] / 10
+    history: dict[str, tuple[list, list]] = {}
+
+    def record(prefix: str, it: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            xs, ys = history.setdefault(f"{prefix}{k}", ([], []))
+            xs.append(it)
+            ys.append(v)
+
+    @torch.no_grad()
+    def evaluate(it: int) -> dict:
+        model.eval()
+        pi = [torch.cat(t) for t in zip(*[batch_logps(model, val[i : i + 32], block_size, rt.device, mean)
+                                          for i in range(0, len(val), 32)], strict=True)]
+        model.train()
+        _, m = dpo_loss(pi[0], pi[1], ref["val"][0], ref["val"][1], c["beta"], c["loss_type"], c["label_smoothing"])
+        # the rewards are 0 at step 0 (the policy is the reference): this says where the model itself stands
+        m["logps/accuracies"] = (pi[0] > pi[1]).float().mean().item()
+        record("eval/", it, m)
+        log(f"eval at step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        return m
+
+    def save(it: int) -> None:
+        if not rt.master:
+            return
+        save_checkpoint({**{k: start[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
+                         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it,
+                         "config": c, "history": history, "init_from": c["init_from"]},
+                        os.path.join(c["out_dir"], "ckpt.pt"))
+        for name in ("loss", "rewards/accuracies", "rewards/margins"):
+            key = name.replace("/", "_")
+            plot_curves(os.path.join(c["out_dir"], f"dpo_{key}.png"),
+                        {"train": history.get(name, ([], [])), "held-out": history.get("eval/" + name, ([], []))},
+                        "step", name, f"DPO on {c['init_from']}: {name}")
+
+    gen = torch.Generator().manual_seed(c["seed"] + rt.rank)
+    evaluate(0)
+    model.train()
+    t_start = t0 = time.time()
+    with ddp_guard(rt):
+        for it in range(1, c["max_iters"] + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it - 1, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
+            for micro in range(c["gradient_accumulation_steps"]):
+                if rt.ddp:
+                    model.require_backward_grad_sync = micro == c["gradient_accumulation_steps"] - 1
+                idx = torch.randint(len(train), (c["batch_size"],), generator=gen)
+                with rt.autocast():
+                    pi_c, pi_r = batch_logps(model, [train[i] for i in idx], block_size, rt.device, mean)
+                    loss, metrics = dpo_loss(pi_c, pi_r, ref["train"][0][idx], ref["train"][1][idx], c["beta"],
+                                             c["loss_type"], c["label_smoothing"])
+                    if getattr(raw, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
+                        loss = loss + raw.aux_loss()
+                if not torch.isfinite(loss):  # stop before the bad step touches the weights
+                    raise SystemExit(f"error: the loss is {loss.item()} at step {it}: stopped; {c['out_dir']}/ckpt.pt "
+                                     "keeps the last good state (try a lower learning_rate)")
+                scaler.scale(loss / c["gradient_accumulation_steps"]).backward()
+            if c["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if it % c["log_interval"] == 0:
+                record("", it, metrics)
+                dt = (time.time() - t0) / c["log_interval"]
+                t0 = time.time()
+                log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f", {dt * 1000:.0f} ms/step")
+            out_of_time = c["max_time"] > 0 and time.time() - t_start >= c["max_time"]
+            if it % c["eval_interval"] == 0 or it == c["max_iters"] or out_of_time:
+                evaluate(it)
+                save(it)
+            if out_of_time:
+                log(f"max_time={c['max_time']:.0f}s reached at step {it}")
+                break
+    log(f"done in {(time.time() - t_start) / 60:.1f} min: {c['out_dir']}/ckpt.pt (works with sample.py and eval.py), "
+        f"curves {c['out_dir']}/dpo_*.png")
+    if rt.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(configure(globals()))
