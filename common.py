@@ -141,11 +141,12 @@ def ddp_guard(rt: Runtime):
 
 
 # --- data --------------------------------------------------------------------------------------------
-def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str):
-    """batch_size random windows of a tokenized .bin file: inputs x and targets y (the same
-    windows shifted by one token), both (batch_size, block_size) int64."""
+def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
+                 starts: torch.Tensor | None = None):
+    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
+    targets y (the same windows shifted by one token), both (batch_size, block_size) int64."""
     data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
+    ix = (torch.randint(len(data) - block_size, (batch_size,), generator=gen) if starts is None else starts).tolist()
     x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
     if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute

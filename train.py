@@ -132,12 +132,21 @@ log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {
     f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 
 # batches come from their own generator, so that a resumed run draws the same batches as an
-# uninterrupted one (its state is saved in the checkpoint)
-batch_gen = torch.Generator().manual_seed(seed + rt.rank)
+# uninterrupted one (its state is saved in the checkpoint). Every process draws the whole global
+# batch of an iteration from the same generator and keeps its own share: the global batch, and so
+# the run, is the same with 1 process or 8.
+batch_gen = torch.Generator().manual_seed(seed)
+n_train_windows = meta["train"]["tokens"] - block_size
 
 
-def get_batch(split: str, gen: torch.Generator = batch_gen):
-    return random_batch(os.path.join(data_dir, f"{split}.bin"), batch_size, block_size, gen, rt.device)
+def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = None):
+    return random_batch(os.path.join(data_dir, f"{split}.bin"), batch_size, block_size, gen, rt.device, starts)
+
+
+def iteration_windows() -> torch.Tensor:
+    """Where this process's windows of the next iteration start: (micro-steps, batch_size)."""
+    ix = torch.randint(n_train_windows, (rt.world_size * gradient_accumulation_steps, batch_size), generator=batch_gen)
+    return ix.view(rt.world_size, gradient_accumulation_steps, batch_size)[rt.rank]
 
 
 # --- model, optimizer, state -------------------------------------------------------------------
@@ -262,14 +271,16 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             t0, n_timed = time.time(), 0  # evaluation time is not training time
 
         # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
+        windows, loss_sum = iteration_windows(), torch.zeros((), device=rt.device)
         for micro_step in range(gradient_accumulation_steps):
             if rt.ddp:  # all-reduce the gradients on the last micro-step only
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-            x, y = get_batch("train")
+            x, y = get_batch("train", batch_gen, windows[micro_step])
             with rt.autocast():
                 _, loss = model(x, y)
                 loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
             scaler.scale(loss).backward()
+            loss_sum += loss.detach()
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -279,8 +290,11 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
 
         iter_num += 1
         n_timed += 1
+        if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as one process would log
+            torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
+            loss_sum /= rt.world_size
         if iter_num % log_interval == 0 and rt.master:
-            lossf = loss.item() * gradient_accumulation_steps  # .item() waits for the GPU: only when logging
+            lossf = loss_sum.item()  # the mean over the micro-batches; .item() waits for the GPU: only when logging
             check_finite(lossf, "training loss")
             dt = (time.time() - t0) / n_timed
             t0, n_timed = time.time(), 0

@@ -160,3 +160,19 @@ def test_any_key_value_is_a_config_or_a_one_line_error(key, value):
     except SystemExit as e:
         msg = str(e)
         assert msg.startswith("error: ") and "\n" not in msg, msg
+
+
+def test_ddp_two_processes_give_the_single_process_losses(workdir):
+    """Same global batch (2 x 8 sequences): 2 processes with 1 micro-step each, or 1 with 2."""
+    args = ["--data_dir=data/tiny", "--eval_interval=1000", *TINY, "--max_iters=20", "--gradient_accumulation_steps=2"]
+    single = run("train.py", *args, "--out_dir=out-single", cwd=workdir).stdout
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"), *args, "--out_dir=out-ddp2"], cwd=workdir,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+
+    def losses(log: str) -> list[float]:
+        return [float(line.split("loss ")[1].split(",")[0]) for line in log.splitlines() if line.startswith("iter ")]
+
+    a, b = losses(single), losses(ddp.stdout)
+    assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
