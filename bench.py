@@ -39,6 +39,8 @@ new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so 
 device = "cpu"
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
+                 "n_embd": 256, "d_ff": 1024, "moe_every": 0}  # config/gutenberg.py's model
 rows: list[tuple[str, str, str, str]] = []  # (stage, what, figure, against the baseline)
 
 
@@ -100,7 +102,7 @@ def bench_train() -> None:
     b_ours, b_course = bytes_per_token("data/gutenberg_bpe8192"), bytes_per_token("data/gutenberg_gpt2")
     for name, r, b in (("config/gutenberg.py", ours, b_ours), ("config/tp_seed.py (course)", course, b_course)):
         report("train", f"{name} tokens/s", f"{r['tok_s']:,.0f} ({r['tok_s'] * b / 1e3:,.1f} kB of text/s)")
-        report("train", f"{name} MFU", f"{r['mfu']:.0f}% of the measured fp32 peak")
+        report("train", f"{name} MFU", f"{r['mfu']:.0f}% of the measured matmul peak in its dtype")
         report("train", f"{name} peak RSS", f"{r['rss_gb']:.2f} GB")
     report("train", "text per second, ours / course", f"{ours['tok_s'] * b_ours / (course['tok_s'] * b_course):.1f}x",
            "bytes of French read per second")
@@ -134,9 +136,9 @@ def bench_generate() -> None:
         model, _, _ = load_model(os.path.join(ROOT, out_dir), device)
         source = out_dir
     else:
-        model = make_model({"arch": "gpt", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 256}).eval()
+        model = make_model(DEFAULT_SHAPE).eval()
         source = "random weights, the default shape"
-    n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size
+    n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size, nor our RoPE tables
     x = torch.randint(model.config.vocab_size, (1, 8), device=device)
     what = f"batch 1, 8-token prompt, {n} new tokens, top-k 40 ({source})"
     kv = n / timed(lambda: list(model.generate(x, n, 1.0, 40)))
@@ -149,18 +151,15 @@ def bench_generate() -> None:
     try:
         import transformers
 
-        from export import gpt2_state
+        from export import to_transformers
     except ImportError:
         report("generate", "transformers", "not installed (pip install -r requirements-dev.txt)")
         return
-    if model.config.__class__.__name__ != "GPTConfig":
-        return
-    config, sd = gpt2_state(model)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    hf.load_state_dict(sd)
+    hf = to_transformers(model).eval()
+    eos = hf.config.eos_token_id
     hf_tok_s = n / timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=40,
-                                             use_cache=True, pad_token_id=config.eos_token_id))
-    report("generate", f"transformers {transformers.__version__} GPT2LMHeadModel.generate(use_cache=True)",
+                                             use_cache=True, pad_token_id=eos))
+    report("generate", f"transformers {transformers.__version__} {type(hf).__name__}.generate(use_cache=True)",
            f"{hf_tok_s:,.0f} tokens/s", f"ours {kv / hf_tok_s:.1f}x faster")
 
 
@@ -231,7 +230,7 @@ def bench_compile() -> None:
     report("compile", "train, torch.compile", f"{compiled['tok_s']:,.0f} tokens/s",
            f"{compiled['tok_s'] / eager['tok_s']:.2f}x eager; first iteration after "
            f"{compiled['first_iter_s']:.0f} s against {eager['first_iter_s']:.0f} s")
-    model = make_model({"arch": "gpt", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 256}).eval()
+    model = make_model(DEFAULT_SHAPE).eval()
     x = torch.randint(8192, (1, 8))
     n = 128
     with torch.no_grad():
@@ -255,15 +254,10 @@ def bench_moe() -> None:
            f"MoE at {moe['tok_s'] / dense['tok_s']:.2f}x the dense speed")
     # where the MoE's extra time goes: one MoE layer against the dense SwiGLU of the same FLOPs,
     # forward + backward on one batch of tokens, set against a whole training step of the model
-    import dataclasses
-
-    from model import LlamaConfig
-
     args = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
             "n_embd": 256, "n_expert": 4, "n_expert_per_token": 1, "d_expert": 512, "moe_every": 1}
     model = make_model(args).train()
-    cfg = LlamaConfig(**{k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(LlamaConfig)}})
-    moe_layer, dense_layer = MoE(cfg), SwiGLU(256, 1024)
+    moe_layer, dense_layer = MoE(model.config), SwiGLU(256, 1024)
     for p in moe_layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(16, 256, 256, requires_grad=True)

@@ -30,9 +30,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from common import completion_logits, load_model, plot_curves, save_checkpoint, setup_runtime
+from common import completion_logits, has_dialogue, load_model, plot_curves, save_checkpoint, setup_runtime
 from configurator import configure
-from eval import has_dialogue
 from sample import stream
 
 # -----------------------------------------------------------------------------

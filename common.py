@@ -267,6 +267,49 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
     return logits[0, scored], y[0, scored]
 
 
+# --- passages of the corpus and the model's continuations (eval.py, dpo.py) ---------------------------
+def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:
+    """n random windows of length tokens, each inside one document (no <|endoftext|> in it), the
+    same for the same seed. Gives up with an error after 100·n draws instead of looping forever."""
+    if n > 0 and len(tokens) <= length:
+        raise SystemExit(f"error: the text has {len(tokens)} tokens, too few for passages of {length}")
+    gen = torch.Generator().manual_seed(seed)
+    windows: list[list[int]] = []
+    for _ in range(100 * n):
+        if len(windows) == n:
+            break
+        i = torch.randint(len(tokens) - length, (1,), generator=gen).item()
+        w = [int(t) for t in tokens[i : i + length]]
+        if eot_id not in w:
+            windows.append(w)
+    if len(windows) < n:
+        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for {n} of them")
+    return windows
+
+
+@torch.no_grad()
+def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
+                     eot_id: int, rt: Runtime, seed: int, batch_size: int = 32, log=None) -> list[list[int]]:
+    """The model's continuation of each prompt (all of one length), batch_size prompts generated
+    together, each cut at its first <|endoftext|>."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
+        with rt.autocast():
+            steps = model.generate(x, max_new_tokens, temperature, top_k, None, eot_id, gen)
+            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
+        out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
+        if log:
+            log(f"  {len(out)}/{len(prompts)} continuations")
+    return out
+
+
+def has_dialogue(text: str) -> bool:
+    """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
+    return any(mark in text for mark in ("—", "–", "«", "»"))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP and torch.compile wrappers: its state_dict has no
     'module.' or '_orig_mod.' prefixes."""

@@ -73,7 +73,7 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
                     source = f.read()
             except OSError as e:
                 raise SystemExit(f"error: cannot read config file {arg}: {e.strerror}") from None
-            file_ns: dict = {}
+            file_ns: dict = {"__file__": arg}  # so that a config can build on another beside it
             try:
                 exec(compile(source, arg, "exec"), file_ns)
             except Exception as e:

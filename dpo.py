@@ -12,7 +12,7 @@ The loss needs no reward model: with pi the model being tuned and ref the frozen
 raises the chosen completion's probability relative to the rejected one, measured against where the
 reference stood; beta sets how far the model may move from the reference. log p(y|x) is the sum
 over the completion's tokens only: the prompt is context, never scored. The reference's log-probs
-never change, so they are computed once per pair before training: the reference then leaves memory.
+never change, so they are computed once per pair before training: no second model is kept.
 Variants: loss_type=ipo (Azar et al., 2023: a squared loss that does not push h to infinity, on
 per-token mean log-probs as in TRL) and label_smoothing (conservative DPO: the labels may be wrong).
 
@@ -36,7 +36,9 @@ from common import (
     check_config,
     completion_logps,
     configure_optimizer,
+    continue_prompts,
     ddp_guard,
+    draw_windows,
     fit_prompt,
     get_lr,
     load_model,
@@ -158,32 +160,17 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
-@torch.no_grad()
 def self_play_pairs(model, tok, data_dir: str, split: str, n: int, c: dict, rt) -> list[dict]:
-    """n pairs from random passages of data_dir/<split>.bin: (passage, true continuation, the
-    model's own continuation). Passages that cross a document boundary are drawn again."""
+    """n pairs from random passages of data_dir/<split>.bin (inside one document each): the passage's
+    start, its true continuation, and the model's own continuation of that start."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    span = c["prompt_tokens"] + c["completion_tokens"]
-    gen = torch.Generator().manual_seed(c["seed"] + (split == "val"))
-    windows = []
-    while len(windows) < n:
-        i = torch.randint(len(data) - span, (1,), generator=gen).item()
-        w = data[i : i + span].tolist()
-        if tok.eot_id not in w:
-            windows.append(w)
-    out = []
-    for b in range(0, n, 32):  # 32 prompts generated together
-        chunk = windows[b : b + 32]
-        x = torch.tensor([w[: c["prompt_tokens"]] for w in chunk], device=rt.device)
-        with rt.autocast():
-            steps = model.generate(x, c["completion_tokens"], 1.0, None, None, tok.eot_id, gen)
-            sampled = torch.cat(list(steps), dim=1).tolist()
-        for w, s in zip(chunk, sampled, strict=True):
-            s = s[: s.index(tok.eot_id)] if tok.eot_id in s else s
-            out.append({"prompt": tok.decode(w[: c["prompt_tokens"]]), "chosen": tok.decode(w[c["prompt_tokens"] :]),
-                        "rejected": tok.decode(s)})
-        print(f"  {split}: {len(out)}/{n} pairs", flush=True)
-    return [p for p in out if p["rejected"].strip()]
+    p = c["prompt_tokens"]
+    windows = draw_windows(data, n, p + c["completion_tokens"], tok.eot_id, c["seed"] + (split == "val"))
+    sampled = continue_prompts(model, [w[:p] for w in windows], c["completion_tokens"], 1.0, None, tok.eot_id, rt,
+                               c["seed"], log=lambda msg: print(f"{split}:{msg}", flush=True))
+    out = [{"prompt": tok.decode(w[:p]), "chosen": tok.decode(w[p:]), "rejected": tok.decode(s)}
+           for w, s in zip(windows, sampled, strict=True)]
+    return [pair for pair in out if pair["rejected"].strip()]
 
 
 def tokenize(rows: list[dict], tok, block_size: int) -> tuple[list[tuple], int]:
@@ -193,10 +180,10 @@ def tokenize(rows: list[dict], tok, block_size: int) -> tuple[list[tuple], int]:
     out, cut = [], 0
     for r in rows:
         p = [tok.eot_id, *tok.encode(r["prompt"])]  # a prompt starts like a document
-        cw, cl = tok.encode(r["chosen"])[:block_size], tok.encode(r["rejected"])[:block_size]
-        kept = fit_prompt(p, max(len(cw), len(cl)), block_size)
-        cut += len(kept) < len(p) or len(cw) < len(tok.encode(r["chosen"])) or len(cl) < len(tok.encode(r["rejected"]))
-        out.append((kept, cw, cl))
+        cw, cl = tok.encode(r["chosen"]), tok.encode(r["rejected"])
+        kept = fit_prompt(p, min(block_size, max(len(cw), len(cl))), block_size)
+        cut += len(kept) < len(p) or max(len(cw), len(cl)) > block_size
+        out.append((kept, cw[:block_size], cl[:block_size]))
     return out, cut
 
 
@@ -233,6 +220,8 @@ def main(c: dict) -> None:
         raise SystemExit(f"error: loss_type must be sigmoid or ipo, got {c['loss_type']!r}")
     if c["beta"] <= 0 or not 0 <= c["label_smoothing"] < 0.5:
         raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
+    if c["loss_type"] == "ipo" and c["label_smoothing"]:
+        raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has no labels to smooth")
     if os.path.abspath(c["out_dir"]) == os.path.abspath(c["init_from"]):
         raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never overwritten")
     rt = setup_runtime(c["device"], c["dtype"], c["seed"], c["backend"], c["ddp_timeout"])
@@ -324,6 +313,7 @@ def main(c: dict) -> None:
     evaluate(0)
     model.train()
     t_start = t0 = time.time()
+    last_saved = 0  # the step of the last checkpoint written by this run (0: none yet)
     with ddp_guard(rt):
         for it in range(1, c["max_iters"] + 1):
             for group in optimizer.param_groups:
@@ -339,8 +329,9 @@ def main(c: dict) -> None:
                     if getattr(raw, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
                         loss = loss + raw.aux_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {it}: stopped; {c['out_dir']}/ckpt.pt "
-                                     "keeps the last good state (try a lower learning_rate)")
+                    kept = (f"{c['out_dir']}/ckpt.pt keeps step {last_saved}" if last_saved
+                            else f"nothing was saved, {c['init_from']} is unchanged")
+                    raise SystemExit(f"error: the loss is {loss.item()} at step {it}: stopped; {kept} (try a lower learning_rate)")
                 scaler.scale(loss / c["gradient_accumulation_steps"]).backward()
             if c["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
@@ -353,10 +344,16 @@ def main(c: dict) -> None:
                 dt = (time.time() - t0) / c["log_interval"]
                 t0 = time.time()
                 log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f", {dt * 1000:.0f} ms/step")
-            out_of_time = c["max_time"] > 0 and time.time() - t_start >= c["max_time"]
+            # out of time: under DDP rank 0's clock decides for everyone, or the processes would part ways
+            out_of_time = torch.tensor(float(c["max_time"] > 0 and time.time() - t_start >= c["max_time"]))
+            if rt.ddp:
+                out_of_time = out_of_time.to(rt.device)
+                torch.distributed.broadcast(out_of_time, src=0)
+            out_of_time = bool(out_of_time.item())
             if it % c["eval_interval"] == 0 or it == c["max_iters"] or out_of_time:
                 evaluate(it)
                 save(it)
+                last_saved = it
             if out_of_time:
                 log(f"max_time={c['max_time']:.0f}s reached at step {it}")
                 break

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import load_model, setup_runtime
+from common import continue_prompts, draw_windows, has_dialogue, load_model, setup_runtime
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -66,11 +66,6 @@ def score(model, tokens: np.ndarray, batch_size: int, rt) -> tuple[float, int]:
     return total, count
 
 
-def has_dialogue(text: str) -> bool:
-    """A French dialogue mark (dash or guillemet) in the text. chat.py's auto_rate rule too."""
-    return any(mark in text for mark in ("—", "–", "«", "»"))
-
-
 def text_stats(texts: list[str]) -> dict:
     """Repetition and diversity of generated texts, on words (split at white space, so that models
     with different tokenizers compare):
@@ -90,27 +85,13 @@ def text_stats(texts: list[str]) -> dict:
             "dialogue": sum(map(has_dialogue, texts)) / max(1, len(texts))}
 
 
-@torch.no_grad()
 def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     """Continues num_samples prompts of prompt_tokens drawn from tokens (never across a document's
     end), all in one batch, and measures the continuations with text_stats."""
-    gen = torch.Generator().manual_seed(c["seed"])
-    prompts = []
-    for _ in range(100 * c["num_samples"]):
-        i = torch.randint(len(tokens) - c["prompt_tokens"], (1,), generator=gen).item()
-        w = [int(t) for t in tokens[i : i + c["prompt_tokens"]]]
-        if tok.eot_id not in w:
-            prompts.append(w)
-        if len(prompts) == c["num_samples"]:
-            break
-    else:
-        raise SystemExit(f"error: the text has too few passages of {c['prompt_tokens']} tokens for {c['num_samples']} prompts")
-    x = torch.tensor(prompts, device=rt.device)
-    with rt.autocast():
-        steps = model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None, None, tok.eot_id, gen)
-        rows = torch.cat(list(steps), dim=1).tolist()
-    texts = [tok.decode(r[: r.index(tok.eot_id)] if tok.eot_id in r else r) for r in rows]
-    return text_stats(texts)
+    prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
+    rows = continue_prompts(model, prompts, c["max_new_tokens"], c["temperature"], c["top_k"] or None, tok.eot_id,
+                            rt, c["seed"], batch_size=c["num_samples"])
+    return text_stats([tok.decode(r) for r in rows])
 
 
 def main(c: dict) -> dict:

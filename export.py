@@ -1,8 +1,9 @@
 """
 Exports a checkpoint to the Hugging Face transformers format: config.json and model.safetensors.
 
-    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg      # the GPT -> GPT2LMHeadModel
+    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg      # the default, a dense Llama -> Llama4ForCausalLM
     python export.py --out_dir=out-llama-moe --hf_dir=hf-llama-moe      # the Llama-MoE -> Llama4ForCausalLM
+    python export.py --out_dir=out-gpt --hf_dir=hf-gpt                  # a GPT (--arch=gpt) -> GPT2LMHeadModel
 
 Then, with transformers installed:
     model = transformers.AutoModelForCausalLM.from_pretrained("hf-gutenberg")
@@ -76,24 +77,31 @@ def llama4_state(model) -> tuple[dict, dict]:
     return config, sd
 
 
+def to_transformers(model):
+    """The same network as a transformers model: GPT2LMHeadModel for the GPT, Llama4ForCausalLM for the Llama."""
+    import transformers
+
+    is_gpt = type(model.config).__name__ == "GPTConfig"
+    config, sd = (gpt2_state if is_gpt else llama4_state)(model)
+    hf_model = (transformers.GPT2LMHeadModel if is_gpt else transformers.Llama4ForCausalLM)(config)
+    hf_model.load_state_dict(sd, strict=True)  # every weight has its place, and every place a weight
+    return hf_model
+
+
 def main(c: dict) -> str:
-    model, tok, ckpt = load_model(c["out_dir"])
+    model, tok, _ = load_model(c["out_dir"])
     hf_dir = c["hf_dir"] or "hf-" + os.path.basename(os.path.normpath(c["out_dir"])).removeprefix("out-")
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         raise SystemExit("error: export needs transformers: pip install -r requirements-dev.txt") from None
-    arch = ckpt["model_args"].get("arch", "gpt")
-    config, sd = (gpt2_state if arch == "gpt" else llama4_state)(model)
-    hf_class = transformers.GPT2LMHeadModel if arch == "gpt" else transformers.Llama4ForCausalLM
-    hf_model = hf_class(config)
-    hf_model.load_state_dict(sd, strict=True)  # every weight has its place, and every place a weight
+    hf_model = to_transformers(model)
     hf_model.save_pretrained(hf_dir)
     tok.save(hf_dir)
     with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
         json.dump({"kind": tok.kind, "pattern": tok.pattern, "nfc": tok.nfc, "eot_id": tok.eot_id,
                    "ranks_file": "tokenizer.tiktoken"}, f, indent=2)
-    print(f"wrote {hf_dir}/ ({hf_class.__name__}: config.json, model.safetensors; tokenizer.tiktoken and "
+    print(f"wrote {hf_dir}/ ({type(hf_model).__name__}: config.json, model.safetensors; tokenizer.tiktoken and "
           "tokenizer.json for tiktoken)")
     return hf_dir
 

@@ -159,6 +159,9 @@ history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss c
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path, rt.device)
+    if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
+        raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
+                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
     model_args = {**ckpt["model_args"], "dropout": dropout}  # the architecture comes from the checkpoint
     if (block_size, tokenizer.vocab_size) != (model_args["block_size"], model_args["vocab_size"]):
         raise SystemExit(f"error: block_size={block_size} and the data's vocabulary of {tokenizer.vocab_size} must match "
@@ -184,6 +187,11 @@ if rt.ddp:
     model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative to it")
+if rt.device_type == "cpu" and rt.ptdtype != torch.float32:  # CPUs without bf16 units emulate it, slowly
+    fp32_flops = measure_peak_flops(rt.device, torch.float32)
+    if fp32_flops > peak_flops:
+        log(f"warning: {rt.ptdtype} matmuls are slower than float32 on this CPU ({peak_flops / 1e9:.0f} against "
+            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 will train faster")
 
 
 @torch.no_grad()

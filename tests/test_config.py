@@ -1,4 +1,7 @@
+import os
+
 import pytest
+from conftest import ROOT, run
 
 from configurator import configure
 
@@ -48,3 +51,17 @@ def test_help_lists_the_keys(capsys):
     with pytest.raises(SystemExit) as e:
         configure(DEFAULTS, ["--help"])
     assert e.value.code == 0 and "--batch_size=16" in capsys.readouterr().out
+
+
+def test_a_config_builds_on_the_one_beside_it(tmp_path):
+    (tmp_path / "base.py").write_text("batch_size = 8\nlearning_rate = 3e-4\n")
+    (tmp_path / "child.py").write_text("import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                                       "batch_size = 2\n")
+    assert configure(DEFAULTS, [str(tmp_path / "child.py")])["learning_rate"] == 3e-4
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
+def test_every_shipped_config_resolves_for_its_script(name):
+    script = "dpo.py" if name.startswith("dpo") else "train.py"
+    p = run(script, os.path.join(ROOT, "config", name), "--help", cwd=ROOT)
+    assert "--batch_size=" in p.stdout

@@ -3,12 +3,13 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
-from conftest import run
+from conftest import TINY, run
 
 import dpo
-from common import completion_logps, load_model, pack
+from common import completion_logps, draw_windows, load_model, pack
 
 
 def test_loss_and_metrics_match_a_hand_computation():
@@ -83,6 +84,27 @@ def test_dpo_run_raises_reward_accuracy_and_keeps_the_reference(trained):
     assert os.path.getsize(os.path.join(trained, "out-tiny-dpo2", "dpo_loss.png")) > 1000
     run("sample.py", "--out_dir=out-tiny-dpo2", "--max_new_tokens=5", cwd=trained)
     run("eval.py", "--out_dir=out-tiny-dpo2", cwd=trained)
+    # a DPO checkpoint holds no training run to resume: one line that says what to do, no traceback
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny-dpo2", "--init_from=resume", *TINY, cwd=trained,
+            check=False)
+    assert p.returncode == 1 and "not written by train.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ipo_with_label_smoothing_is_refused_before_any_work(trained):
+    p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-tiny-ipo", "--make_pairs=8", "--loss_type=ipo",
+            "--label_smoothing=0.1", "--device=cpu", cwd=trained, check=False)
+    assert p.returncode == 1 and "label_smoothing applies to loss_type=sigmoid only" in p.stderr
+    assert not os.path.exists(os.path.join(trained, "out-tiny-ipo"))
+
+
+def test_passages_stay_inside_one_document_and_the_draw_gives_up():
+    eot = 9
+    tokens = np.array([1, 2, 3, 4, 5, eot, 6, 7, 8, 1, 2, eot, 3, 4, 5, 6, 7, 8, 1], dtype=np.uint16)
+    windows = draw_windows(tokens, 20, 4, eot, seed=0)
+    assert len(windows) == 20 and all(eot not in w and len(w) == 4 for w in windows)
+    assert windows == draw_windows(tokens, 20, 4, eot, seed=0)  # the same prompts every time: paired comparisons
+    with pytest.raises(SystemExit, match="too few passages"):  # no window of 7 fits: an error, not an endless loop
+        draw_windows(tokens, 3, 7, eot, seed=0)
 
 
 def test_reference_logps_carry_no_gradient(trained):

@@ -30,3 +30,18 @@ def test_transformers_loads_the_export_with_our_logits(llama_trained, out_dir, h
         theirs = hf(x).logits
     assert (logits - theirs).abs().max().item() < 1e-4
     assert os.path.exists(os.path.join(hf_dir, "tokenizer.tiktoken"))
+
+
+def test_the_default_dense_llama_exports_with_our_logits():
+    """config/gutenberg.py's shape of model (a Llama without experts), untrained, scaled down."""
+    from export import to_transformers
+    from model import make_model
+
+    torch.manual_seed(0)
+    ours = make_model({"arch": "llama", "vocab_size": 64, "block_size": 16, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
+                       "n_embd": 32, "d_ff": 64, "moe_every": 0}).eval()
+    hf = to_transformers(ours).eval()
+    assert not ours.moe_layers and hf.config.moe_layers == []
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert (ours(x, x)[0] - hf(x).logits).abs().max().item() < 1e-4
