@@ -175,6 +175,23 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def schedule_step(it: int, elapsed: float, max_iters: int, max_time: float) -> float:
+    """Where a run stands in its learning-rate schedule, counted in iterations: it, or, when max_time
+    will stop the run before max_iters (a slower machine than the config was sized for), the same
+    share of max_iters as the share of max_time used, so the schedule still decays to its end."""
+    return it if max_time <= 0 else max(it, max_iters * elapsed / max_time)
+
+
+def rank0_clock(t_start: float, rt: Runtime) -> float:
+    """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
+    learning rate and on when to stop (with its own clock, one could stop while another waits)."""
+    clock = torch.tensor(time.time() - t_start, dtype=torch.float64)
+    if rt.ddp:
+        clock = clock.to(rt.device)
+        torch.distributed.broadcast(clock, src=0)
+    return clock.item()
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A

@@ -44,7 +44,9 @@ from common import (
     load_model,
     pack,
     plot_curves,
+    rank0_clock,
     save_checkpoint,
+    schedule_step,
     setup_runtime,
     unwrap,
 )
@@ -65,7 +67,7 @@ batch_size = 8  # pairs per micro-step
 gradient_accumulation_steps = 1
 learning_rate = 1e-4
 max_iters = 300
-max_time = 0.0  # seconds; 0 = no limit
+max_time = 0.0  # seconds of training, after which the run stops, its schedule ended (as in train.py); 0 = no limit
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -313,11 +315,13 @@ def main(c: dict) -> None:
     evaluate(0)
     model.train()
     t_start = t0 = time.time()
+    elapsed = 0.0  # seconds of training so far, by rank 0's clock
     last_saved = 0  # the step of the last checkpoint written by this run (0: none yet)
     with ddp_guard(rt):
         for it in range(1, c["max_iters"] + 1):
+            step = schedule_step(it - 1, elapsed, c["max_iters"], c["max_time"])  # as in train.py
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(it - 1, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
+                group["lr"] = get_lr(step, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
             for micro in range(c["gradient_accumulation_steps"]):
                 if rt.ddp:
                     model.require_backward_grad_sync = micro == c["gradient_accumulation_steps"] - 1
@@ -344,12 +348,8 @@ def main(c: dict) -> None:
                 dt = (time.time() - t0) / c["log_interval"]
                 t0 = time.time()
                 log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f", {dt * 1000:.0f} ms/step")
-            # out of time: under DDP rank 0's clock decides for everyone, or the processes would part ways
-            out_of_time = torch.tensor(float(c["max_time"] > 0 and time.time() - t_start >= c["max_time"]))
-            if rt.ddp:
-                out_of_time = out_of_time.to(rt.device)
-                torch.distributed.broadcast(out_of_time, src=0)
-            out_of_time = bool(out_of_time.item())
+            elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
+            out_of_time = c["max_time"] > 0 and elapsed >= c["max_time"]
             if it % c["eval_interval"] == 0 or it == c["max_iters"] or out_of_time:
                 evaluate(it)
                 save(it)

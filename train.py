@@ -30,7 +30,9 @@ from common import (
     measure_peak_flops,
     plot_curves,
     random_batch,
+    rank0_clock,
     save_checkpoint,
+    schedule_step,
     setup_runtime,
     unwrap,
 )
@@ -73,7 +75,7 @@ batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
 learning_rate = 1e-3
 max_iters = 5000
-max_time = 0.0  # seconds of training after which the run stops cleanly (evaluates, saves); 0 = no limit
+max_time = 0.0  # seconds after which the run stops cleanly (evaluates, saves), its schedule ended; 0 = no limit
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -154,7 +156,7 @@ fields = {f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else Lla
 model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vocab_size": tokenizer.vocab_size}
 if arch == "llama":
     model_args["n_kv_head"] = n_kv_head or n_head
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
 history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss curves: (iters, losses)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
@@ -167,6 +169,7 @@ if init_from == "resume":
         raise SystemExit(f"error: block_size={block_size} and the data's vocabulary of {tokenizer.vocab_size} must match "
                          f"the checkpoint's {model_args['block_size']} and {model_args['vocab_size']}")
     iter_num, best_val_loss, history = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["history"]
+    elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
 model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
@@ -215,7 +218,7 @@ def estimate_loss() -> dict[str, float]:
 def checkpoint() -> None:
     save_checkpoint({
         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-        "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "history": history,
+        "iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed, "config": config, "history": history,
         "tokenizer": tokenizer.state(), "data_dir": data_dir, "bytes_per_token": bytes_per_token,
         "rng": {"batch": batch_gen.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None},
@@ -266,12 +269,14 @@ if init_from == "resume":  # restored last, so that nothing above draws from the
     if rt.device_type == "cuda" and rng_state["cuda"] is not None:
         torch.cuda.set_rng_state(rng_state["cuda"])
 model.train()
-t_start = time.time()
-t0, n_timed = t_start, 0
+t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
+t0, n_timed = time.time(), 0
 iter_start = iter_num
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+        # the schedule follows the iterations, or the clock when max_time comes first (see schedule_step)
+        lr = get_lr(schedule_step(iter_num, elapsed, max_iters, max_time), learning_rate, warmup_iters, lr_decay_iters,
+                    min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
@@ -308,7 +313,6 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             t0, n_timed = time.time(), 0
             tok_s = tokens_per_iter / dt
             mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
-            elapsed = time.time() - t_start
             left = (max_iters - iter_num) * dt
             if max_time > 0:
                 left = min(left, max_time - elapsed)
@@ -320,11 +324,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
         # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
-        stop = torch.tensor(float(iter_num >= max_iters or (max_time > 0 and time.time() - t_start >= max_time)))
-        if rt.ddp:
-            stop = stop.to(rt.device)
-            torch.distributed.broadcast(stop, src=0)
-        if stop.item():
+        elapsed = rank0_clock(t_start, rt)
+        if iter_num >= max_iters or (max_time > 0 and elapsed >= max_time):
             if iter_num < max_iters:
                 log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")
             evaluate_and_save()

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from conftest import ROOT, TINY, run
 
-from common import get_lr, load_checkpoint
+from common import get_lr, load_checkpoint, schedule_step
 
 
 def losses(stdout: str) -> dict[int, str]:
@@ -58,6 +58,23 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert abs(lrs[60] - (0.1 + 0.45)) < 1e-9  # halfway through the decay
     assert lrs[110] == lrs[119] == 0.1
     assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
+
+
+def test_schedule_follows_the_clock_when_max_time_comes_first():
+    assert schedule_step(300, 1000.0, 1000, 0.0) == 300  # no max_time: the iterations
+    assert schedule_step(300, 100.0, 1000, 600.0) == 300  # a fast machine: max_iters comes first
+    assert schedule_step(300, 300.0, 1000, 600.0) == 500  # a slow one: half the time is half the schedule
+    end = schedule_step(520, 600.0, 1000, 600.0)
+    assert get_lr(end, 2e-3, 50, 1000, 2e-4) == 2e-4  # and at max_time the learning rate has decayed fully
+
+
+def test_a_run_stopped_by_max_time_ends_its_schedule(workdir):
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-clock", "--max_iters=1000000", "--max_time=3",
+            "--eval_interval=1000000", *TINY, cwd=workdir)
+    assert "max_time=3s reached" in p.stdout
+    lrs = [float(x) for x in re.findall(r"^iter \d+: .*lr ([\d.e+-]+),", p.stdout, re.M)]
+    assert lrs[-1] < 0.5 * 3e-3, lrs[-5:]  # a million iterations were planned: by the clock, the decay still ran
+    assert load_checkpoint(os.path.join(workdir, "out-clock", "ckpt.pt"))["elapsed"] >= 3  # resume goes on from there
 
 
 def test_checkpoint_is_weights_only(trained, tmp_path):
