@@ -318,7 +318,7 @@ def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, tempe
             rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
         out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
         if log:
-            log(f"  {len(out)}/{len(prompts)} continuations")
+            log(f"{len(out)}/{len(prompts)} continuations")
     return out
 
 

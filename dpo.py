@@ -169,7 +169,7 @@ def self_play_pairs(model, tok, data_dir: str, split: str, n: int, c: dict, rt) 
     p = c["prompt_tokens"]
     windows = draw_windows(data, n, p + c["completion_tokens"], tok.eot_id, c["seed"] + (split == "val"))
     sampled = continue_prompts(model, [w[:p] for w in windows], c["completion_tokens"], 1.0, None, tok.eot_id, rt,
-                               c["seed"], log=lambda msg: print(f"{split}:{msg}", flush=True))
+                               c["seed"], log=lambda msg: print(f"  {split}: {msg}", flush=True))
     out = [{"prompt": tok.decode(w[:p]), "chosen": tok.decode(w[p:]), "rejected": tok.decode(s)}
            for w, s in zip(windows, sampled, strict=True)]
     return [pair for pair in out if pair["rejected"].strip()]

@@ -506,5 +506,8 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # tokens after the mass reached p (the first always stays)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # inverse-CDF sampling: one uniform number per row, looked up in the cumulative distribution.
+    # torch.multinomial draws one random number per vocabulary entry instead, most of a decode step on a CPU
+    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # the first id with cdf > u
