@@ -263,10 +263,13 @@ def main(c: dict) -> None:
 
     # --- the reference: its log-probs once per pair, then it is no longer needed -------------------
     mean = c["loss_type"] == "ipo"
+    t0 = time.time()
+    log(f"the reference's log-probabilities of {len(train) + len(val)} pairs...")
     with torch.no_grad(), rt.autocast():
         ref = {name: [torch.cat(t) for t in zip(*[batch_logps(model, data[i : i + 32], block_size, rt.device, mean)
                                                   for i in range(0, len(data), 32)], strict=True)]
                for name, data in (("train", train), ("val", val))}
+    log(f"  done in {time.time() - t0:.0f}s")
 
     optimizer = configure_optimizer(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
