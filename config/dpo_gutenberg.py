@@ -1,10 +1,11 @@
 # DPO on the default model with self-play pairs (SPIN): the model learns to prefer the books' true
-# continuations to its own samples. Under 10 minutes on 2 CPU cores, pairs included (about 2.5 min
-# to sample them, 2 min for the reference's log-probs, 5 min of training).
+# continuations to its own samples. 9 minutes on 2 CPU cores, pairs included (3 min to sample them,
+# 1.4 min for the reference's log-probs, 4.2 min of training).
 # python train.py config/gutenberg.py && python dpo.py config/dpo_gutenberg.py
 init_from = "out-gutenberg"
 out_dir = "out-gutenberg-dpo"
 make_pairs = 1500  # and 150 held out, from the validation books
+# held-out reward accuracy after the run, measured: 0.87; with --make_pairs=2400 --max_time=330 (14 min): 0.91
 prompt_tokens = 32
 completion_tokens = 192  # long completions: more evidence per pair (at 48 tokens, held-out accuracy stalled near 0.72)
 
