@@ -24,7 +24,9 @@ starting checkpoint is never written. rewards.png plots the ratings and their ru
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 
 import torch
@@ -61,15 +63,32 @@ HELP = """Type a prompt; the model continues it. Then rate the reply:
 With --pairwise, answer 1 or 2 for the better reply, = when neither is."""
 
 
+def read_lines(source, echo: bool):
+    """The lines of source (standard input, or a script's lines), read by a helper thread while the main
+    thread waits for each in short steps. Waiting so, the main thread notices Ctrl-C: the kernel may
+    hand SIGINT to any thread (one of torch's workers, say), and a main thread blocked in read() would
+    never hear of it. echo: print each line, so that a scripted session reads like a typed one."""
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(q.put, source), q.put(None)], daemon=True).start()
+    while True:
+        try:
+            line = q.get(timeout=0.1)
+        except queue.Empty:
+            continue  # back in Python for a moment: a pending Ctrl-C is raised here, as KeyboardInterrupt
+        if line is None:
+            return
+        line = line.rstrip("\n")
+        if echo:
+            print(line)
+        yield line
+
+
 def ask(lines, prompt: str) -> str:
     """The next input line (from the keyboard, a pipe or the script); EOFError at the end."""
-    if lines is None:
-        return input(prompt)
     print(prompt, end="", flush=True)
     line = next(lines, None)
     if line is None:
         raise EOFError
-    print(line)  # echoed, so that a scripted session reads like a typed one
     return line
 
 
@@ -125,15 +144,15 @@ def main(c: dict) -> None:
         raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
     if c["learning_rate"] < 0 or c["kl_coef"] < 0 or not 0 <= c["baseline_decay"] < 1 or c["save_every"] < 1:
         raise SystemExit("error: need learning_rate >= 0, kl_coef >= 0, 0 <= baseline_decay < 1 and save_every >= 1")
-    lines = None
+    interactive = not c["script"] and sys.stdin.isatty()  # a person at the keyboard
     if c["script"]:
         try:
             with open(c["script"], encoding="utf-8") as f:
-                lines = iter(f.read().splitlines())
+                lines = read_lines(f.read().splitlines(), echo=True)
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read the script {c['script']}: {e}") from None
-    elif not sys.stdin.isatty():
-        lines = (line.rstrip("\n") for line in sys.stdin)
+    else:
+        lines = read_lines(sys.stdin, echo=not interactive)
 
     chat_dir = c["chat_dir"] or c["out_dir"].rstrip("/") + "-chat"
     if os.path.abspath(chat_dir) == os.path.abspath(c["out_dir"]):
@@ -173,7 +192,7 @@ def main(c: dict) -> None:
             return stream(policy.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None, None,
                                           tok.eot_id, gen), tok)
 
-    if lines is None:
+    if interactive:
         print(HELP)
     try:
         while True:

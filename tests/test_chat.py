@@ -1,3 +1,4 @@
+import ctypes
 import hashlib
 import json
 import os
@@ -107,6 +108,24 @@ def test_a_killed_session_leaves_valid_jsonl_and_ctrl_c_saves(trained):
         if sig == signal.SIGINT:
             assert p.returncode == 0
             assert torch.load(os.path.join(trained, d, "ckpt.pt"), weights_only=True)["chat"]["updates"] == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's")
+def test_ctrl_c_saves_even_when_a_worker_thread_receives_it(trained):
+    """The kernel may hand a process's SIGINT to any of its threads: here, on purpose, to one of torch's."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=8",
+                          "--chat_dir=chat-thread"], cwd=trained, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p.stdin.write("Prompt\n0.5\n")
+    p.stdin.flush()
+    while not p.stdout.readline().startswith("update "):
+        pass
+    workers = [int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid]
+    assert workers and ctypes.CDLL(None).tgkill(p.pid, workers[0], signal.SIGINT) == 0
+    try:
+        assert p.wait(timeout=60) == 0  # it noticed, saved and quit
+    finally:
+        p.kill()
+    assert torch.load(os.path.join(trained, "chat-thread", "ckpt.pt"), weights_only=True)["chat"]["updates"] == 1
 
 
 def test_clear_errors(trained, tmp_path):

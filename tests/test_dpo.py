@@ -79,7 +79,7 @@ def test_dpo_run_raises_reward_accuracy_and_keeps_the_reference(trained):
            if line.startswith("eval at step")]
     assert acc[0] == 0.0 and acc[-1] >= 0.8, acc  # at step 0 the policy is the reference: every reward is 0
     ckpt = torch.load(os.path.join(trained, "out-tiny-dpo2", "ckpt.pt"), weights_only=True)
-    assert ckpt["history"]["eval/rewards/accuracies"][1][-1] == acc[-1]
+    assert ckpt["history"]["eval/rewards/accuracies"][1][-1] == pytest.approx(acc[-1], abs=5e-5)  # logged to 4 places
     assert hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest() == start
     assert os.path.getsize(os.path.join(trained, "out-tiny-dpo2", "dpo_loss.png")) > 1000
     run("sample.py", "--out_dir=out-tiny-dpo2", "--max_new_tokens=5", cwd=trained)
