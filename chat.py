@@ -69,7 +69,13 @@ def read_lines(source, echo: bool):
     hand SIGINT to any thread (one of torch's workers, say), and a main thread blocked in read() would
     never hear of it. echo: print each line, so that a scripted session reads like a typed one."""
     q: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [*map(q.put, source), q.put(None)], daemon=True).start()
+
+    def reader() -> None:
+        for line in source:
+            q.put(line)
+        q.put(None)  # the end of the input
+
+    threading.Thread(target=reader, daemon=True).start()
     while True:
         try:
             line = q.get(timeout=0.1)
