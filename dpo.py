@@ -263,12 +263,18 @@ def main(c: dict) -> None:
 
     # --- the reference: its log-probs once per pair, then it is no longer needed -------------------
     mean = c["loss_type"] == "ipo"
+
+    @torch.no_grad()
+    def all_logps(model, data: list[tuple]) -> list[torch.Tensor]:
+        """log p(chosen|prompt) and log p(rejected|prompt) of every pair, 32 pairs at a time, in the
+        training's precision (the reference and the held-out evaluations must compare like with like)."""
+        with rt.autocast():
+            chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean) for i in range(0, len(data), 32)]
+        return [torch.cat(t) for t in zip(*chunks, strict=True)]
+
     t0 = time.time()
     log(f"the reference's log-probabilities of {len(train) + len(val)} pairs...")
-    with torch.no_grad(), rt.autocast():
-        ref = {name: [torch.cat(t) for t in zip(*[batch_logps(model, data[i : i + 32], block_size, rt.device, mean)
-                                                  for i in range(0, len(data), 32)], strict=True)]
-               for name, data in (("train", train), ("val", val))}
+    ref = {"train": all_logps(model, train), "val": all_logps(model, val)}
     log(f"  done in {time.time() - t0:.0f}s")
 
     optimizer = configure_optimizer(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt.device_type)
@@ -291,8 +297,7 @@ def main(c: dict) -> None:
     @torch.no_grad()
     def evaluate(it: int) -> dict:
         model.eval()
-        pi = [torch.cat(t) for t in zip(*[batch_logps(model, val[i : i + 32], block_size, rt.device, mean)
-                                          for i in range(0, len(val), 32)], strict=True)]
+        pi = all_logps(model, val)
         model.train()
         _, m = dpo_loss(pi[0], pi[1], ref["val"][0], ref["val"][1], c["beta"], c["loss_type"], c["label_smoothing"])
         # the rewards are 0 at step 0 (the policy is the reference): this says where the model itself stands

@@ -57,7 +57,8 @@ def test_a_config_builds_on_the_one_beside_it(tmp_path):
     (tmp_path / "base.py").write_text("batch_size = 8\nlearning_rate = 3e-4\n")
     (tmp_path / "child.py").write_text("import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
                                        "batch_size = 2\n")
-    assert configure(DEFAULTS, [str(tmp_path / "child.py")])["learning_rate"] == 3e-4
+    config = configure(DEFAULTS, [str(tmp_path / "child.py")])
+    assert config["learning_rate"] == 3e-4 and config["batch_size"] == 2  # the base's settings, then the child's
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
