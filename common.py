@@ -96,18 +96,26 @@ def check_config(c: dict) -> None:
         if isinstance(v, float):
             need(math.isfinite(v), f"{k} must be a finite number, got {v}")
     for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "eval_interval", "eval_iters",
-              "log_interval", "gradient_accumulation_steps", "ddp_timeout"):
+              "log_interval", "gradient_accumulation_steps", "ddp_timeout", "prompt_tokens", "completion_tokens",
+              "save_every"):
         if k in c:
             need(c[k] > 0, f"{k} must be positive, got {c[k]}")
-    for k in ("d_ff", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time"):
+    for k in ("d_ff", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time",
+              "make_pairs", "temperature", "top_k", "num_samples", "max_new_tokens"):
         if k in c:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
     if "n_embd" in c and "n_head" in c:
         need(c["n_embd"] % c["n_head"] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     if c.get("n_kv_head"):
         need(c["n_head"] % c["n_kv_head"] == 0, f"n_head={c['n_head']} must be divisible by n_kv_head={c['n_kv_head']}")
+    if "top_p" in c:
+        need(0 < c["top_p"] <= 1, f"top_p must be in (0, 1], got {c['top_p']}")
     if "arch" in c:
         need(c["arch"] in ("gpt", "llama"), f"arch must be gpt or llama, got {c['arch']!r}")
+    if c.get("arch") == "llama" and c["n_embd"] % c["n_head"] == 0:
+        head_dim = c["n_embd"] // c["n_head"]
+        need(head_dim % 2 == 0, f"the Llama's head dimension n_embd/n_head = {head_dim} must be even (RoPE rotates "
+                                "pairs of dimensions): change n_embd or n_head")
     for k in ("n_kv_head", "d_expert", "moe_every", "no_rope_interval", "aux_loss_coef", "z_loss_coef"):
         if k in c:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
@@ -192,6 +200,52 @@ def rank0_clock(t_start: float, rt: Runtime) -> float:
     return clock.item()
 
 
+# --- one run per out_dir, and nothing a user made is overwritten ----------------------------------
+def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str):
+    """Checks, before any work, that out_dir can take this run: it is a folder (or can be made one)
+    that we can write, a fresh run would not replace a trained model there unless overwrite is set
+    (hint says how to continue it instead), and no other run is using it. Returns the open lock
+    file: keep it for the whole run. The kernel releases the lock when the process ends, even by
+    kill -9, so a crashed run never leaves it stuck."""
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir {out_dir} is a file, not a folder: pass another --out_dir")
+    if fresh and os.path.exists(ckpt) and not overwrite:
+        raise SystemExit(f"error: {ckpt} already holds a model, and a fresh run would replace it: {hint}, "
+                         "pass another --out_dir, or --overwrite=True to replace it")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror}): pass another --out_dir") from None
+    try:
+        import fcntl  # POSIX; elsewhere runs go unlocked
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        lock.seek(0)
+        raise SystemExit(f"error: another run (process {lock.read().strip() or '?'}) is using {out_dir}: "
+                         "wait for it to end, or pass another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+# --- a time budget as a number of iterations -------------------------------------------------------
+def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
+                    eval_interval: int, eval_seconds: float) -> int:
+    """The iteration at which a run must stop to end within max_time seconds, at the speed measured
+    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
+    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
+    an uninterrupted one exactly, and two runs of one command differ only in where they stop."""
+    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
+    left = max_time - elapsed - eval_seconds  # the final evaluation
+    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
@@ -214,6 +268,29 @@ def save_checkpoint(obj: dict, path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def rng_state(rt: Runtime) -> list[dict]:
+    """The random state of every process (dropout masks differ from one to the next), by rank.
+    Under DDP all processes must call it together."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+    if not rt.ddp:
+        return [state]
+    states: list = [None] * rt.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
+    """Each process takes back its own random state; with another number of processes than the
+    checkpoint's, rank 0's (the run goes on, but its dropout masks differ from an uninterrupted one)."""
+    if len(states) != rt.world_size:
+        log(f"note: the checkpoint was written by {len(states)} process(es), this run has {rt.world_size}: "
+            "random dropout masks will differ from an uninterrupted run")
+    state = states[rt.rank] if len(states) == rt.world_size else states[0]
+    torch.set_rng_state(state["torch"].cpu())
+    if rt.device_type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> dict:

@@ -8,7 +8,6 @@ against its default's type, and an unknown key is an error that suggests the clo
 Errors are one line on stderr (SystemExit), raised before any real work starts.
 """
 
-import ast
 import difflib
 import sys
 
@@ -26,9 +25,17 @@ def _unknown(key: str, known: dict, where: str) -> SystemExit:
     return SystemExit(f"error: unknown config key {key!r} ({where}){hint}")
 
 
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
 def _check_type(key: str, value, default, where: str):
-    """The value, converted where it is safe (an int where a float is expected), or a clear error."""
-    if default is None or value is None or type(value) is type(default):
+    """The value, converted where it is safe (an int where a float is expected), or a clear error.
+    A default of None marks a switch the script decides when left unset: True, False or None."""
+    if default is None:
+        if value is None or type(value) is bool:
+            return value
+        raise SystemExit(f"error: {key} must be True, False or None (the script decides), got {value!r} ({where})")
+    if type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
@@ -36,23 +43,23 @@ def _check_type(key: str, value, default, where: str):
     raise SystemExit(f"error: {key} must be a {want} (default {default!r}), got {value!r} of type {got} ({where})")
 
 
-def _parse_value(key: str, raw: str, default):
+def _parse_value(key: str, raw: str, default, where: str):
+    """A command-line string as the type of the key's default. No Python evaluation: a string key
+    keeps the text as typed (any length), numbers go through int() and float()."""
     if isinstance(default, str):  # strings need no quotes on the command line: --device=cuda
-        try:
-            value = ast.literal_eval(raw)
-            return value if isinstance(value, str) else raw
-        except (ValueError, SyntaxError):
-            return raw
-    if isinstance(default, bool):  # accept the usual spellings of booleans
-        low = raw.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
+        return raw
+    if isinstance(default, bool) or default is None:
+        if default is None and raw.lower() in ("none", "auto"):
+            return None
+        if raw.lower() in BOOLEANS:
+            return BOOLEANS[raw.lower()]
+        raise SystemExit(f"error: {key} takes true or false (or 1 or 0), got {raw[:50]!r} ({where})")
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a string where a number was expected: _check_type says so
+        return int(raw) if isinstance(default, int) else float(raw)
+    except ValueError:
+        want = type(default).__name__
+        raise SystemExit(f"error: {key} must be a{'n' * (want == 'int')} {want} (default {default!r}), "
+                         f"got {raw[:50]!r} ({where})") from None
 
 
 def configure(namespace: dict, argv: list[str] | None = None) -> dict:
@@ -86,11 +93,10 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
         else:
             key, eq, raw = arg[2:].partition("=")
             if key not in defaults:
-                raise _unknown(key, defaults, f"from {arg!r}")
+                raise _unknown(key, defaults, f"from --{key}")
             if not eq:
-                if not isinstance(defaults[key], bool):
+                if not (isinstance(defaults[key], bool) or defaults[key] is None):
                     raise SystemExit(f"error: {arg!r} needs a value: --{key}=VALUE")
                 raw = "True"  # --compile alone means --compile=True
-            value = _parse_value(key, raw, defaults[key])
-            config[key] = _check_type(key, value, defaults[key], f"from {arg!r}")
+            config[key] = _parse_value(key, raw, defaults[key], f"from --{key}")
     return config

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -23,20 +24,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     check_config,
+    claim_out_dir,
     configure_optimizer,
     ddp_guard,
     get_lr,
+    iters_in_budget,
     load_checkpoint,
     measure_peak_flops,
     plot_curves,
     random_batch,
     rank0_clock,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
-    schedule_step,
     setup_runtime,
     unwrap,
 )
-from configurator import configure
+from configurator import config_keys, configure
 from model import GPTConfig, LlamaConfig, make_model
 from tokenizer import load as load_tokenizer
 
@@ -45,6 +49,7 @@ from tokenizer import load as load_tokenizer
 out_dir = "out-gutenberg"
 data_dir = "data/gutenberg_bpe8192"  # written by prepare.py
 init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+overwrite = False  # let a fresh run (init_from=scratch) replace a model already in out_dir
 eval_interval = 250  # iterations between evaluations and checkpoints
 eval_iters = 20  # batches per split per evaluation
 log_interval = 10
@@ -75,7 +80,7 @@ batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
 learning_rate = 1e-3
 max_iters = 5000
-max_time = 0.0  # seconds after which the run stops cleanly (evaluates, saves), its schedule ended; 0 = no limit
+max_time = 0.0  # seconds the run may take: the iterations that fit are counted early on (see below); 0 = no limit
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -91,6 +96,7 @@ backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
 seed = 1337
 # -----------------------------------------------------------------------------
+defaults = {k: globals()[k] for k in config_keys(globals())}
 config = configure(globals())
 globals().update(config)
 
@@ -108,6 +114,9 @@ if gradient_accumulation_steps % rt.world_size != 0:
 gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
 use_compile = rt.device_type == "cuda" if compile is None else compile
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
+    lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
 meta_path = os.path.join(data_dir, "meta.json")
@@ -157,29 +166,42 @@ model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vo
 if arch == "llama":
     model_args["n_kv_head"] = n_kv_head or n_head
 iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
+budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see iters_in_budget)
 history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss curves: (iters, losses)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path, rt.device)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
         raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
                          "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
-    model_args = {**ckpt["model_args"], "dropout": dropout}  # the architecture comes from the checkpoint
-    if (block_size, tokenizer.vocab_size) != (model_args["block_size"], model_args["vocab_size"]):
-        raise SystemExit(f"error: block_size={block_size} and the data's vocabulary of {tokenizer.vocab_size} must match "
-                         f"the checkpoint's {model_args['block_size']} and {model_args['vocab_size']}")
+    if ckpt["tokenizer"] != tokenizer.state():  # the same ids must mean the same strings
+        raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained with "
+                         f"(that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same tokenizer")
+    # the architecture comes from the checkpoint: a model key set to another value is an error, one
+    # left at its default takes the checkpoint's value, and the log and saved config say so
+    differ = [f"{k}={config[k]!r} (checkpoint: {v!r})" for k, v in ckpt["model_args"].items()
+              if k in config and k != "dropout" and config[k] != v and config[k] != defaults[k]]
+    if differ:
+        raise SystemExit(f"error: resuming keeps the checkpoint's model, but you set {', '.join(differ)}: drop "
+                         "these settings, or train anew in another --out_dir")
+    model_args = {**ckpt["model_args"], "dropout": dropout}
+    config.update({k: v for k, v in model_args.items() if k in config})
+    block_size = model_args["block_size"]
     iter_num, best_val_loss, history = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["history"]
     elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
+    if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
+        budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
 model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-if init_from == "resume":
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    rng_state = ckpt["rng"]
-    del ckpt
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
+if init_from == "resume":  # everything but the random states, restored last (see below)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    resume_rng = ckpt["rng"]
+    del ckpt
 raw_model = model
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
     f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
@@ -215,16 +237,6 @@ def estimate_loss() -> dict[str, float]:
     return out
 
 
-def checkpoint() -> None:
-    save_checkpoint({
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-        "iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed, "config": config, "history": history,
-        "tokenizer": tokenizer.state(), "data_dir": data_dir, "bytes_per_token": bytes_per_token,
-        "rng": {"batch": batch_gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None},
-    }, ckpt_path)
-
-
 def evaluate() -> dict[str, float]:
     losses = estimate_loss()
     log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -240,7 +252,8 @@ def check_finite(loss: float, what: str) -> None:
 
 
 def evaluate_and_save() -> None:
-    global best_val_loss
+    global best_val_loss, eval_seconds, saved_iter
+    t = rank0_clock(t_start, rt)
     losses = evaluate()
     check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
     history["train_eval"][0].append(iter_num)
@@ -248,35 +261,62 @@ def evaluate_and_save() -> None:
     history["val"][0].append(iter_num)
     history["val"][1].append(losses["val"])
     best_val_loss = min(best_val_loss, losses["val"])
+    rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # every process's own dropout state
     if rt.master:
-        os.makedirs(out_dir, exist_ok=True)
-        checkpoint()
+        save_checkpoint({
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed,
+            "budget": budget, "config": config, "history": history, "tokenizer": tokenizer.state(),
+            "data_dir": data_dir, "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
         plot_curves(os.path.join(out_dir, "loss.png"),
                     {"train (per iteration)": history["train"], "train (eval)": history["train_eval"],
                      "val (held-out books)": history["val"]},
                     "iteration", "cross-entropy (nats/token)", f"training curves of {out_dir}")
+    saved_iter = iter_num
+    eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
+
+
+def interrupted(signum, frame):
+    """Ctrl-C: one line saying what is kept, instead of a traceback."""
+    kept = f"{ckpt_path} keeps iteration {saved_iter}" if saved_iter is not None else "no checkpoint was written"
+    raise SystemExit(f"interrupted at iteration {iter_num}: {kept} (continue with --init_from=resume)")
+
+
+def set_budget() -> None:
+    """With max_time, the number of iterations that fit is fixed once, early on, and the schedule
+    ends there: a resumed run then repeats the uninterrupted one exactly (see iters_in_budget)."""
+    global budget, lr_decay_iters, last_iter
+    if budget is None and max_time > 0 and iter_num == timed_from[0] + 10:
+        n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
+        budget = {"max_time": max_time, "iters": n}
+        if n < max_iters:
+            log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
+    if budget and budget["iters"] < max_iters:
+        last_iter = budget["iters"]
+        lr_decay_iters = config["lr_decay_iters"] or last_iter
 
 
 if eval_only:
     evaluate()
     raise SystemExit(0)
 if rt.master:
-    os.makedirs(out_dir, exist_ok=True)
     log("config: " + json.dumps(config))
 if init_from == "resume":  # restored last, so that nothing above draws from them: same batches, same dropout
-    batch_gen.set_state(rng_state["batch"])
-    torch.set_rng_state(rng_state["torch"])
-    if rt.device_type == "cuda" and rng_state["cuda"] is not None:
-        torch.cuda.set_rng_state(rng_state["cuda"])
+    batch_gen.set_state(resume_rng["batch"])
+    restore_rng_state(resume_rng.get("ranks") or [resume_rng], rt, log)  # (older checkpoints: one state)
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
 t0, n_timed = time.time(), 0
-iter_start = iter_num
+iter_start, saved_iter, eval_seconds = iter_num, (iter_num if init_from == "resume" else None), 0.0
+timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
+last_iter = max_iters  # or fewer, when they do not fit in max_time
+set_budget()
+if iter_num >= last_iter:
+    raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train on)")
+signal.signal(signal.SIGINT, interrupted)
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
-        # the schedule follows the iterations, or the clock when max_time comes first (see schedule_step)
-        lr = get_lr(schedule_step(iter_num, elapsed, max_iters, max_time), learning_rate, warmup_iters, lr_decay_iters,
-                    min_lr)
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
@@ -303,6 +343,10 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
 
         iter_num += 1
         n_timed += 1
+        elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
+        if iter_num == timed_from[0]:
+            timed_from = (iter_num, elapsed)
+        set_budget()
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as one process would log
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size
@@ -313,9 +357,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             t0, n_timed = time.time(), 0
             tok_s = tokens_per_iter / dt
             mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
-            left = (max_iters - iter_num) * dt
-            if max_time > 0:
-                left = min(left, max_time - elapsed)
+            left = (last_iter - iter_num) * dt
             history["train"][0].append(iter_num)
             history["train"][1].append(lossf)
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
@@ -323,11 +365,10 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             if getattr(raw_model, "moe_layers", None):  # is the router spreading the tokens?
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
-        # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
-        elapsed = rank0_clock(t_start, rt)
-        if iter_num >= max_iters or (max_time > 0 and elapsed >= max_time):
-            if iter_num < max_iters:
-                log(f"max_time={max_time:.0f}s reached at iteration {iter_num}")
+        # stop at the last iteration; max_time itself is a safety net for a machine that slowed down
+        if iter_num >= last_iter or (max_time > 0 and elapsed >= max_time):
+            if iter_num < last_iter:
+                log(f"max_time={max_time:.0f}s reached at iteration {iter_num}, before the {last_iter} planned")
             evaluate_and_save()
             log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
                 f"loss curve {os.path.join(out_dir, 'loss.png')}")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from conftest import ROOT, TINY, run
 
-from common import get_lr, load_checkpoint, schedule_step
+from common import get_lr, iters_in_budget, load_checkpoint
 
 
 def losses(stdout: str) -> dict[int, str]:
@@ -60,21 +60,42 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
 
 
-def test_schedule_follows_the_clock_when_max_time_comes_first():
-    assert schedule_step(300, 1000.0, 1000, 0.0) == 300  # no max_time: the iterations
-    assert schedule_step(300, 100.0, 1000, 600.0) == 300  # a fast machine: max_iters comes first
-    assert schedule_step(300, 300.0, 1000, 600.0) == 500  # a slow one: half the time is half the schedule
-    end = schedule_step(520, 600.0, 1000, 600.0)
-    assert get_lr(end, 2e-3, 50, 1000, 2e-4) == 2e-4  # and at max_time the learning rate has decayed fully
+def lrs(stdout: str) -> dict[int, str]:
+    return {int(i): lr for i, lr in re.findall(r"^iter (\d+): .*lr ([\d.e+-]+),", stdout, re.M)}
 
 
-def test_a_run_stopped_by_max_time_ends_its_schedule(workdir):
-    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-clock", "--max_iters=1000000", "--max_time=3",
-            "--eval_interval=1000000", *TINY, cwd=workdir)
-    assert "max_time=3s reached" in p.stdout
-    lrs = [float(x) for x in re.findall(r"^iter \d+: .*lr ([\d.e+-]+),", p.stdout, re.M)]
-    assert lrs[-1] < 0.5 * 3e-3, lrs[-5:]  # a million iterations were planned: by the clock, the decay still ran
-    assert load_checkpoint(os.path.join(workdir, "out-clock", "ckpt.pt"))["elapsed"] >= 3  # resume goes on from there
+def test_iters_in_budget_counts_the_speed_and_the_evaluations_to_come():
+    # 10 iterations in 1 s after the first: 0.1 s each, plus an evaluation of 1 s every 50: 0.12 s
+    n = iters_in_budget(11, 1.1, (1, 0.1), 100.0, 50, 1.0)
+    assert n == 11 + int(0.98 * (100 - 1.1 - 1.0) / 0.12)
+
+
+def test_a_run_under_max_time_fits_its_iterations_and_ends_its_schedule(workdir):
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-clock", "--max_iters=1000000", "--max_time=10",
+            "--eval_interval=1000000", *TINY, "--warmup_iters=20", cwd=workdir)  # the fit comes within the warmup
+    n = int(re.search(r"max_time=10s: (\d+) of the max_iters=1000000 iterations fit", p.stdout).group(1))
+    ckpt = load_checkpoint(os.path.join(workdir, "out-clock", "ckpt.pt"))
+    assert ckpt["budget"] == {"max_time": 10.0, "iters": n} and ckpt["elapsed"] > 0
+    # the schedule runs by iterations, with its cosine ending at the n that fit (not at max_iters)
+    assert all(lr == f"{get_lr(i - 1, 3e-3, 20, n, 3e-4):.2e}" for i, lr in lrs(p.stdout).items())
+    if "max_time=10s reached" not in p.stdout:  # (unless the machine slowed down: max_time is a safety net)
+        assert ckpt["iter_num"] == n and max(lrs(p.stdout)) == n
+
+
+def test_resume_keeps_a_trained_models_settings(workdir):
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny-keep", "--max_iters=2", *TINY, cwd=workdir)
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny-keep", "--max_iters=4", "--init_from=resume",
+            *TINY, "--n_layer=3", "--n_embd=64", cwd=workdir, check=False)
+    assert p.returncode == 1 and "n_layer=3 (checkpoint: 2), n_embd=64 (checkpoint: 32)" in p.stderr
+    # keys left at their defaults take the checkpoint's values, and the log and saved config say so
+    no_model_keys = [a for a in TINY if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny-keep", "--max_iters=4", "--init_from=resume",
+            *no_model_keys, cwd=workdir)
+    assert '"n_layer": 2, "n_head": 2, "n_embd": 32' in p.stdout
+    assert load_checkpoint(os.path.join(workdir, "out-tiny-keep", "ckpt.pt"))["config"]["n_embd"] == 32
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny-keep", "--max_iters=4", "--init_from=resume",
+            *TINY, cwd=workdir, check=False)  # at max_iters already: nothing to do, not one more step
+    assert p.returncode == 1 and "its run has ended" in p.stderr and "iter 5" not in p.stdout
 
 
 def test_checkpoint_is_weights_only(trained, tmp_path):
