@@ -66,3 +66,26 @@ def test_every_shipped_config_resolves_for_its_script(name):
     script = "dpo.py" if name.startswith("dpo") else "train.py"
     p = run(script, os.path.join(ROOT, "config", name), "--help", cwd=ROOT)
     assert "--batch_size=" in p.stdout
+
+
+@pytest.mark.parametrize("raw, value", [("false", False), ("False", False), ("0", False), ("true", True),
+                                        ("1", True), ("None", None), ("auto", None)])
+def test_switches_take_true_false_or_none(raw, value):
+    assert configure(DEFAULTS, [f"--compile={raw}"])["compile"] is value
+    if value is not None:
+        assert configure(DEFAULTS, [f"--bias={raw}"])["bias"] is value
+
+
+@pytest.mark.parametrize("arg", ["--compile=no", "--compile=yes", "--compile=fast", "--bias=no", "--bias=None"])
+def test_anything_else_for_a_switch_is_an_error(arg):
+    with pytest.raises(SystemExit, match=r"error: (compile|bias) takes true or false"):
+        configure(DEFAULTS, [arg])
+
+
+def test_strings_are_taken_as_typed_whatever_their_length():
+    long = "« Il était une fois, " * 400  # 8,000 characters, quotes and brackets included
+    assert configure(DEFAULTS, [f"--device={long}"])["device"] == long
+    assert configure(DEFAULTS, ["--device=[1, 2]"])["device"] == "[1, 2]"
+    with pytest.raises(SystemExit, match="batch_size must be an int") as e:
+        configure(DEFAULTS, ["--batch_size=" + "(" * 5000])
+    assert len(str(e.value)) < 200

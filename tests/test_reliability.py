@@ -2,6 +2,8 @@
 and any input at all to the tokenizers and the configuration."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from test_train import losses
 
 import common
 import tokenizer as tok
+from common import load_checkpoint
 from configurator import configure
 
 
@@ -103,6 +106,113 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert common.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
 
 
+# --- never lose a trained model, never train on the wrong data (train.py) -----------------------------
+def read_until(p: subprocess.Popen, prefix: str) -> str:
+    """The output of p up to and including its first line that starts with prefix."""
+    out = ""
+    for line in p.stdout:
+        out += line
+        if line.startswith(prefix):
+            return out
+    raise AssertionError(f"{prefix!r} never came:\n{out}")
+
+
+def test_a_fresh_run_never_replaces_a_trained_model(trained):
+    ckpt = os.path.join(trained, "out-tiny", "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-tiny", "--max_iters=5", *TINY, cwd=trained, check=False)
+    assert p.returncode == 1 and "already holds a model" in p.stderr and "Traceback" not in p.stderr
+    assert all(hint in p.stderr for hint in ("--init_from=resume", "--out_dir", "--overwrite=True"))
+    assert open(ckpt, "rb").read() == before
+
+
+def test_two_runs_in_one_out_dir_the_second_refuses_and_a_killed_run_leaves_no_lock(workdir):
+    args = ["--data_dir=data/tiny", "--out_dir=out-twice", "--eval_interval=5", *TINY]
+    first = popen("train.py", *args, "--max_iters=100000", cwd=workdir)
+    read_until(first, "iter 6:")  # it has written a checkpoint and goes on
+    p = run("train.py", *args, "--max_iters=100000", "--init_from=resume", cwd=workdir, check=False)
+    assert p.returncode == 1 and f"another run (process {first.pid}) is using out-twice" in p.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    again = popen("train.py", *args, "--max_iters=100000", "--init_from=resume", cwd=workdir)
+    assert "resuming from out-twice/ckpt.pt" in read_until(again, "iter ")  # the lock died with the first run
+    again.kill()
+    again.wait()
+
+
+def test_an_out_dir_that_cannot_take_the_run_is_one_line(workdir, tmp_path):
+    (tmp_path / "a_file").write_text("notes")
+    for out_dir, message in ((tmp_path / "a_file", "is a file, not a folder"), ("/proc/no/such", "cannot write in")):
+        p = run("train.py", "--data_dir=data/tiny", f"--out_dir={out_dir}", *TINY, cwd=workdir, check=False)
+        assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "a_file").read_text() == "notes"
+
+
+def test_resuming_on_data_with_another_tokenizer_is_refused(trained, txt_dir, tmp_path):
+    shutil.copytree(os.path.join(trained, "out-tiny"), tmp_path / "out-tiny")
+    # other books, a vocabulary of the same size: the same ids would mean other strings
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in sorted(os.listdir(txt_dir))[3:]:
+        shutil.copy(os.path.join(txt_dir, name), other / name)
+    run("prepare.py", f"--dataset={other}", "--vocab_size=512", "--name=other", "--val_fraction=0.3",
+        cwd=str(tmp_path))
+    p = run("train.py", "--data_dir=data/other", "--out_dir=out-tiny", "--init_from=resume", "--max_iters=70",
+            *TINY, cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "tokenizer of data/other differs" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch=llama", "--n_embd=30", "--n_head=2"], "head dimension n_embd/n_head = 15 must be even"),
+    (["--compile=no"], "compile takes true or false"),
+    (["--batch_size=0"], "batch_size must be positive"),
+])
+def test_impossible_settings_are_one_line_before_any_work(workdir, args, message):
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-never", *TINY, *args, cwd=workdir, check=False)
+    assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(workdir, "out-never"))
+
+
+def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
+    p = popen("train.py", "--data_dir=data/tiny", "--out_dir=out-ctrl-c", "--eval_interval=5", *TINY,
+              "--max_iters=100000", cwd=workdir)
+    read_until(p, "iter 7:")
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 1 and "Traceback" not in rest, rest
+    assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
+
+
+def test_resume_is_exact_under_a_max_time_budget(workdir):
+    """The budget (iterations that fit in max_time) is fixed once and saved: a run killed after it
+    and resumed repeats the same learning rates and losses, and keeps the same last iteration."""
+    args = ["--data_dir=data/tiny", "--out_dir=out-budget", "--eval_interval=5", *TINY, "--warmup_iters=20",
+            "--dropout=0.1", "--max_iters=1000000", "--max_time=120"]
+    first = popen("train.py", *args, cwd=workdir)
+    before = read_until(first, "iter 19:")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    n = int(re.search(r"max_time=120s: (\d+) of the", before).group(1))
+    again = popen("train.py", *args, "--init_from=resume", cwd=workdir)
+    after = read_until(again, "iter 19:")
+    again.send_signal(signal.SIGKILL)
+    again.wait()
+    assert "resuming from out-budget/ckpt.pt at iteration 15" in after and "of the" not in after  # not refitted
+    line = re.compile(r"^iter (1[6-9]): loss (\S+), lr (\S+),", re.M)
+    assert line.findall(after) == line.findall(before) and len(line.findall(after)) == 4
+    assert load_checkpoint(os.path.join(workdir, "out-budget", "ckpt.pt"))["budget"]["iters"] == n
+
+
+def test_resume_keeps_the_loss_scale_of_fp16(workdir):
+    args = ["--data_dir=data/tiny", "--eval_interval=10", *TINY, "--dtype=float16", "--lr_decay_iters=20"]
+    full = run("train.py", *args, "--out_dir=out-fp16-full", "--max_iters=20", cwd=workdir).stdout
+    run("train.py", *args, "--out_dir=out-fp16-half", "--max_iters=10", cwd=workdir)
+    half = run("train.py", *args, "--out_dir=out-fp16-half", "--max_iters=20", "--init_from=resume", cwd=workdir).stdout
+    assert all(losses(half)[i] == losses(full)[i] for i in range(11, 21))
+    scaler = [load_checkpoint(os.path.join(workdir, d, "ckpt.pt"))["scaler"] for d in ("out-fp16-full", "out-fp16-half")]
+    assert scaler[0] == scaler[1] and scaler[0]["_growth_tracker"] == 20  # not restarted from 0 at the resume
+
+
 def test_ddp_a_dying_process_stops_the_others(workdir):
     args = ["--data_dir=data/tiny", "--out_dir=out-ddp-die", "--eval_interval=1000", *TINY, "--max_iters=100000",
             "--log_interval=10", "--ddp_timeout=30", "--gradient_accumulation_steps=2"]
@@ -176,3 +286,21 @@ def test_ddp_two_processes_give_the_single_process_losses(workdir):
 
     a, b = losses(single), losses(ddp.stdout)
     assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+
+
+def test_ddp_resume_gives_every_process_back_its_own_dropout(workdir):
+    """2 processes with dropout: 10 iterations then a resume give the losses of 20 in one go."""
+    args = ["--data_dir=data/tiny", "--eval_interval=10", *TINY, "--dropout=0.1", "--lr_decay_iters=20",
+            "--gradient_accumulation_steps=2"]
+
+    def ddp(*extra: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.join(ROOT, "train.py"), *args, *extra], cwd=workdir, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+
+    full = losses(ddp("--out_dir=out-ddp-full", "--max_iters=20"))
+    ddp("--out_dir=out-ddp-half", "--max_iters=10")
+    resumed = losses(ddp("--out_dir=out-ddp-half", "--max_iters=20", "--init_from=resume"))
+    assert sorted(resumed) == list(range(11, 21)) and all(resumed[i] == full[i] for i in resumed), (full, resumed)
