@@ -28,7 +28,7 @@ batch_size = 16  # 4,096 tokens per iteration
 learning_rate = 2e-3  # small models tolerate (and need, with few steps) a high learning rate
 warmup_iters = 50
 max_iters = 1000  # the cosine schedule ends here: about 9 minutes on 2 cores (4.1M tokens)
-max_time = 570.0  # a slower machine stops after 9.5 minutes anyway, its schedule run by the clock
+max_time = 570.0  # a slower machine fits fewer iterations in 9.5 minutes, and its schedule ends there
 
 eval_interval = 150
 eval_iters = 10
