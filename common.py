@@ -6,6 +6,7 @@ of the machine's matmul throughput (for an honest MFU).
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import time
@@ -428,6 +429,39 @@ def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) ->
         sync() if iters % 8 == 0 else None
     sync()
     return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# --- run metrics: one JSON line per logged step and per evaluation -------------------------------------
+def log_metrics(path: str, row: dict) -> None:
+    """Appends one row to a run's metrics.jsonl at once, so that a killed run keeps its history.
+    Any tool reads it back: pandas.read_json(path, lines=True)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (none if there is no file); a last line cut short by a kill is skipped."""
+    rows = []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def keep_metrics(path: str, upto: int, key: str = "iter") -> None:
+    """Before a run appends: a resumed run keeps the rows up to its checkpoint's step (the steps
+    after it are done again, and logged again), a fresh run none. Rewritten atomically."""
+    rows = [r for r in read_metrics(path) if r.get(key, 0) <= upto]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:
+    """(xs, ys) of the rows that have y: one line of a plot."""
+    xs_ys = [(r[x], r[y]) for r in rows if y in r]
+    return [a for a, _ in xs_ys], [b for _, b in xs_ys]
 
 
 def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> None:

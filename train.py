@@ -26,14 +26,18 @@ from common import (
     check_config,
     claim_out_dir,
     configure_optimizer,
+    curve,
     ddp_guard,
     get_lr,
     iters_in_budget,
+    keep_metrics,
     load_checkpoint,
+    log_metrics,
     measure_peak_flops,
     plot_curves,
     random_batch,
     rank0_clock,
+    read_metrics,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -167,7 +171,6 @@ if arch == "llama":
     model_args["n_kv_head"] = n_kv_head or n_head
 iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
 budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see iters_in_budget)
-history = {"train": ([], []), "val": ([], []), "train_eval": ([], [])}  # loss curves: (iters, losses)
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path, rt.device)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
@@ -186,7 +189,7 @@ if init_from == "resume":
     model_args = {**ckpt["model_args"], "dropout": dropout}
     config.update({k: v for k, v in model_args.items() if k in config})
     block_size = model_args["block_size"]
-    iter_num, best_val_loss, history = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["history"]
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
     if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
         budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
@@ -203,6 +206,7 @@ if init_from == "resume":  # everything but the random states, restored last (se
     resume_rng = ckpt["rng"]
     del ckpt
 raw_model = model
+moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the routers' balancing losses
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
     f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
     f"compile {use_compile}")
@@ -256,22 +260,22 @@ def evaluate_and_save() -> None:
     t = rank0_clock(t_start, rt)
     losses = evaluate()
     check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
-    history["train_eval"][0].append(iter_num)
-    history["train_eval"][1].append(losses["train"])
-    history["val"][0].append(iter_num)
-    history["val"][1].append(losses["val"])
     best_val_loss = min(best_val_loss, losses["val"])
     rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # every process's own dropout state
     if rt.master:
         save_checkpoint({
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed,
-            "budget": budget, "config": config, "history": history, "tokenizer": tokenizer.state(),
+            "budget": budget, "config": config, "tokenizer": tokenizer.state(),
             "data_dir": data_dir, "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
+        log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                   "val_bpb": losses["val"] / math.log(2) / bytes_per_token, "elapsed": elapsed})
+        rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
         plot_curves(os.path.join(out_dir, "loss.png"),
-                    {"train (per iteration)": history["train"], "train (eval)": history["train_eval"],
-                     "val (held-out books)": history["val"]},
-                    "iteration", "cross-entropy (nats/token)", f"training curves of {out_dir}")
+                    {"train (per iteration)": curve(rows, "loss"), "train (eval)": curve(rows, "train_loss"),
+                     "val (held-out books)": curve(rows, "val_loss")},
+                    "iteration", "cross-entropy (nats/token)" + (", training: + router losses" if moe else ""),
+                    f"training curves of {out_dir}")
     saved_iter = iter_num
     eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
 
@@ -299,8 +303,10 @@ def set_budget() -> None:
 if eval_only:
     evaluate()
     raise SystemExit(0)
+metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line each
 if rt.master:
     log("config: " + json.dumps(config))
+    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after the checkpoint are redone
 if init_from == "resume":  # restored last, so that nothing above draws from them: same batches, same dropout
     batch_gen.set_state(resume_rng["batch"])
     restore_rng_state(resume_rng.get("ranks") or [resume_rng], rt, log)  # (older checkpoints: one state)
@@ -358,11 +364,11 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             tok_s = tokens_per_iter / dt
             mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
             left = (last_iter - iter_num) * dt
-            history["train"][0].append(iter_num)
-            history["train"][1].append(lossf)
+            log_metrics(metrics_path, {"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
+                                       "tokens_per_s": tok_s, "mfu": mfu, "elapsed": elapsed})
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
                 f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
-            if getattr(raw_model, "moe_layers", None):  # is the router spreading the tokens?
+            if moe:  # is the router spreading the tokens?
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
         # stop at the last iteration; max_time itself is a safety net for a machine that slowed down

@@ -2,12 +2,14 @@ import itertools
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from conftest import ROOT, TINY, run
 
-from common import get_lr, iters_in_budget, load_checkpoint
+from common import get_lr, iters_in_budget, load_checkpoint, read_metrics
 
 
 def losses(stdout: str) -> dict[int, str]:
@@ -20,8 +22,26 @@ def test_training_writes_checkpoint_and_curve_and_learns(trained):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["iter_num"] == 60 and ckpt["config"]["max_iters"] == 60
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-    val = ckpt["history"]["val"][1]
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0] - 0.5  # evaluated at 0, 30, 60, and it learned
+    steps = [r for r in rows if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 61)) and all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+
+
+def test_metrics_of_a_resumed_run_are_appended_without_the_steps_redone(workdir):
+    args = ["--data_dir=data/tiny", "--out_dir=out-metrics", "--eval_interval=5", *TINY]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--max_iters=100000"], cwd=workdir,
+                         stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("iter 8:"):  # iterations 6 to 8 are logged after the checkpoint at 5
+            p.kill()
+            break
+    p.wait()
+    run("train.py", *args, "--max_iters=10", "--init_from=resume", cwd=workdir)
+    rows = read_metrics(os.path.join(workdir, "out-metrics", "metrics.jsonl"))
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 11))  # 6, 7, 8 once each
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 5, 10]
 
 
 def test_resumed_run_continues_with_the_same_losses(workdir):
