@@ -32,7 +32,16 @@ import time
 import torch
 from torch.nn import functional as F
 
-from common import completion_logits, has_dialogue, load_model, plot_curves, save_checkpoint, setup_runtime
+from common import (
+    check_config,
+    claim_out_dir,
+    completion_logits,
+    has_dialogue,
+    load_model,
+    plot_curves,
+    save_checkpoint,
+    setup_runtime,
+)
 from configurator import configure
 from sample import stream
 
@@ -40,6 +49,7 @@ from sample import stream
 out_dir = "out-gutenberg"  # the starting model: read, never written
 chat_dir = ""  # the tuned model, feedback.jsonl and rewards.png; "" = <out_dir>-chat. An existing one is continued
 fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept and appended to)
+overwrite = False  # let --fresh replace the tuned model already in chat_dir
 script = ""  # read the prompt and rating lines from this file instead of standard input
 pairwise = False  # two replies per prompt, and the choice of the better one
 auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
@@ -144,12 +154,13 @@ def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef:
 
 
 def main(c: dict) -> None:
+    check_config(c)  # temperature, top_k, max_new_tokens, learning_rate, save_every...
     if c["auto_rate"] not in ("", "dialogue"):
         raise SystemExit(f"error: --auto_rate={c['auto_rate']} is not a known rule: use dialogue (or leave it empty)")
     if c["auto_rate"] and c["pairwise"]:
         raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
-    if c["learning_rate"] < 0 or c["kl_coef"] < 0 or not 0 <= c["baseline_decay"] < 1 or c["save_every"] < 1:
-        raise SystemExit("error: need learning_rate >= 0, kl_coef >= 0, 0 <= baseline_decay < 1 and save_every >= 1")
+    if c["kl_coef"] < 0 or not 0 <= c["baseline_decay"] < 1:
+        raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
     interactive = not c["script"] and sys.stdin.isatty()  # a person at the keyboard
     if c["script"]:
         try:
@@ -167,6 +178,8 @@ def main(c: dict) -> None:
     ref, tok, ckpt = load_model(c["out_dir"], rt.device)
     for p in ref.parameters():
         p.requires_grad_(False)  # the reference is frozen: no gradient, no change
+    # one session per chat_dir, and --fresh never replaces a tuned model unless asked; held until main returns
+    _lock = claim_out_dir(chat_dir, c["fresh"], c["overwrite"], "continue it without --fresh", "--chat_dir")
     start_dir = c["out_dir"]
     if not c["fresh"] and os.path.exists(os.path.join(chat_dir, "ckpt.pt")):
         start_dir = chat_dir
@@ -175,7 +188,6 @@ def main(c: dict) -> None:
     print(f"policy from {start_dir}/ckpt.pt ({state['updates']} updates so far), reference {c['out_dir']}/ckpt.pt; "
           f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
     optimizer = torch.optim.SGD(policy.parameters(), lr=c["learning_rate"])
-    os.makedirs(chat_dir, exist_ok=True)
     log_path = os.path.join(chat_dir, "feedback.jsonl")
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
 
@@ -184,6 +196,8 @@ def main(c: dict) -> None:
                          "model": policy.state_dict(), "config": c, "chat": state,
                          "iter_num": ckpt.get("iter_num", 0)}, os.path.join(chat_dir, "ckpt.pt"))
         r = state["ratings"]
+        if not r:  # pairwise choices only, or nothing rated yet: no curve to draw
+            return
         running, mean = [], 0.0
         for x in r:
             mean = c["baseline_decay"] * mean + (1 - c["baseline_decay"]) * x
@@ -251,8 +265,8 @@ def main(c: dict) -> None:
     except (EOFError, KeyboardInterrupt):
         print()
     save()
-    print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}, "
-          f"ratings plot {chat_dir}/rewards.png")
+    plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""
+    print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}{plot}")
 
 
 if __name__ == "__main__":

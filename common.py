@@ -184,13 +184,6 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def schedule_step(it: int, elapsed: float, max_iters: int, max_time: float) -> float:
-    """Where a run stands in its learning-rate schedule, counted in iterations: it, or, when max_time
-    will stop the run before max_iters (a slower machine than the config was sized for), the same
-    share of max_iters as the share of max_time used, so the schedule still decays to its end."""
-    return it if max_time <= 0 else max(it, max_iters * elapsed / max_time)
-
-
 def rank0_clock(t_start: float, rt: Runtime) -> float:
     """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
     learning rate and on when to stop (with its own clock, one could stop while another waits)."""
@@ -202,23 +195,23 @@ def rank0_clock(t_start: float, rt: Runtime) -> float:
 
 
 # --- one run per out_dir, and nothing a user made is overwritten ----------------------------------
-def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str):
+def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: str = "--out_dir"):
     """Checks, before any work, that out_dir can take this run: it is a folder (or can be made one)
     that we can write, a fresh run would not replace a trained model there unless overwrite is set
     (hint says how to continue it instead), and no other run is using it. Returns the open lock
     file: keep it for the whole run. The kernel releases the lock when the process ends, even by
-    kill -9, so a crashed run never leaves it stuck."""
+    kill -9, so a crashed run never leaves it stuck. flag: the option that names out_dir."""
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"error: out_dir {out_dir} is a file, not a folder: pass another --out_dir")
+        raise SystemExit(f"error: {flag[2:]} {out_dir} is a file, not a folder: pass another {flag}")
     if fresh and os.path.exists(ckpt) and not overwrite:
         raise SystemExit(f"error: {ckpt} already holds a model, and a fresh run would replace it: {hint}, "
-                         "pass another --out_dir, or --overwrite=True to replace it")
+                         f"pass another {flag}, or --overwrite=True to replace it")
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:
-        raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror}): pass another --out_dir") from None
+        raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror}): pass another {flag}") from None
     try:
         import fcntl  # POSIX; elsewhere runs go unlocked
 
@@ -228,7 +221,7 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str):
     except OSError:
         lock.seek(0)
         raise SystemExit(f"error: another run (process {lock.read().strip() or '?'}) is using {out_dir}: "
-                         "wait for it to end, or pass another --out_dir") from None
+                         f"wait for it to end, or pass another {flag}") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -308,13 +301,15 @@ def load_checkpoint(path: str, device: str = "cpu") -> dict:
     return ckpt
 
 
-def load_model(out_dir: str, device: str = "cpu", train_cmd: str = "python train.py config/gutenberg.py"):
-    """The model (in eval mode), tokenizer and checkpoint saved in out_dir/ckpt.pt."""
+def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropout: float | None = None):
+    """The model (in eval mode), tokenizer and checkpoint saved in out_dir/ckpt.pt. flag: the option
+    that names out_dir, for the error; dropout: replaces the checkpoint's (dpo.py trains without)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}: train one first ({train_cmd}) or pass --out_dir=DIR")
+        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py config/gutenberg.py) "
+                         f"or pass {flag}=DIR")
     ckpt = load_checkpoint(path, device)
-    model = make_model(ckpt["model_args"])
+    model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt

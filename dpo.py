@@ -20,9 +20,14 @@ Without pairs of your own, --make_pairs=N builds self-play pairs from the corpus
 al., 2024): the prompt is a passage of a training book, chosen its true continuation, rejected
 the starting model's own sampled continuation. They go to out_dir/pairs.jsonl, with a held-out
 set from the validation books in out_dir/pairs_val.jsonl, for a person to read.
+
+Dropout is off (TRL's disable_dropout): the reference's log-probs are computed without it, so the
+policy starts equal to the reference (every reward is 0 before the first step). --resume=True
+continues a run exactly, on the pairs it began with: their reference log-probs are in the checkpoint.
 """
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -34,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     check_config,
+    claim_out_dir,
     completion_logps,
     configure_optimizer,
     continue_prompts,
@@ -41,12 +47,14 @@ from common import (
     draw_windows,
     fit_prompt,
     get_lr,
+    iters_in_budget,
     load_model,
     pack,
     plot_curves,
     rank0_clock,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
-    schedule_step,
     setup_runtime,
     unwrap,
 )
@@ -55,6 +63,8 @@ from configurator import configure
 # -----------------------------------------------------------------------------
 init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
 out_dir = "out-gutenberg-dpo"
+resume = False  # continue the run in out_dir (from its ckpt.pt), on the pairs it began with
+overwrite = False  # let a fresh run replace a model already in out_dir
 pairs = ""  # JSONL, JSON, parquet or a Hub dataset with prompt / chosen / rejected, or chat.py's feedback.jsonl
 val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
 make_pairs = 0  # build this many self-play pairs (and a tenth as many held out), write them, then train on them
@@ -67,7 +77,7 @@ batch_size = 8  # pairs per micro-step
 gradient_accumulation_steps = 1
 learning_rate = 1e-4
 max_iters = 300
-max_time = 0.0  # seconds of training, after which the run stops, its schedule ended (as in train.py); 0 = no limit
+max_time = 0.0  # seconds of training: the steps that fit are counted early on, as in train.py; 0 = no limit
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -85,6 +95,8 @@ ddp_timeout = 300.0
 seed = 1337
 # -----------------------------------------------------------------------------
 COLUMNS = ("prompt", "chosen", "rejected")
+# what a resumed run keeps from its checkpoint: the reference, the pairs, their split and their scoring
+RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens", "loss_type", "seed")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -138,11 +150,13 @@ def pairs_from_feedback(rows: list[dict]) -> list[dict]:
     return out
 
 
-def load_pairs(path: str) -> list[dict]:
+def load_pairs(path: str, log=print) -> list[dict]:
+    """The pairs of a file, checked; those whose chosen equals rejected are dropped (and counted):
+    they hold no preference, and their h is 0 whatever the model."""
     rows = read_rows(path)
     if rows and "prompt" in rows[0] and ("choice" in rows[0] or "rating" in rows[0]):
         rows = pairs_from_feedback(rows)
-        print(f"{path}: chat.py's feedback log, {len(rows)} preference pairs")
+        log(f"{path}: chat.py's feedback log, {len(rows)} preference pairs")
     for i, r in enumerate(rows, 1):
         for col in COLUMNS:
             if not isinstance(r.get(col), str):
@@ -150,9 +164,17 @@ def load_pairs(path: str) -> list[dict]:
         for col in ("chosen", "rejected"):
             if not r[col].strip():
                 raise SystemExit(f"error: {path}, row {i}: the {col} completion is empty")
-    if not rows:
-        raise SystemExit(f"error: {path} holds no preference pairs")
-    return rows
+    kept = [r for r in rows if r["chosen"] != r["rejected"]]
+    if len(kept) < len(rows):
+        log(f"{path}: dropped {len(rows) - len(kept)} pair(s) whose chosen equals rejected")
+    if not kept:
+        raise SystemExit(f"error: {path} holds no preference pairs" + (" (every chosen equals its rejected)" if rows else ""))
+    return kept
+
+
+def digest(rows: list[dict]) -> str:
+    """A fingerprint of the pairs' text: a resumed run checks that its files still hold the same pairs."""
+    return hashlib.sha256(json.dumps([[r[k] for k in COLUMNS] for r in rows], ensure_ascii=False).encode()).hexdigest()
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -216,6 +238,25 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, label_smooth
     return losses.mean(), metrics
 
 
+def resumed_config(c: dict, saved: dict) -> dict:
+    """A resumed run keeps RUN_KEYS from its checkpoint: one set to another value is an error, one
+    left at its default takes the checkpoint's value (so the first run's command, or a shorter one,
+    resumes it)."""
+    defaults = {k: globals()[k] for k in RUN_KEYS}
+    differ = [f"{k}={c[k]!r} (checkpoint: {saved[k]!r})" for k in RUN_KEYS if c[k] != saved[k] and c[k] != defaults[k]]
+    if differ:
+        raise SystemExit(f"error: resuming keeps the reference and the pairs the run began with, but you set "
+                         f"{', '.join(differ)}: drop these settings, or start a fresh run in another --out_dir")
+    return {**c, **{k: saved[k] for k in RUN_KEYS}}
+
+
+def schedule_end(c: dict, budget: dict | None) -> tuple[int, int]:
+    """The last step and the end of the cosine decay: max_iters, or fewer when they do not fit in
+    max_time (budget: how many fit, counted once early on, see iters_in_budget)."""
+    last = min(c["max_iters"], budget["iters"]) if budget else c["max_iters"]
+    return last, c["lr_decay_iters"] or last
+
+
 def main(c: dict) -> None:
     check_config(c)
     if c["loss_type"] not in ("sigmoid", "ipo"):
@@ -226,15 +267,37 @@ def main(c: dict) -> None:
         raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has no labels to smooth")
     if os.path.abspath(c["out_dir"]) == os.path.abspath(c["init_from"]):
         raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never overwritten")
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
+    if c["resume"] and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without --resume=True, "
+                         "or pass the --out_dir it wrote to")
     rt = setup_runtime(c["device"], c["dtype"], c["seed"], c["backend"], c["ddp_timeout"])
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
-    model, tok, start = load_model(c["init_from"], rt.device, "python train.py config/gutenberg.py")
+    # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
+    # with it the policy would differ from the reference before the first step (rewards not 0)
+    if c["resume"]:  # the model so far, and all the run needs to go on as if it had never stopped
+        model, tok, start = load_model(c["out_dir"], rt.device, dropout=0.0)
+        run = start.get("dpo")
+        if run is None:
+            raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or an older "
+                             "dpo.py): start a fresh run in another --out_dir")
+        c = resumed_config(c, start["config"])
+        budget = run["budget"] if run["budget"] and run["budget"]["max_time"] == c["max_time"] else None
+        if start["iter_num"] >= schedule_end(c, budget)[0] or 0 < c["max_time"] <= run["elapsed"]:
+            raise SystemExit(f"{ckpt_path} is at step {start['iter_num']}: its run has ended (raise --max_iters or "
+                             "--max_time to train on)")
+    else:
+        model, tok, start = load_model(c["init_from"], rt.device, "--init_from", dropout=0.0)
+        budget = None  # {"max_time", "iters"}: how many steps fit in max_time, fixed once (see iters_in_budget)
+    if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model; held until main returns
+        _lock = claim_out_dir(c["out_dir"], not c["resume"], c["overwrite"], "continue it with --resume=True")
     block_size = model.config.block_size
-    os.makedirs(c["out_dir"], exist_ok=True)
 
     # --- the pairs ---------------------------------------------------------------------------------
     train_path, val_path = c["pairs"], c["val_pairs"]
-    if c["make_pairs"]:
+    if c["resume"]:  # the files the run began with, never made again
+        train_path, val_path = run["pairs"]["train"][0], run["pairs"]["val"][0]
+    elif c["make_pairs"]:
         t0 = time.time()
         log(f"making {c['make_pairs']} self-play pairs from {start['data_dir']} with {c['init_from']}...")
         train_path, val_path = (os.path.join(c["out_dir"], f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
@@ -250,12 +313,20 @@ def main(c: dict) -> None:
             raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or --make_pairs=N")
         if not val_path and os.path.exists(os.path.join(c["out_dir"], "pairs_val.jsonl")):
             val_path = os.path.join(c["out_dir"], "pairs_val.jsonl")
-    rows = load_pairs(train_path)
-    if val_path:
-        val_rows = load_pairs(val_path)
-    else:  # hold out a tenth, the same every time
-        order = np.random.default_rng(c["seed"]).permutation(len(rows))
+    rows = load_pairs(train_path, log)
+    val_rows = load_pairs(val_path, log) if val_path else []
+    # the files and a fingerprint of their pairs: a resumed run must train on the same ones
+    sources = {"train": [train_path, digest(rows)], "val": [val_path, digest(val_rows)]}
+    for split, (path, fingerprint) in sources.items():
+        if c["resume"] and fingerprint != run["pairs"][split][1]:
+            raise SystemExit(f"error: the pairs of {path} changed since the run in {c['out_dir']} began (its reference "
+                             "log-probs are theirs): restore the file, or start a fresh run in another --out_dir")
+    if not val_path:  # hold out a tenth, the same every time
         n_val = max(1, len(rows) // 10)
+        if len(rows) <= n_val:
+            raise SystemExit(f"error: {train_path} holds {len(rows)} usable pair(s): too few to hold out a tenth and "
+                             "train on the rest; add pairs, or pass --val_pairs=FILE")
+        order = np.random.default_rng(c["seed"]).permutation(len(rows))
         val_rows, rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
     train, cut = tokenize(rows, tok, block_size)
     val, val_cut = tokenize(val_rows, tok, block_size)
@@ -272,21 +343,31 @@ def main(c: dict) -> None:
             chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean) for i in range(0, len(data), 32)]
         return [torch.cat(t) for t in zip(*chunks, strict=True)]
 
-    t0 = time.time()
-    log(f"the reference's log-probabilities of {len(train) + len(val)} pairs...")
-    ref = {"train": all_logps(model, train), "val": all_logps(model, val)}
-    log(f"  done in {time.time() - t0:.0f}s")
+    if c["resume"]:  # saved by the run's start: the same numbers, and no pass to repeat
+        ref = run["ref"]
+    else:
+        t0 = time.time()
+        log(f"the reference's log-probabilities of {len(train) + len(val)} pairs...")
+        ref = {"train": all_logps(model, train), "val": all_logps(model, val)}
+        log(f"  done in {time.time() - t0:.0f}s")
 
     optimizer = configure_optimizer(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
+    # every process draws the global batch from one generator and keeps its share: one state to save
+    gen = torch.Generator().manual_seed(c["seed"])
+    iter_num, elapsed, history = 0, 0.0, {}  # history: {metric: (steps, values)}
+    if c["resume"]:  # everything but the random states, restored last (see below)
+        optimizer.load_state_dict(start["optimizer"])
+        scaler.load_state_dict(run["scaler"])
+        iter_num, elapsed, history = start["iter_num"], run["elapsed"], start["history"]
+        log(f"resuming {ckpt_path} at step {iter_num}")
     raw = model
     if rt.device_type == "cuda" if c["compile"] is None else c["compile"]:
         model = torch.compile(model)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    lr_decay_iters = c["lr_decay_iters"] or c["max_iters"]
     min_lr = c["min_lr"] or c["learning_rate"] / 10
-    history: dict[str, tuple[list, list]] = {}
+    last_iter, lr_decay_iters = schedule_end(c, budget)
 
     def record(prefix: str, it: int, metrics: dict) -> None:
         for k, v in metrics.items():
@@ -307,33 +388,42 @@ def main(c: dict) -> None:
         return m
 
     def save(it: int) -> None:
+        rng = rng_state(rt)  # every process's (under DDP, all of them take part)
         if not rt.master:
             return
         save_checkpoint({**{k: start[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
                          "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it,
-                         "config": c, "history": history, "init_from": c["init_from"]},
-                        os.path.join(c["out_dir"], "ckpt.pt"))
+                         "config": c, "history": history, "init_from": c["init_from"],
+                         # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
+                         "dpo": {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget, "ref": ref,
+                                 "pairs": sources, "gen": gen.get_state(), "rng": rng}},
+                        ckpt_path)
         for name in ("loss", "rewards/accuracies", "rewards/margins"):
             key = name.replace("/", "_")
             plot_curves(os.path.join(c["out_dir"], f"dpo_{key}.png"),
                         {"train": history.get(name, ([], [])), "held-out": history.get("eval/" + name, ([], []))},
                         "step", name, f"DPO on {c['init_from']}: {name}")
 
-    gen = torch.Generator().manual_seed(c["seed"] + rt.rank)
-    evaluate(0)
+    t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
+    eval_seconds = 0.0  # how long an evaluation and a save take: the budget counts those to come
+    if c["resume"]:  # restored last, so that nothing above draws from them
+        gen.set_state(run["gen"])
+        restore_rng_state(run["rng"], rt, log)
+    else:
+        evaluate(0)
+        eval_seconds = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
     model.train()
-    t_start = t0 = time.time()
-    elapsed = 0.0  # seconds of training so far, by rank 0's clock
-    last_saved = 0  # the step of the last checkpoint written by this run (0: none yet)
+    t0 = time.time()
+    last_saved = iter_num if c["resume"] else 0  # the step of the last checkpoint (0: none yet)
+    timed_from = (iter_num + 1, 0.0)  # the speed is measured from the end of the first step (warm-up)
     with ddp_guard(rt):
-        for it in range(1, c["max_iters"] + 1):
-            step = schedule_step(it - 1, elapsed, c["max_iters"], c["max_time"])  # as in train.py
+        for it in range(iter_num + 1, c["max_iters"] + 1):
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
+                group["lr"] = get_lr(it - 1, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
             for micro in range(c["gradient_accumulation_steps"]):
                 if rt.ddp:
                     model.require_backward_grad_sync = micro == c["gradient_accumulation_steps"] - 1
-                idx = torch.randint(len(train), (c["batch_size"],), generator=gen)
+                idx = torch.randint(len(train), (rt.world_size, c["batch_size"]), generator=gen)[rt.rank]
                 with rt.autocast():
                     pi_c, pi_r = batch_logps(model, [train[i] for i in idx], block_size, rt.device, mean)
                     loss, metrics = dpo_loss(pi_c, pi_r, ref["train"][0][idx], ref["train"][1][idx], c["beta"],
@@ -341,7 +431,7 @@ def main(c: dict) -> None:
                     if getattr(raw, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
                         loss = loss + raw.aux_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights
-                    kept = (f"{c['out_dir']}/ckpt.pt keeps step {last_saved}" if last_saved
+                    kept = (f"{ckpt_path} keeps step {last_saved}" if last_saved
                             else f"nothing was saved, {c['init_from']} is unchanged")
                     raise SystemExit(f"error: the loss is {loss.item()} at step {it}: stopped; {kept} (try a lower learning_rate)")
                 scaler.scale(loss / c["gradient_accumulation_steps"]).backward()
@@ -356,16 +446,27 @@ def main(c: dict) -> None:
                 dt = (time.time() - t0) / c["log_interval"]
                 t0 = time.time()
                 log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f", {dt * 1000:.0f} ms/step")
-            elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
-            out_of_time = c["max_time"] > 0 and elapsed >= c["max_time"]
-            if it % c["eval_interval"] == 0 or it == c["max_iters"] or out_of_time:
+            elapsed = rank0_clock(t_start, rt)
+            if it == timed_from[0]:
+                timed_from = (it, elapsed)
+            if budget is None and c["max_time"] > 0 and it == timed_from[0] + 10:  # fixed once, then saved
+                n = iters_in_budget(it, elapsed, timed_from, c["max_time"], c["eval_interval"], eval_seconds)
+                budget = {"max_time": c["max_time"], "iters": n}
+                last_iter, lr_decay_iters = schedule_end(c, budget)
+                if n < c["max_iters"]:
+                    log(f"max_time={c['max_time']:.0f}s: {n} of the max_iters={c['max_iters']} steps fit; the schedule "
+                        "ends there")
+            out_of_time = c["max_time"] > 0 and elapsed >= c["max_time"]  # a safety net for a machine that slowed down
+            if it % c["eval_interval"] == 0 or it >= last_iter or out_of_time:
+                t = rank0_clock(t_start, rt)
                 evaluate(it)
                 save(it)
-                last_saved = it
-            if out_of_time:
-                log(f"max_time={c['max_time']:.0f}s reached at step {it}")
+                last_saved, eval_seconds = it, rank0_clock(t_start, rt) - t
+            if it >= last_iter or out_of_time:
+                if it < last_iter:
+                    log(f"max_time={c['max_time']:.0f}s reached at step {it}, before the {last_iter} planned")
                 break
-    log(f"done in {(time.time() - t_start) / 60:.1f} min: {c['out_dir']}/ckpt.pt (works with sample.py and eval.py), "
+    log(f"done in {(time.time() - t_start) / 60:.1f} min: {ckpt_path} (works with sample.py and eval.py), "
         f"curves {c['out_dir']}/dpo_*.png")
     if rt.ddp:
         torch.distributed.destroy_process_group()

@@ -1,4 +1,5 @@
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -133,7 +134,32 @@ def test_clear_errors(trained, tmp_path):
     assert p.returncode == 1 and "never overwritten" in p.stderr
     p = chat(trained, "", "--auto_rate=length", check=False)
     assert p.returncode == 1 and "use dialogue" in p.stderr
+    p = chat(trained, "", "--top_k=-3", check=False)  # it meant "no filter" once
+    assert p.returncode == 1 and "top_k must be zero or positive, got -3" in p.stderr
     p = chat(trained, "", f"--script={tmp_path / 'none.txt'}", check=False)
     assert p.returncode == 1 and "cannot read the script" in p.stderr
     p = chat(str(tmp_path), "", check=False)
     assert p.returncode == 1 and "python train.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fresh_replaces_a_tuned_model_only_when_asked_and_one_session_per_chat_dir(trained):
+    chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-keep")
+    path = os.path.join(trained, "chat-keep", "ckpt.pt")
+    tuned = open(path, "rb").read()
+    p = chat(trained, "", "--chat_dir=chat-keep", "--fresh", check=False)
+    assert p.returncode == 1 and "continue it without --fresh, pass another --chat_dir, or --overwrite=True" in p.stderr
+    assert open(path, "rb").read() == tuned
+    p = chat(trained, "", "--chat_dir=chat-keep", "--fresh", "--overwrite=True")
+    assert "(0 updates so far)" in p.stdout and torch.load(path, weights_only=True)["chat"]["updates"] == 0
+    with open(os.path.join(trained, "chat-keep", ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a session in progress holds it
+        p = chat(trained, "La mer\n1\n", "--chat_dir=chat-keep", check=False)
+    assert p.returncode == 1 and "is using chat-keep: wait for it to end, or pass another --chat_dir" in p.stderr
+    assert len(feedback(trained, "chat-keep")) == 1  # the refused session wrote nothing
+
+
+def test_a_session_without_ratings_draws_no_plot_and_warns_nothing(trained):
+    p = chat(trained, "La nuit\ns\n", "--chat_dir=chat-unrated")
+    assert "Warning" not in p.stderr and "ratings plot" not in p.stdout, p.stderr
+    assert not os.path.exists(os.path.join(trained, "chat-unrated", "rewards.png"))
+    assert [e["rating"] for e in feedback(trained, "chat-unrated")] == [None]

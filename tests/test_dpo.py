@@ -1,7 +1,9 @@
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import torch
 from conftest import TINY, run
 
 import dpo
-from common import completion_logps, draw_windows, load_model, pack
+from common import completion_logps, draw_windows, load_checkpoint, load_model, pack
+from configurator import configure
 
 
 def test_loss_and_metrics_match_a_hand_computation():
@@ -166,3 +169,111 @@ def test_aux_loss_is_part_of_the_dpo_objective(llama_trained):
     model.train()
     dpo.batch_logps(model, pairs, 32, "cpu", mean=False)
     assert model.aux_loss().item() > 0  # what dpo.py adds to its loss for a MoE model
+
+
+def metric_lines(stdout: str) -> dict[str, str]:
+    """The logged metrics of each training step and evaluation, without their timings."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^((?:step|eval at step) \d+): (.*?)(?:, \d+ ms/step)?$",
+                                                        stdout, re.M)}
+
+
+def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys):
+    """A run killed after its checkpoint at step 12 (its max_time budget fixed at step 11) and resumed
+    gives the uninterrupted run's metrics and weights, without making pairs or a reference pass again."""
+    monkeypatch.chdir(trained)
+    monkeypatch.setattr(dpo, "iters_in_budget", lambda *a: 16)  # the steps that "fit" in max_time: no timing here
+    save = dpo.save_checkpoint
+
+    def save_and_keep_step_12(obj, path):  # the state a kill -9 right after the step-12 checkpoint leaves
+        save(obj, path)
+        if obj["iter_num"] == 12:
+            os.makedirs("out-dpo-cut", exist_ok=True)
+            save(obj, os.path.join("out-dpo-cut", "ckpt.pt"))
+
+    monkeypatch.setattr(dpo, "save_checkpoint", save_and_keep_step_12)
+    args = ["--init_from=out-tiny", "--make_pairs=16", "--prompt_tokens=12", "--completion_tokens=10",
+            "--max_iters=1000000", "--max_time=60", "--eval_interval=12", "--log_interval=1", "--warmup_iters=2",
+            "--learning_rate=3e-3", "--device=cpu"]
+    dpo.main(configure(vars(dpo), ["--out_dir=out-dpo-whole", *args]))
+    whole = metric_lines(capsys.readouterr().out)
+    assert "step 16" in whole and "step 17" not in whole  # the budget ended the schedule and the run
+
+    p = run("dpo.py", "--out_dir=out-dpo-cut", "--resume=True", *args, cwd=trained)
+    assert "resuming out-dpo-cut/ckpt.pt at step 12" in p.stdout
+    assert "making" not in p.stdout and "reference's log-probabilities" not in p.stdout  # both kept from the start
+    resumed = metric_lines(p.stdout)
+    assert sorted(resumed) == sorted(["step 13", "step 14", "step 15", "step 16", "eval at step 16"])
+    assert all(resumed[k] == whole[k] for k in resumed), (resumed, whole)
+    a, b = (load_checkpoint(os.path.join(trained, d, "ckpt.pt")) for d in ("out-dpo-whole", "out-dpo-cut"))
+    assert b["iter_num"] == 16 and b["dpo"]["budget"] == {"max_time": 60.0, "iters": 16}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["history"] == b["history"]
+
+    # a fresh run does not replace the tuned model, a run at its end trains no more, and resuming
+    # refuses other pairs: settings that would make or split them anew, or a changed file
+    def refused(*more: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            dpo.main(configure(vars(dpo), ["--out_dir=out-dpo-cut", *args, *more]))
+        return str(e.value)
+
+    assert "--resume=True, pass another --out_dir, or --overwrite=True" in refused()
+    assert "at step 16: its run has ended" in refused("--resume=True")
+    assert "make_pairs=99 (checkpoint: 16)" in refused("--resume=True", "--make_pairs=99")
+    with open("out-dpo-whole/pairs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "Il", "chosen": " était", "rejected": " fut"}) + "\n")
+    assert "the pairs of out-dpo-whole/pairs.jsonl changed" in refused("--resume=True", "--max_time=0")
+    assert "making" not in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(trained, "out-dpo-cut", "ckpt.pt"))["iter_num"] == 16
+
+
+def test_dropout_is_off_so_the_policy_starts_as_the_reference(trained, tmp_path):
+    ckpt = load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))  # as if trained with --dropout=0.1
+    os.makedirs(os.path.join(trained, "out-tiny-dropout"), exist_ok=True)
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "dropout": 0.1}},
+               os.path.join(trained, "out-tiny-dropout", "ckpt.pt"))
+    rows = [{"prompt": "Il était une fois", "chosen": " un roi.", "rejected": " de de de"},
+            {"prompt": "Elle dit :", "chosen": " « Venez donc ! »", "rejected": " la"},
+            {"prompt": "Le soir", "chosen": " tombait.", "rejected": " tombait."}]  # no preference: dropped
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 4), encoding="utf-8")
+    p = run("dpo.py", "--init_from=out-tiny-dropout", "--out_dir=out-dpo-dropout", f"--pairs={pairs}",
+            f"--val_pairs={pairs}", "--max_iters=1", "--log_interval=1", "--batch_size=4", "--device=cpu", cwd=trained)
+    assert p.stdout.count("dropped 4 pair(s) whose chosen equals rejected") == 2  # the training and held-out files
+    assert "8 training pairs" in p.stdout
+    history = load_checkpoint(os.path.join(trained, "out-dpo-dropout", "ckpt.pt"))["history"]
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):  # step 1's, measured before its update
+        assert history[k] == ([1], [pytest.approx(0.0, abs=1e-6)]), (k, history[k])
+
+
+def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "Il", "chosen": " était", "rejected": " fut"}) + "\n", encoding="utf-8")
+    p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-one", f"--pairs={one}", "--device=cpu", cwd=trained,
+            check=False)
+    assert p.returncode == 1 and "holds 1 usable pair(s): too few" in p.stderr and "Traceback" not in p.stderr
+    assert "reference" not in p.stdout
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Il", "chosen": " fut", "rejected": " fut"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"holds no preference pairs \(every chosen equals its rejected\)"):
+        dpo.load_pairs(str(same))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt_tokens=0", "--make_pairs=8"], "prompt_tokens must be positive, got 0"),
+    (["--make_pairs=-5"], "make_pairs must be zero or positive, got -5"),
+    (["--init_from=no-such-model", "--make_pairs=8"], "no checkpoint at no-such-model/ckpt.pt: train one first "
+                                                      "(python train.py config/gutenberg.py) or pass --init_from=DIR"),
+    (["--resume=True"], "no checkpoint at out-dpo-bad/ckpt.pt to resume"),
+])
+def test_bad_settings_are_one_line_before_any_sampling(trained, args, message):
+    p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-bad", *args, "--device=cpu", cwd=trained, check=False)
+    assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "making" not in p.stdout and not os.path.exists(os.path.join(trained, "out-dpo-bad"))
+
+
+def test_one_run_per_out_dir(trained):
+    os.makedirs(os.path.join(trained, "out-dpo-busy"), exist_ok=True)
+    with open(os.path.join(trained, "out-dpo-busy", ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-busy", "--make_pairs=8", "--device=cpu",
+                cwd=trained, check=False)
+    assert p.returncode == 1 and "is using out-dpo-busy" in p.stderr and "making" not in p.stdout
