@@ -201,10 +201,11 @@ def reusable(data_dir: str, recipe: dict) -> bool:
     if recipe["data"] is None:
         print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): rebuilding {data_dir}")
     elif isinstance(before.get("data"), dict) and {**before, "data": 0} == {**recipe, "data": 0}:
-        a, b = before["data"].get("files", {}), recipe["data"].get("files", {})
-        changed = sum(a[f] != b[f] for f in a.keys() & b.keys())
-        print(f"the data changed since {data_dir} was prepared ({len(b.keys() - a.keys())} file(s) added, "
-              f"{len(a.keys() - b.keys())} removed, {changed} changed): rebuilding it")
+        a, b, counts = before["data"].get("files"), recipe["data"].get("files"), ""
+        if a is not None and b is not None:  # files before and now: which ones
+            counts = (f" ({len(b.keys() - a.keys())} file(s) added, {len(a.keys() - b.keys())} removed, "
+                      f"{sum(a[f] != b[f] for f in a.keys() & b.keys())} changed)")
+        print(f"the data changed since {data_dir} was prepared{counts}: rebuilding it")
     else:
         print(f"{data_dir} was prepared with other arguments (or an older prepare.py): rebuilding it "
               "(another --name keeps both)")
@@ -228,8 +229,7 @@ def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: 
     """Loads the documents, splits them, trains the tokenizer and writes every file into staging.
     Returns meta.json's content."""
     t0 = time.time()
-    revision = recipe["data"]["revision"] if recipe["data"] and "revision" in recipe["data"] else None
-    docs, source = load_documents(spec, c["text_column"], revision)
+    docs, source = load_documents(spec, c["text_column"], (recipe["data"] or {}).get("revision"))
     if len(docs) < 2:
         raise SystemExit(f"error: {source} holds {len(docs)} non-empty document(s); whole documents are held out "
                          "for validation, so at least 2 are needed")
@@ -301,7 +301,10 @@ def main(config: dict) -> str:
     staging = os.path.join(data_dir, ".incomplete")
     created = not os.path.isdir(data_dir)
     shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
-    os.makedirs(staging)
+    try:
+        os.makedirs(staging)
+    except OSError as e:  # data/<name> is a file, or a folder we may not write in
+        raise SystemExit(f"error: cannot write in {data_dir}: {e.strerror}: pass another --name") from None
     try:
         meta = build(c, spec, recipe, enc, staging)
         publish(staging, data_dir)
