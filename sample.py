@@ -34,7 +34,6 @@ device = "auto"
 dtype = "auto"
 attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
 # -----------------------------------------------------------------------------
-MAX_ATTENTION_CELLS = 1024  # tokens x layers x heads in one attention figure: beyond, minutes and GBs to draw
 
 
 def attention_map_path(path: str) -> str:
@@ -78,9 +77,10 @@ def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> No
     fig.supxlabel("key: the token looked at")
     fig.supylabel("query: the token looking")
     fig.tight_layout()
-    fig.savefig(path + ".tmp", dpi=80, format=os.path.splitext(path)[1][1:].lower())  # a temporary file, then
+    # a temporary file, then renamed: an existing figure is replaced whole or not at all
+    fig.savefig(path + ".tmp", dpi=80, format=os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
-    os.replace(path + ".tmp", path)  # renamed: an existing figure is replaced whole or not at all
+    os.replace(path + ".tmp", path)
 
 
 def stream(steps, tok) -> list[int]:
@@ -119,11 +119,12 @@ def main(c: dict) -> None:
     x = torch.tensor([ids], dtype=torch.long, device=rt.device)
 
     if c["attention_map"]:
-        cfg = model.config
-        if len(ids) * cfg.n_layer * cfg.n_head > MAX_ATTENTION_CELLS:
-            raise SystemExit(f"error: --attention_map draws {cfg.n_layer} x {cfg.n_head} heatmaps of one row per token: "
-                             f"use a prompt of at most {max(1, MAX_ATTENTION_CELLS // (cfg.n_layer * cfg.n_head))} "
-                             f"tokens with this model (this one has {len(ids)})")
+        # one heatmap per layer and head, one row per token: past 1,024 rows in all, minutes and GBs to draw
+        n_maps = model.config.n_layer * model.config.n_head
+        if len(ids) * n_maps > 1024:
+            raise SystemExit(f"error: --attention_map draws {model.config.n_layer} x {model.config.n_head} heatmaps "
+                             f"of one row per token: use a prompt of at most {max(1, 1024 // n_maps)} tokens with this "
+                             f"model (this one has {len(ids)})")
         maps: list[torch.Tensor] = []
         with torch.no_grad(), rt.autocast():
             model(x, attn_maps=maps)
