@@ -16,9 +16,13 @@ so the val loss measures what a reader cares about: how well the model writes te
 """
 
 import glob
+import hashlib
 import json
 import os
+import shutil
+import signal
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -77,18 +81,49 @@ def local_files(spec: str) -> list[str]:
     return sorted(f for f in files if os.path.isfile(f))
 
 
-def load_documents(spec: str, column: str) -> tuple[list[str], str]:
+def resolve_dataset(spec: str) -> str:
+    """What --dataset names: "" is the Hub's dataset, or its local mirror when the Hub is unreachable."""
+    if spec != "":
+        return spec
+    if hub_reachable():
+        return HUB_DATASET
+    if not local_files(LOCAL_MIRROR):
+        raise SystemExit(f"error: the Hub is unreachable and there is no local mirror at {LOCAL_MIRROR}: "
+                         "pass --dataset=FOLDER_OR_GLOB of .parquet, .jsonl or .txt files")
+    print(f"the Hub is unreachable: using the local mirror {os.path.normpath(LOCAL_MIRROR)}")
+    return LOCAL_MIRROR
+
+
+def is_hub_name(spec: str) -> bool:
+    """owner/name, and no file or pattern here: a dataset on the Hub, such as rayml/french_gutenberg."""
+    return "/" in spec and not os.path.exists(spec) and not any(c in spec for c in "*?[")
+
+
+def fingerprint(spec: str) -> dict | None:
+    """What the reuse check compares: the SHA-256 of every local file (a book added, removed, renamed
+    or edited changes it; reading them costs a fraction of preparing them), or the Hub dataset's
+    current revision. None when it cannot be known (the Hub is unreachable): then nothing is reused."""
+    files = local_files(spec)
+    if files:
+        hashes = {}
+        for path in files:
+            with open(path, "rb") as f:
+                hashes[path] = hashlib.file_digest(f, "sha256").hexdigest()
+        return {"files": hashes}
+    if is_hub_name(spec) and hub_reachable():
+        from huggingface_hub import HfApi
+
+        try:
+            return {"hub": spec, "revision": HfApi().dataset_info(spec, timeout=10).sha}
+        except Exception:  # a wrong name or a network failure: load_documents says which
+            return None
+    return None
+
+
+def load_documents(spec: str, column: str, revision: str | None = None) -> tuple[list[str], str]:
     """Returns (documents, a description of the source). Raises SystemExit with one line on failure."""
     from datasets import load_dataset
 
-    if spec == "":
-        if hub_reachable():
-            return load_documents(HUB_DATASET, column)
-        if not local_files(LOCAL_MIRROR):
-            raise SystemExit(f"error: the Hub is unreachable and there is no local mirror at {LOCAL_MIRROR}: "
-                             "pass --dataset=FOLDER_OR_GLOB of .parquet, .jsonl or .txt files")
-        print(f"the Hub is unreachable: using the local mirror {os.path.normpath(LOCAL_MIRROR)}")
-        spec = LOCAL_MIRROR
     files = local_files(spec)
     if files:
         kinds = {LOADERS.get(os.path.splitext(f)[1]) for f in files}
@@ -100,18 +135,20 @@ def load_documents(spec: str, column: str) -> tuple[list[str], str]:
         if kind in ("text", "json"):
             extra["encoding_errors"] = "replace"  # bytes that are not UTF-8 become U+FFFD, and are counted below
         try:
-            ds = load_dataset(kind, data_files=files, split="train", **extra)
+            # download_mode: datasets caches local files by their modification time only; the reuse check
+            # (fingerprint) reads their content, so that cache must not answer with an older version
+            ds = load_dataset(kind, data_files=files, split="train", download_mode="force_redownload", **extra)
         except Exception as e:  # the loaders raise many kinds of errors on malformed files
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise SystemExit(f"error: cannot read --dataset={spec} as {kind} files: {msg}") from None
         if kind == "text":
             column = "text"  # the text loader names its column "text"
         source = f"{len(files)} {kind} file(s) from {spec}"
-    elif os.path.exists(spec) or any(c in spec for c in "*?[") or "/" not in spec:
+    elif not is_hub_name(spec):
         raise SystemExit(f"error: --dataset={spec} names no .parquet, .jsonl, .json or .txt file")
     else:  # a Hub dataset name such as rayml/french_gutenberg
         try:
-            ds = load_dataset(spec, split="train")
+            ds = load_dataset(spec, split="train", revision=revision)  # the revision fingerprinted
         except Exception as e:
             raise SystemExit(f"error: cannot load --dataset={spec} from the Hub ({type(e).__name__}): "
                              "check the name and your connection, or pass a local folder or glob") from None
@@ -129,9 +166,9 @@ def load_documents(spec: str, column: str) -> tuple[list[str], str]:
 
 def write_bin(path: str, token_lists: list[list[int]], eot: int) -> int:
     """Concatenates the documents, each followed by <|endoftext|>, into a uint16 file. Returns the
-    number of tokens. Written to a temporary file, then renamed: never a half-written .bin."""
+    number of tokens."""
     n = sum(len(t) + 1 for t in token_lists)
-    arr = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(n,))
+    arr = np.memmap(path, dtype=np.uint16, mode="w+", shape=(n,))
     i = 0
     for t in token_lists:
         arr[i : i + len(t)] = t
@@ -139,37 +176,60 @@ def write_bin(path: str, token_lists: list[list[int]], eot: int) -> int:
         i += len(t) + 1
     arr.flush()
     del arr
-    os.replace(path + ".tmp", path)
     return n
 
 
-def main(config: dict) -> str:
-    c = config
-    if c["tokenizer"] not in ("bpe", "gpt2", "char"):
-        raise SystemExit(f"error: --tokenizer={c['tokenizer']} is not one of bpe, gpt2, char")
-    if c["tokenizer"] == "bpe" and c["vocab_size"] > 65536:  # ids 0..65535 fit in uint16
-        raise SystemExit(f"error: --vocab_size={c['vocab_size']} does not fit the uint16 .bin files "
-                         "(token ids up to 65,535): use at most 65536")
-    if not 0.0 < c["val_fraction"] < 1.0:
-        raise SystemExit(f"error: --val_fraction={c['val_fraction']} must be between 0 and 1 (exclusive)")
-    name = c["name"] or "gutenberg_" + (f"bpe{c['vocab_size']}" if c["tokenizer"] == "bpe" else c["tokenizer"])
-    data_dir = os.path.join("data", name)
-    # what defines this preparation: if meta.json records the same, the files can be reused
-    recipe = {k: c[k] for k in ("dataset", "text_column", "tokenizer", "val_fraction", "seed")}
-    if c["tokenizer"] == "bpe":
-        recipe["vocab_size"] = c["vocab_size"]
+def reusable(data_dir: str, recipe: dict) -> bool:
+    """Whether data_dir holds a complete preparation of this recipe (same arguments, same data).
+    Says why not, when there is something there."""
     meta_path = os.path.join(data_dir, "meta.json")
-    if not c["force"] and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old.get("recipe") == recipe and all(os.path.exists(os.path.join(data_dir, f)) for f in ("train.bin", "val.bin", tok.TOKENIZER_FILE)):
-            print(f"{data_dir} already holds this preparation: reusing it (--force rebuilds)")
-            return data_dir
-    if c["tokenizer"] == "gpt2":
-        enc = tok.gpt2(c["gpt2_ranks"])  # checked before the slow part: a missing file fails at once
+    if not os.path.exists(meta_path):
+        return False
+    try:
+        old = tok.read_meta(meta_path)
+    except ValueError as e:
+        print(f"{meta_path} {e}: rebuilding {data_dir}")
+        return False
+    paths = {f: os.path.join(data_dir, f) for f in ("train.bin", "val.bin", tok.TOKENIZER_FILE)}
+    if not all(os.path.isfile(p) for p in paths.values()) or any(
+            os.path.getsize(paths[f"{split}.bin"]) != 2 * old[split]["tokens"] for split in ("train", "val")):
+        print(f"{data_dir} is incomplete (a file is missing or truncated): rebuilding it")
+        return False
+    if old.get("recipe") == recipe:
+        return True
+    before = old["recipe"] if isinstance(old.get("recipe"), dict) else {}
+    if recipe["data"] is None:
+        print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): rebuilding {data_dir}")
+    elif isinstance(before.get("data"), dict) and {**before, "data": 0} == {**recipe, "data": 0}:
+        a, b, counts = before["data"].get("files"), recipe["data"].get("files"), ""
+        if a is not None and b is not None:  # files before and now: which ones
+            counts = (f" ({len(b.keys() - a.keys())} file(s) added, {len(a.keys() - b.keys())} removed, "
+                      f"{sum(a[f] != b[f] for f in a.keys() & b.keys())} changed)")
+        print(f"the data changed since {data_dir} was prepared{counts}: rebuilding it")
+    else:
+        print(f"{data_dir} was prepared with other arguments (or an older prepare.py): rebuilding it "
+              "(another --name keeps both)")
+    return False
 
+
+def publish(staging: str, data_dir: str) -> None:
+    """Moves the complete new files from staging over data_dir's, meta.json last: its absence marks
+    the folder incomplete for the instant the renames take, and Ctrl-C waits for them."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if os.path.exists(os.path.join(data_dir, "meta.json")):
+            os.remove(os.path.join(data_dir, "meta.json"))
+        for f in (tok.TOKENIZER_FILE, "train.bin", "val.bin", "meta.json"):
+            os.replace(os.path.join(staging, f), os.path.join(data_dir, f))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: str) -> dict:
+    """Loads the documents, splits them, trains the tokenizer and writes every file into staging.
+    Returns meta.json's content."""
     t0 = time.time()
-    docs, source = load_documents(c["dataset"], c["text_column"])
+    docs, source = load_documents(spec, c["text_column"], (recipe["data"] or {}).get("revision"))
     if len(docs) < 2:
         raise SystemExit(f"error: {source} holds {len(docs)} non-empty document(s); whole documents are held out "
                          "for validation, so at least 2 are needed")
@@ -179,22 +239,19 @@ def main(config: dict) -> str:
     splits = {"train": [d for i, d in enumerate(docs) if i not in val_ids],
               "val": [d for i, d in enumerate(docs) if i in val_ids]}
     print(f"loaded {len(docs)} documents from {source} in {time.time() - t0:.1f}s: "
-          f"{len(splits['train'])} for training, {n_val} held out for validation")
+          f"{len(splits['train'])} for training, {n_val} held out for validation", flush=True)
 
     t1 = time.time()
     if c["tokenizer"] == "bpe":
-        print(f"training a byte-level BPE of {c['vocab_size']} tokens on the training split...")
+        print(f"training a byte-level BPE of {c['vocab_size']} tokens on the training split...", flush=True)
         enc = tok.train_bpe(splits["train"], c["vocab_size"])
     elif c["tokenizer"] == "char":
         enc = tok.train_char(splits["train"])
         if enc.vocab_size > 65536:
             raise SystemExit(f"error: {enc.vocab_size} distinct characters do not fit uint16 token ids")
-    print(f"tokenizer {enc.kind}: {enc.vocab_size} tokens ({time.time() - t1:.1f}s)")
+    print(f"tokenizer {enc.kind}: {enc.vocab_size} tokens ({time.time() - t1:.1f}s)", flush=True)
 
-    os.makedirs(data_dir, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # until the new meta.json is written, the folder reads as incomplete
-    meta = {"recipe": recipe, "source": source, "tokenizer": enc.save(data_dir), "vocab_size": enc.vocab_size}
+    meta = {"recipe": recipe, "source": source, "tokenizer": enc.save(staging), "vocab_size": enc.vocab_size}
     batch = 8  # documents per encode_batch call: large enough for the threads, small enough for the bar
     for split, texts in splits.items():
         ids = []
@@ -202,17 +259,71 @@ def main(config: dict) -> str:
             for i in range(0, len(texts), batch):
                 ids += enc.encode_batch(texts[i : i + batch], num_threads=c["num_threads"])
                 bar.update(len(ids) - bar.n)
-        n_tokens = write_bin(os.path.join(data_dir, f"{split}.bin"), ids, enc.eot_id)
+        n_tokens = write_bin(os.path.join(staging, f"{split}.bin"), ids, enc.eot_id)
         n_bytes = sum(len(enc.normalize(t).encode("utf-8")) for t in texts)
         meta[split] = {"documents": len(texts), "tokens": n_tokens, "bytes": n_bytes,
                        "bytes_per_token": n_bytes / n_tokens}
-    with open(meta_path + ".tmp", "w") as f:
+    with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
-    os.replace(meta_path + ".tmp", meta_path)  # meta.json last: its presence means the folder is complete
+    return meta
+
+
+def main(config: dict) -> str:
+    c = config
+    if c["tokenizer"] not in ("bpe", "gpt2", "char"):
+        raise SystemExit(f"error: --tokenizer={c['tokenizer']} is not one of bpe, gpt2, char")
+    if c["tokenizer"] == "bpe" and not 257 <= c["vocab_size"] <= 65536:  # 256 bytes + <|endoftext|>; uint16 ids
+        raise SystemExit(f"error: --vocab_size={c['vocab_size']} must be between 257 (the 256 bytes and "
+                         "<|endoftext|>) and 65536 (token ids of the uint16 .bin files)")
+    if not 0.0 < c["val_fraction"] < 1.0:
+        raise SystemExit(f"error: --val_fraction={c['val_fraction']} must be between 0 and 1 (exclusive)")
+    if c["num_threads"] < 1:
+        raise SystemExit(f"error: --num_threads={c['num_threads']} must be at least 1")
+    if c["seed"] < 0:
+        raise SystemExit(f"error: --seed={c['seed']} must be zero or positive")
+    name = c["name"] or "gutenberg_" + (f"bpe{c['vocab_size']}" if c["tokenizer"] == "bpe" else c["tokenizer"])
+    data_dir = os.path.join("data", name)
+    enc = tok.gpt2(c["gpt2_ranks"]) if c["tokenizer"] == "gpt2" else None  # a missing file fails at once
+
+    # what defines this preparation: if meta.json records the same, the files can be reused
+    spec = resolve_dataset(c["dataset"])
+    recipe = {k: c[k] for k in ("dataset", "text_column", "tokenizer", "val_fraction", "seed")}
+    if c["tokenizer"] == "bpe":
+        recipe["vocab_size"] = c["vocab_size"]
+    recipe["data"] = fingerprint(spec)
+    if not c["force"] and reusable(data_dir, recipe):
+        print(f"{data_dir} already holds this preparation: reusing it (--force rebuilds)")
+        return data_dir
+
+    # everything is written into a staging folder, then moved over the old files: an error or
+    # Ctrl-C at any point leaves data_dir as it was, never a mix of old and new files
+    t0 = time.time()
+    staging = os.path.join(data_dir, ".incomplete")
+    created = not os.path.isdir(data_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+    try:
+        os.makedirs(staging)
+    except OSError as e:  # data/<name> is a file, or a folder we may not write in
+        raise SystemExit(f"error: cannot write in {data_dir}: {e.strerror}: pass another --name") from None
+    try:
+        meta = build(c, spec, recipe, enc, staging)
+        publish(staging, data_dir)
+    except KeyboardInterrupt:
+        kept = f"{data_dir} was not created" if created else f"{data_dir} is as it was before this run"
+        print(f"interrupted: {kept}, nothing half-written is left", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(data_dir):
+            os.rmdir(data_dir)
     print(f"wrote {data_dir}: train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens, "
           f"{meta['train']['bytes_per_token']:.2f} bytes/token, in {time.time() - t0:.1f}s")
     return data_dir
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    try:
+        main(configure(globals()))
+    except KeyboardInterrupt:  # before any file was written: main handles Ctrl-C while it writes
+        print("interrupted: nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -36,6 +36,27 @@ attention_map = ""  # a PNG path: plot every layer's and head's attention over t
 # -----------------------------------------------------------------------------
 
 
+def attention_map_path(path: str) -> str:
+    """The file the attention figure goes to (.png added when there is no extension, as matplotlib
+    does), checked before the model runs: its folder exists and its format is one matplotlib writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise SystemExit(f"error: --attention_map={path} is a folder: give a file name, such as "
+                         f"{os.path.join(path, 'attn.png')}")
+    path = path if os.path.splitext(path)[1] else path + ".png"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if os.path.splitext(path)[1][1:].lower() not in formats:
+        raise SystemExit(f"error: --attention_map={path}: matplotlib writes {', '.join(sorted(formats))}, "
+                         "not this extension: end the name with .png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --attention_map={path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: --attention_map={path}: cannot write in {folder}")
+    return path
+
+
 def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> None:
     """One heatmap per layer (rows) and head (columns): row i shows where token i looks."""
     import matplotlib
@@ -56,8 +77,10 @@ def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> No
     fig.supxlabel("key: the token looked at")
     fig.supylabel("query: the token looking")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    # a temporary file, then renamed: an existing figure is replaced whole or not at all
+    fig.savefig(path + ".tmp", dpi=80, format=os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def stream(steps, tok) -> list[int]:
@@ -83,6 +106,8 @@ def main(c: dict) -> None:
             raise SystemExit(f"error: cannot read the prompt file {path}: {e}") from None
     if c["num_samples"] < 1 or c["max_new_tokens"] < 0 or c["temperature"] < 0 or not 0 < c["top_p"] <= 1:
         raise SystemExit("error: need num_samples >= 1, max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1")
+    if c["attention_map"]:
+        c["attention_map"] = attention_map_path(c["attention_map"])
     rt = setup_runtime(c["device"], c["dtype"], c["seed"])
     model, tok, _ = load_model(c["out_dir"], rt.device)
     block_size = model.config.block_size
@@ -94,11 +119,20 @@ def main(c: dict) -> None:
     x = torch.tensor([ids], dtype=torch.long, device=rt.device)
 
     if c["attention_map"]:
+        # one heatmap per layer and head, one row per token: past 1,024 rows in all, minutes and GBs to draw
+        n_maps = model.config.n_layer * model.config.n_head
+        if len(ids) * n_maps > 1024:
+            raise SystemExit(f"error: --attention_map draws {model.config.n_layer} x {model.config.n_head} heatmaps "
+                             f"of one row per token: use a prompt of at most {max(1, 1024 // n_maps)} tokens with this "
+                             f"model (this one has {len(ids)})")
         maps: list[torch.Tensor] = []
         with torch.no_grad(), rt.autocast():
             model(x, attn_maps=maps)
         labels = [tok.decode([i]).replace(" ", "·").replace("\n", "⏎") for i in ids]
-        plot_attention(maps, labels, c["attention_map"])
+        try:
+            plot_attention(maps, labels, c["attention_map"])
+        except OSError as e:  # a folder that refuses writes even to root (/proc), a full disk
+            raise SystemExit(f"error: cannot write {c['attention_map']}: {e.strerror or e}") from None
         print(f"wrote {os.path.abspath(c['attention_map'])}: {len(maps)} layers x {maps[0].size(1)} heads over {len(ids)} tokens")
         return
 

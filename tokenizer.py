@@ -18,6 +18,7 @@ travels inside every checkpoint, so that a checkpoint is enough to sample from.
 """
 
 import base64
+import json
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -77,11 +78,7 @@ class Tokenizer:
 
     @classmethod
     def from_state(cls, state: dict) -> "Tokenizer":
-        ranks = {}
-        for line in state["ranks"].splitlines():
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-        return cls(state["kind"], ranks, state["pattern"], state["nfc"])
+        return cls(state["kind"], parse_ranks(state["ranks"]), state["pattern"], state["nfc"])
 
     def save(self, data_dir: str) -> dict:
         """Writes data_dir/tokenizer.tiktoken (loadable with tiktoken.load.load_tiktoken_bpe);
@@ -94,10 +91,72 @@ class Tokenizer:
                 "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
 
+def read_meta(path: str) -> dict:
+    """A meta.json, parsed; ValueError (one line) when it is unreadable or lacks a field the scripts read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON (a truncated file), not UTF-8
+        raise ValueError(f"is unreadable ({e})") from None
+    fields = {"vocab_size": int, "tokenizer.kind": str, "tokenizer.file": str, "tokenizer.pattern": str,
+              "tokenizer.nfc": bool, "tokenizer.vocab_size": int,
+              **{f"{split}.{k}": int for split in ("train", "val") for k in ("documents", "tokens", "bytes")},
+              "train.bytes_per_token": float, "val.bytes_per_token": float}
+    for field, kind in fields.items():
+        value = meta
+        for k in field.split("."):
+            value = value.get(k) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"is incomplete ({field}: missing or not of type {kind.__name__})")
+    return meta
+
+
+def load_meta(data_dir: str) -> dict:
+    """data_dir/meta.json, checked: a missing, truncated or incomplete file is a one-line error."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)")
+    try:
+        return read_meta(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {path} {e}: {_rerun(data_dir)}") from None
+
+
+def _rerun(data_dir: str) -> str:
+    return f"rerun python prepare.py --force with the arguments that prepared {data_dir}"
+
+
+def parse_ranks(text: str) -> dict[bytes, int]:
+    """`base64(token) rank` lines to {token: rank}. ValueError unless they are distinct tokens of ranks
+    0, 1, ..., n-1 (tiktoken would otherwise panic, or give two tokens one id)."""
+    ranks, lines = {}, text.splitlines()
+    for i, line in enumerate(lines, 1):
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"line {i} is not `base64(token) rank`") from None
+    if len(ranks) != len(lines) or sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError("its ranks are not 0 to n-1 for n distinct tokens")
+    return ranks
+
+
 def load(data_dir: str, meta: dict) -> Tokenizer:
-    """The tokenizer that prepare.py saved in data_dir (meta is data_dir/meta.json, parsed)."""
+    """The tokenizer that prepare.py saved in data_dir (meta is data_dir/meta.json, from load_meta).
+    Read directly, not with tiktoken.load.load_tiktoken_bpe: that one caches every file it reads by its
+    path (in the temp folder), so a tokenizer rebuilt at the same path would come back as the old one."""
     t = meta["tokenizer"]
-    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, t["file"]))
+    path = os.path.join(data_dir, t["file"])
+    try:
+        with open(path, encoding="ascii") as f:  # base64 and digits only
+            ranks = parse_ranks(f.read())
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} is missing: {_rerun(data_dir)}") from None
+    except (OSError, ValueError) as e:  # ValueError: not ASCII, not `base64 rank` lines
+        raise SystemExit(f"error: {path} is unreadable ({e}): {_rerun(data_dir)}") from None
+    if len(ranks) + 1 != t["vocab_size"]:
+        raise SystemExit(f"error: {path} holds {len(ranks) + 1} tokens where meta.json says "
+                         f"{t['vocab_size']}: {_rerun(data_dir)}")
     return Tokenizer(t["kind"], ranks, t["pattern"], t["nfc"])
 
 

@@ -129,3 +129,103 @@ def test_malformed_jsonl_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "x.jsonl").write_text('{"content": "un"}\n{"content": "deux"\n', encoding="utf-8")
     with pytest.raises(SystemExit, match=r"cannot read --dataset=.*x\.jsonl as json files"):
         prepare.main(config(dataset=str(tmp_path / "x.jsonl"), tokenizer="char"))
+
+
+def documents(name: str) -> int:
+    with open(os.path.join("data", name, "meta.json")) as f:
+        meta = json.load(f)
+    return meta["train"]["documents"] + meta["val"]["documents"]
+
+
+@pytest.mark.parametrize("spec", ["books/*.txt", "books"])
+def test_reuse_sees_a_book_added_or_edited(tmp_path, books, monkeypatch, capsys, spec):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "books").mkdir()
+    for i in range(3):
+        (tmp_path / "books" / f"b{i}.txt").write_text(books[i][:5000], encoding="utf-8")
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    assert documents("mine") == 3
+    (tmp_path / "books" / "b3.txt").write_text(books[3][:5000], encoding="utf-8")
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "(1 file(s) added, 0 removed, 0 changed): rebuilding" in out
+    assert documents("mine") == 4
+    # edited in place, same size and same modification time: only the content tells
+    book = tmp_path / "books" / "b0.txt"
+    stat, before = os.stat(book), [np.fromfile(tmp_path / "data" / "mine" / f"{s}.bin", dtype=np.uint16)
+                                   for s in ("train", "val")]
+    book.write_text(books[0][:5000][::-1], encoding="utf-8")
+    os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    assert "(0 file(s) added, 0 removed, 1 changed): rebuilding" in capsys.readouterr().out
+    after = [np.fromfile(tmp_path / "data" / "mine" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")]
+    assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    assert "reusing it" in capsys.readouterr().out
+
+
+def test_reuse_sees_a_new_local_mirror(tmp_path, books, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: False)
+    monkeypatch.setattr(prepare, "LOCAL_MIRROR", str(tmp_path / "mirror"))
+    pq.write_table(pa.table({"content": books[:3]}), tmp_path / "mirror" / "train.parquet")
+    prepare.main(config(tokenizer="char"))
+    pq.write_table(pa.table({"content": books[:5]}), tmp_path / "mirror" / "train.parquet")
+    prepare.main(config(tokenizer="char"))
+    assert "1 changed): rebuilding" in capsys.readouterr().out and documents("gutenberg_char") == 5
+
+
+def test_hub_dataset_reuse_follows_its_revision(tmp_path, books, monkeypatch, capsys):
+    """A Hub name: its current revision is asked of the Hub, and that revision is what gets loaded."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    revisions = {"abc": books[:3], "def": books[:4], None: books[:4]}  # None: the latest one in the cache
+    latest, loaded = ["abc"], []
+
+    def load_dataset(name, split, revision=None):
+        loaded.append(revision)
+        return datasets.Dataset.from_dict({"content": revisions[revision]})
+
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, timeout: type("I", (), {"sha": latest[0]}))
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for rev in ("abc", "abc", "def"):
+        latest[0] = rev
+        prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
+    assert loaded == ["abc", "def"] and documents("hub") == 4  # the second run reused the first
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: False)  # offline: cannot tell, so rebuilt
+    prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
+    assert "cannot tell whether someone/books changed" in capsys.readouterr().out and loaded[-1] is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no val tokens", "a list", "no tokenizer file"])
+def test_a_damaged_preparation_is_rebuilt_not_reused(tmp_path, txt_dir, monkeypatch, capsys, damage):
+    monkeypatch.chdir(tmp_path)
+    prepare.main(config(dataset=txt_dir, tokenizer="char", name="d"))
+    meta_path = tmp_path / "data" / "d" / "meta.json"
+    good = meta_path.read_text()
+    if damage == "truncated":
+        meta_path.write_text(good[: len(good) // 2])
+    elif damage == "no val tokens":
+        meta = json.loads(good)
+        del meta["val"]["tokens"]
+        meta_path.write_text(json.dumps(meta))
+    elif damage == "a list":
+        meta_path.write_text("[1, 2]")
+    else:
+        os.remove(tmp_path / "data" / "d" / tok.TOKENIZER_FILE)
+    capsys.readouterr()
+    prepare.main(config(dataset=txt_dir, tokenizer="char", name="d"))
+    out = capsys.readouterr().out
+    assert "rebuilding" in out and "reusing" not in out
+    assert tok.load_meta(str(tmp_path / "data" / "d")) == json.loads(good)
+
+
+@pytest.mark.parametrize("arg", ["--num_threads=0", "--num_threads=-2", "--seed=-1", "--vocab_size=100"])
+def test_bad_numbers_fail_before_any_work(tmp_path, txt_dir, arg):
+    p = run("prepare.py", f"--dataset={txt_dir}", "--vocab_size=300", "--name=n", arg, cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and p.stderr.startswith(f"error: {arg}") and p.stderr.count("\n") == 1, p.stderr
+    assert "loaded" not in p.stdout and not os.path.exists(tmp_path / "data")

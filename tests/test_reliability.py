@@ -1,6 +1,7 @@
 """Faults, caused for real: kill -9, crafted and damaged checkpoints, a full disk, a dying DDP process,
 and any input at all to the tokenizers and the configuration."""
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import common
 import tokenizer as tok
 from common import load_checkpoint
 from configurator import configure
+from model import make_model
 
 
 def popen(script: str, *args: str, cwd: str) -> subprocess.Popen:
@@ -304,3 +306,134 @@ def test_ddp_resume_gives_every_process_back_its_own_dropout(workdir):
     ddp("--out_dir=out-ddp-half", "--max_iters=10")
     resumed = losses(ddp("--out_dir=out-ddp-half", "--max_iters=20", "--init_from=resume"))
     assert sorted(resumed) == list(range(11, 21)) and all(resumed[i] == full[i] for i in resumed), (full, resumed)
+
+
+# --- issue 13: stale or damaged prepared data, Ctrl-C in prepare.py, sample.py's attention map ------------
+
+
+BLOCKING_PREPARE = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import tokenizer
+real, calls = tokenizer.Tokenizer.encode_batch, []
+
+def encode_batch(self, texts, num_threads=8):  # the {block_at}th call waits, long enough to be interrupted
+    calls.append(1)
+    if len(calls) == {block_at}:
+        print("encoding blocked", flush=True)
+        time.sleep(300)
+    return real(self, texts, num_threads)
+
+tokenizer.Tokenizer.encode_batch = encode_batch
+sys.argv = ["prepare.py", *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def interrupt_prepare(cwd: str, args: list[str], block_at: int) -> tuple[int, str]:
+    """Runs prepare.py, sends it SIGINT once it is encoding (at its block_at-th batch, held there so
+    that the signal cannot come too early or too late); returns (exit code, stderr)."""
+    code = BLOCKING_PREPARE.format(root=ROOT, block_at=block_at, args=args, script=os.path.join(ROOT, "prepare.py"))
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in p.stdout:
+        if line.startswith("encoding blocked"):
+            p.send_signal(signal.SIGINT)
+            break
+    else:
+        p.kill()
+        pytest.fail(f"prepare.py never reached its encoding: {p.communicate()[1][-2000:]}")
+    return p.wait(timeout=60), p.stderr.read()
+
+
+def test_ctrl_c_in_prepare_leaves_the_previous_data_or_none(tmp_path, txt_dir):
+    args = [f"--dataset={txt_dir}", "--tokenizer=char", "--name=c"]
+    rc, err = interrupt_prepare(str(tmp_path), args, block_at=1)  # a first run: nothing to keep
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "interrupted: data/c was not created, nothing half-written is left"
+    assert not os.path.exists(tmp_path / "data" / "c")
+    run("prepare.py", *args, cwd=str(tmp_path))
+    d = tmp_path / "data" / "c"
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    # another split: every file would change; interrupted once train.bin is written, before val.bin
+    rc, err = interrupt_prepare(str(tmp_path), [*args, "--val_fraction=0.4"], block_at=2)
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "interrupted: data/c is as it was before this run, nothing half-written is left"
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+
+
+def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
+    d = tmp_path / "data" / "m"
+    with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py first"):
+        tok.load_meta(str(d))
+    d.mkdir(parents=True)
+    meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": ".", "nfc": True,
+                                             "vocab_size": 300},
+            **{s: {"documents": 1, "tokens": 10, "bytes": 12, "bytes_per_token": 1.2} for s in ("train", "val")}}
+    text = json.dumps(meta)
+    (d / "meta.json").write_text(text)
+    assert tok.load_meta(str(d)) == meta
+    del meta["val"]["tokens"]
+    for damaged, why in [(text[:40], r"is unreadable \(.*char 40\)"), (json.dumps(meta), r"is incomplete \(val\.tokens"),
+                         ("[]", r"is incomplete \(vocab_size"), ("\xff", "is unreadable")]:
+        (d / "meta.json").write_text(damaged, encoding="latin-1")
+        with pytest.raises(SystemExit) as e:
+            tok.load_meta(str(d))
+        assert re.match(rf"error: .*meta\.json {why}.*: rerun python prepare.py --force", str(e.value)), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_deleted_or_damaged_tokenizer_file_is_one_line(workdir, tmp_path):
+    shutil.copytree(os.path.join(workdir, "data", "tiny"), tmp_path / "data" / "tiny")
+    d = tmp_path / "data" / "tiny"
+    lines = (d / tok.TOKENIZER_FILE).read_text().splitlines()
+    os.remove(d / tok.TOKENIZER_FILE)
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out", *TINY, "--max_iters=1", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr == ("error: data/tiny/tokenizer.tiktoken is missing: rerun python prepare.py --force with the "
+                        "arguments that prepared data/tiny\n")
+    meta = tok.load_meta(str(d))
+    for damaged, why in [(lines[:100], "holds 101 tokens where meta.json says 512"),
+                         ([*lines[:-1], lines[-1][:5]], "line 511 is not"),
+                         ([*lines[:-1], lines[0]], "ranks are not 0 to n-1"), (["\u00e9 1"], "unreadable")]:
+        (d / tok.TOKENIZER_FILE).write_text("\n".join(damaged) + "\n")
+        with pytest.raises(SystemExit, match=why):
+            tok.load(str(d), meta)
+
+
+def test_a_rebuilt_tokenizer_is_read_again_not_taken_from_a_cache(tmp_path, books, monkeypatch):
+    """tiktoken's own loader caches files by their path: a tokenizer rebuilt in the same data/<name>
+    would come back as the old one (and train.py would store it in the checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/again")
+    for n in (1, 4):
+        fields = tok.train_char(books[:n]).save("data/again")
+        loaded = tok.load("data/again", {"tokenizer": fields})
+        assert loaded.ranks == tok.train_char(books[:n]).ranks and loaded.vocab_size == fields["vocab_size"]
+
+
+def test_sample_attention_map_to_a_missing_folder_fails_before_the_model(tmp_path):
+    # no checkpoint at all: the error about the figure's path comes first
+    p = run("sample.py", "--out_dir=nothing", "--attention_map=/no/such/dir/a.png", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and p.stderr == "error: --attention_map=/no/such/dir/a.png: the folder /no/such/dir does not exist\n"
+    import sample
+
+    for path, why in [(str(tmp_path), "is a folder"), (f"{tmp_path}/", "is a folder"), ("a.xyz", "matplotlib writes")]:
+        with pytest.raises(SystemExit, match=why):
+            sample.attention_map_path(path)
+    assert sample.attention_map_path("attn") == "attn.png"
+
+
+def test_sample_attention_map_names_the_file_it_wrote_and_refuses_a_huge_figure(trained):
+    p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", "--attention_map=attn", "--start=Il était", cwd=trained)
+    assert p.stdout.startswith(f"wrote {os.path.join(trained, 'attn.png')}:") and os.path.exists(os.path.join(trained, "attn.png"))
+    # the tiny model's checkpoint with 6 layers of 8 heads (untrained): 48 heatmaps, at most 1024 // 48 = 21 tokens
+    ckpt = common.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
+    ckpt["model_args"] = {**ckpt["model_args"], "n_layer": 6, "n_head": 8}
+    ckpt["model"] = make_model(ckpt["model_args"]).state_dict()
+    os.makedirs(os.path.join(trained, "out-heads"), exist_ok=True)
+    common.save_checkpoint(ckpt, os.path.join(trained, "out-heads", "ckpt.pt"))
+    p = run("sample.py", "--out_dir=out-heads", "--device=cpu", "--attention_map=big.png",
+            "--start=" + "Il était une fois un roi et une reine. " * 3, cwd=trained, check=False)
+    assert p.returncode == 1 and "use a prompt of at most 21 tokens with this model (this one has 32)" in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(trained, "big.png"))
