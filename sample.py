@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from common import load_model, setup_runtime
+from common import check_config, load_model, setup_runtime
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -104,8 +104,9 @@ def main(c: dict) -> None:
                 c["start"] = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read the prompt file {path}: {e}") from None
-    if c["num_samples"] < 1 or c["max_new_tokens"] < 0 or c["temperature"] < 0 or not 0 < c["top_p"] <= 1:
-        raise SystemExit("error: need num_samples >= 1, max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1")
+    check_config(c)  # temperature, top_k, top_p, max_new_tokens: in range
+    if c["num_samples"] < 1:
+        raise SystemExit(f"error: num_samples must be at least 1, got {c['num_samples']}")
     if c["attention_map"]:
         c["attention_map"] = attention_map_path(c["attention_map"])
     rt = setup_runtime(c["device"], c["dtype"], c["seed"])

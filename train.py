@@ -47,6 +47,7 @@ from common import (
 from configurator import config_keys, configure
 from model import GPTConfig, LlamaConfig, make_model
 from tokenizer import load as load_tokenizer
+from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -123,11 +124,7 @@ if rt.master and not eval_only:  # one run per out_dir, and a fresh run never re
     lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
-meta_path = os.path.join(data_dir, "meta.json")
-if not os.path.exists(meta_path):
-    raise SystemExit(f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)")
-with open(meta_path) as f:
-    meta = json.load(f)
+meta = load_meta(data_dir)  # what prepare.py wrote: tokenizer, vocabulary, tokens and bytes per split
 for split in ("train", "val"):  # a missing, truncated or foreign .bin is an error now, not a crash later
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.exists(path) else -1

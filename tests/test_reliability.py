@@ -437,3 +437,17 @@ def test_sample_attention_map_names_the_file_it_wrote_and_refuses_a_huge_figure(
             "--start=" + "Il était une fois un roi et une reine. " * 3, cwd=trained, check=False)
     assert p.returncode == 1 and "use a prompt of at most 21 tokens with this model (this one has 32)" in p.stderr, p.stderr
     assert not os.path.exists(os.path.join(trained, "big.png"))
+
+
+@pytest.mark.parametrize("arg, message", [("--top_k=-3", "top_k must be zero or positive"),
+                                          ("--top_p=0", "top_p must be in (0, 1]"),
+                                          ("--temperature=-1", "temperature must be zero or positive")])
+def test_sampling_settings_out_of_range_are_one_line(trained, arg, message):
+    p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", arg, cwd=trained, check=False)
+    assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_prompt_of_thousands_of_characters_is_a_prompt(trained):
+    start = "« Il était une fois, dit-elle [1, 2] », " * 100  # 4,000 characters, brackets and quotes
+    p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", f"--start={start}", "--max_new_tokens=5", cwd=trained)
+    assert p.stdout.startswith(start[:100])
