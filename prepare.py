@@ -206,9 +206,10 @@ def reusable(data_dir: str, recipe: dict) -> bool:
             counts = (f" ({len(b.keys() - a.keys())} file(s) added, {len(a.keys() - b.keys())} removed, "
                       f"{sum(a[f] != b[f] for f in a.keys() & b.keys())} changed)")
         print(f"the data changed since {data_dir} was prepared{counts}: rebuilding it")
-    else:
-        print(f"{data_dir} was prepared with other arguments (or an older prepare.py): rebuilding it "
-              "(another --name keeps both)")
+    else:  # a preparation a model may have been trained on: replaced only when asked
+        changed = [f"{k}={before.get(k)!r}" for k in recipe if k != "data" and before.get(k) != recipe[k]]
+        raise SystemExit(f"error: {data_dir} holds a preparation with other arguments ({', '.join(changed)}): "
+                         "pass another --name to keep both, or --force to replace it")
     return False
 
 

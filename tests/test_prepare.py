@@ -229,3 +229,15 @@ def test_bad_numbers_fail_before_any_work(tmp_path, txt_dir, arg):
     p = run("prepare.py", f"--dataset={txt_dir}", "--vocab_size=300", "--name=n", arg, cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and p.stderr.startswith(f"error: {arg}") and p.stderr.count("\n") == 1, p.stderr
     assert "loaded" not in p.stdout and not os.path.exists(tmp_path / "data")
+
+
+def test_other_arguments_never_replace_a_preparation_silently(txt_dir, tmp_path):
+    run("prepare.py", f"--dataset={txt_dir}", "--tokenizer=char", "--name=mine", cwd=str(tmp_path))
+    before = (tmp_path / "data" / "mine" / "train.bin").read_bytes()
+    p = run("prepare.py", f"--dataset={txt_dir}", "--tokenizer=char", "--name=mine", "--val_fraction=0.5",
+            cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "val_fraction=0.05" in p.stderr and "--force" in p.stderr
+    assert (tmp_path / "data" / "mine" / "train.bin").read_bytes() == before
+    run("prepare.py", f"--dataset={txt_dir}", "--tokenizer=char", "--name=mine", "--val_fraction=0.5", "--force",
+        cwd=str(tmp_path))
+    assert (tmp_path / "data" / "mine" / "train.bin").read_bytes() != before
