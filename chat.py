@@ -183,7 +183,7 @@ def main(c: dict) -> None:
     start_dir = c["out_dir"]
     if not c["fresh"] and os.path.exists(os.path.join(chat_dir, "ckpt.pt")):
         start_dir = chat_dir
-    policy, _, start = load_model(start_dir, rt.device)
+    policy, _, start = load_model(start_dir, rt.device, dropout=0.0)  # as the reference it is compared with
     state = start.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
     print(f"policy from {start_dir}/ckpt.pt ({state['updates']} updates so far), reference {c['out_dir']}/ckpt.pt; "
           f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")

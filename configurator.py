@@ -93,7 +93,7 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
         else:
             key, eq, raw = arg[2:].partition("=")
             if key not in defaults:
-                raise _unknown(key, defaults, f"from --{key}")
+                raise _unknown(key, defaults, "on the command line")
             if not eq:
                 if not (isinstance(defaults[key], bool) or defaults[key] is None):
                     raise SystemExit(f"error: {arg!r} needs a value: --{key}=VALUE")

@@ -17,6 +17,6 @@ batch_size = 16
 learning_rate = 3e-4
 warmup_iters = 10
 max_iters = 150  # 2,400 pairs drawn at random (with replacement): about 1.6 passes
-max_time = 240.0  # seconds of training (the schedule then runs by the clock): the whole run stays under 10 minutes
+max_time = 240.0  # seconds of training (the steps that fit are counted early, the schedule ends there): under 10 minutes in all
 eval_interval = 50
 log_interval = 10
