@@ -43,15 +43,19 @@ from common import (
     completion_logps,
     configure_optimizer,
     continue_prompts,
+    curve,
     ddp_guard,
     draw_windows,
     fit_prompt,
     get_lr,
     iters_in_budget,
+    keep_metrics,
     load_model,
+    log_metrics,
     pack,
     plot_curves,
     rank0_clock,
+    read_metrics,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -355,11 +359,11 @@ def main(c: dict) -> None:
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
     # every process draws the global batch from one generator and keeps its share: one state to save
     gen = torch.Generator().manual_seed(c["seed"])
-    iter_num, elapsed, history = 0, 0.0, {}  # history: {metric: (steps, values)}
+    iter_num, elapsed = 0, 0.0
     if c["resume"]:  # everything but the random states, restored last (see below)
         optimizer.load_state_dict(start["optimizer"])
         scaler.load_state_dict(run["scaler"])
-        iter_num, elapsed, history = start["iter_num"], run["elapsed"], start["history"]
+        iter_num, elapsed = start["iter_num"], run["elapsed"]
         log(f"resuming {ckpt_path} at step {iter_num}")
     raw = model
     if rt.device_type == "cuda" if c["compile"] is None else c["compile"]:
@@ -369,11 +373,13 @@ def main(c: dict) -> None:
     min_lr = c["min_lr"] or c["learning_rate"] / 10
     last_iter, lr_decay_iters = schedule_end(c, budget)
 
+    metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")  # every logged step and evaluation, one JSON line
+    if rt.master:
+        keep_metrics(metrics_path, iter_num if c["resume"] else -1)  # the steps after the checkpoint are redone
+
     def record(prefix: str, it: int, metrics: dict) -> None:
-        for k, v in metrics.items():
-            xs, ys = history.setdefault(f"{prefix}{k}", ([], []))
-            xs.append(it)
-            ys.append(v)
+        if rt.master:
+            log_metrics(metrics_path, {"iter": it, **{prefix + k: v for k, v in metrics.items()}})
 
     @torch.no_grad()
     def evaluate(it: int) -> dict:
@@ -393,15 +399,16 @@ def main(c: dict) -> None:
             return
         save_checkpoint({**{k: start[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
                          "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it,
-                         "config": c, "history": history, "init_from": c["init_from"],
+                         "config": c, "init_from": c["init_from"],
                          # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
                          "dpo": {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget, "ref": ref,
                                  "pairs": sources, "gen": gen.get_state(), "rng": rng}},
                         ckpt_path)
+        rows = read_metrics(metrics_path)  # the plots are drawn from the same file a user reads
         for name in ("loss", "rewards/accuracies", "rewards/margins"):
             key = name.replace("/", "_")
             plot_curves(os.path.join(c["out_dir"], f"dpo_{key}.png"),
-                        {"train": history.get(name, ([], [])), "held-out": history.get("eval/" + name, ([], []))},
+                        {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
                         "step", name, f"DPO on {c['init_from']}: {name}")
 
     t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training

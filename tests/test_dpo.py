@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import TINY, run
 
 import dpo
-from common import completion_logps, draw_windows, load_checkpoint, load_model, pack
+from common import completion_logps, curve, draw_windows, load_checkpoint, load_model, pack, read_metrics
 from configurator import configure
 
 
@@ -81,8 +82,8 @@ def test_dpo_run_raises_reward_accuracy_and_keeps_the_reference(trained):
     acc = [float(line.split("rewards/accuracies ")[1].split(",")[0]) for line in p.stdout.splitlines()
            if line.startswith("eval at step")]
     assert acc[0] == 0.0 and acc[-1] >= 0.8, acc  # at step 0 the policy is the reference: every reward is 0
-    ckpt = torch.load(os.path.join(trained, "out-tiny-dpo2", "ckpt.pt"), weights_only=True)
-    assert ckpt["history"]["eval/rewards/accuracies"][1][-1] == pytest.approx(acc[-1], abs=5e-5)  # logged to 4 places
+    rows = read_metrics(os.path.join(trained, "out-tiny-dpo2", "metrics.jsonl"))
+    assert curve(rows, "eval/rewards/accuracies")[1][-1] == pytest.approx(acc[-1], abs=5e-5)  # logged to 4 places
     assert hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest() == start
     assert os.path.getsize(os.path.join(trained, "out-tiny-dpo2", "dpo_loss.png")) > 1000
     run("sample.py", "--out_dir=out-tiny-dpo2", "--max_new_tokens=5", cwd=trained)
@@ -189,6 +190,7 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
         if obj["iter_num"] == 12:
             os.makedirs("out-dpo-cut", exist_ok=True)
             save(obj, os.path.join("out-dpo-cut", "ckpt.pt"))
+            shutil.copy(os.path.join("out-dpo-whole", "metrics.jsonl"), "out-dpo-cut")  # and the log so far
 
     monkeypatch.setattr(dpo, "save_checkpoint", save_and_keep_step_12)
     args = ["--init_from=out-tiny", "--make_pairs=16", "--prompt_tokens=12", "--completion_tokens=10",
@@ -206,7 +208,9 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
     assert all(resumed[k] == whole[k] for k in resumed), (resumed, whole)
     a, b = (load_checkpoint(os.path.join(trained, d, "ckpt.pt")) for d in ("out-dpo-whole", "out-dpo-cut"))
     assert b["iter_num"] == 16 and b["dpo"]["budget"] == {"max_time": 60.0, "iters": 16}
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["history"] == b["history"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    metrics = [read_metrics(os.path.join(trained, d, "metrics.jsonl")) for d in ("out-dpo-whole", "out-dpo-cut")]
+    assert metrics[0] == metrics[1]  # the steps redone after the cut are logged once
 
     # a fresh run does not replace the tuned model, a run at its end trains no more, and resuming
     # refuses other pairs: settings that would make or split them anew, or a changed file
@@ -239,9 +243,9 @@ def test_dropout_is_off_so_the_policy_starts_as_the_reference(trained, tmp_path)
             f"--val_pairs={pairs}", "--max_iters=1", "--log_interval=1", "--batch_size=4", "--device=cpu", cwd=trained)
     assert p.stdout.count("dropped 4 pair(s) whose chosen equals rejected") == 2  # the training and held-out files
     assert "8 training pairs" in p.stdout
-    history = load_checkpoint(os.path.join(trained, "out-dpo-dropout", "ckpt.pt"))["history"]
+    rows = read_metrics(os.path.join(trained, "out-dpo-dropout", "metrics.jsonl"))
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):  # step 1's, measured before its update
-        assert history[k] == ([1], [pytest.approx(0.0, abs=1e-6)]), (k, history[k])
+        assert curve(rows, k) == ([1], [pytest.approx(0.0, abs=1e-6)]), (k, curve(rows, k))
 
 
 def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
