@@ -36,9 +36,13 @@ from common import (
     check_config,
     claim_out_dir,
     completion_logits,
+    curve,
     has_dialogue,
+    keep_metrics,
     load_model,
+    log_metrics,
     plot_curves,
+    read_metrics,
     save_checkpoint,
     setup_runtime,
 )
@@ -188,23 +192,21 @@ def main(c: dict) -> None:
     print(f"policy from {start_dir}/ckpt.pt ({state['updates']} updates so far), reference {c['out_dir']}/ckpt.pt; "
           f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
     optimizer = torch.optim.SGD(policy.parameters(), lr=c["learning_rate"])
-    log_path = os.path.join(chat_dir, "feedback.jsonl")
+    log_path = os.path.join(chat_dir, "feedback.jsonl")  # every exchange, kept across sessions (dpo.py reads it)
+    metrics_path = os.path.join(chat_dir, "metrics.jsonl")  # every update of this tuned model, one JSON line
+    keep_metrics(metrics_path, state["updates"], key="update")  # those the saved model has seen
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
 
     def save() -> None:
         save_checkpoint({**{k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
                          "model": policy.state_dict(), "config": c, "chat": state,
                          "iter_num": ckpt.get("iter_num", 0)}, os.path.join(chat_dir, "ckpt.pt"))
-        r = state["ratings"]
-        if not r:  # pairwise choices only, or nothing rated yet: no curve to draw
+        rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
+        if not state["ratings"]:  # pairwise choices only, or nothing rated yet: no curve to draw
             return
-        running, mean = [], 0.0
-        for x in r:
-            mean = c["baseline_decay"] * mean + (1 - c["baseline_decay"]) * x
-            running.append(mean)
-        plot_curves(os.path.join(chat_dir, "rewards.png"), {"rating": (list(range(1, len(r) + 1)), r),
-                    "running mean (the baseline)": (list(range(1, len(r) + 1)), running)},
-                    "rated exchange", "rating", f"ratings of {chat_dir}")
+        plot_curves(os.path.join(chat_dir, "rewards.png"), {"rating": curve(rows, "rating", "update"),
+                    "running mean (the baseline)": curve(rows, "baseline", "update")},
+                    "update", "rating", f"ratings of {chat_dir}")
 
     def reply(prompt_ids: list[int]) -> list[int]:
         x = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
@@ -259,6 +261,9 @@ def main(c: dict) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             if stats:
+                rated = {"choice": int(answer)} if c["pairwise"] else {"rating": answer, "baseline": state["baseline"]}
+                log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],
+                                           "kl": stats["kl"]})
                 print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start {stats['kl']:.4f}")
                 if state["updates"] % c["save_every"] == 0:
                     save()

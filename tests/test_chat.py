@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run
 from torch.nn import functional as F
 
-from common import completion_logits, load_model
+from common import completion_logits, load_model, read_metrics
 
 
 def chat(cwd: str, stdin: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,6 +76,8 @@ def test_bad_input_is_asked_again_and_end_of_input_saves(trained):
     assert [e["rating"] for e in log] == [0.5, None] and log[-1]["update"] == 1
     ckpt = torch.load(os.path.join(trained, "chat-bad", "ckpt.pt"), weights_only=True)
     assert ckpt["chat"]["updates"] == 1 and os.path.getsize(os.path.join(trained, "chat-bad", "rewards.png")) > 1000
+    rows = read_metrics(os.path.join(trained, "chat-bad", "metrics.jsonl"))
+    assert [(r["update"], r["rating"]) for r in rows] == [(1, 0.5)] and rows[0]["kl"] >= 0
     assert hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest() == start
     # the tuned model works with the other scripts
     run("sample.py", "--out_dir=chat-bad", "--max_new_tokens=5", cwd=trained)
