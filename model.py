@@ -309,18 +309,23 @@ class RMSNorm(nn.Module):
         return y * self.weight if self.weight is not None else y
 
 
-def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """e^(i * position * theta^(-2j/head_dim)) for each position and pair j: (T, head_dim/2), complex."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2j/head_dim) for every position < max_len and pair j:
+    two (max_len, head_dim/2) tables. The angles depend on nothing else: computed once, not per forward."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.arange(max_len).float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle (Meta's
-    interleaved convention). Then q . k depends on the positions only through their distance."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, nh, hd/2)
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+    interleaved convention), in x's dtype; cos, sin: (T, hd/2). Then q . k depends on the
+    positions only through their distance. A rotation by a of the pair (x0, x1), which complex
+    numbers would write (x0 + i x1) e^(ia):
+        (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)"""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hd/2) each
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd/2): the same for every head
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
 
 
 class LlamaAttention(nn.Module):
@@ -328,21 +333,21 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.n_kv_head
         self.head_dim, self.dropout = config.n_embd // config.n_head, config.dropout
-        self.use_rope, self.rope_theta = config.uses_rope(layer), config.rope_theta
+        self.use_rope = config.uses_rope(layer)
         self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.qk_norm = RMSNorm(self.head_dim, config.norm_eps, weight=False) if config.qk_norm and self.use_rope else None
 
-    def forward(self, x, positions, cache: KVCache | None = None, attn_maps: list | None = None):
+    def forward(self, x, rope: tuple, cache: KVCache | None = None, attn_maps: list | None = None):
+        """rope: the (cos, sin) tables of x's T positions, (T, head_dim/2) each."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.use_rope:
-            freqs_cis = precompute_freqs_cis(self.head_dim, positions, self.rope_theta)
-            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
             if self.qk_norm is not None:
                 q, k = self.qk_norm(q), self.qk_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -425,8 +430,8 @@ class LlamaBlock(nn.Module):
         self.mlp = MoE(config) if config.is_moe(layer) else SwiGLU(config.n_embd, config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, cache=None, attn_maps=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, attn_maps))
+    def forward(self, x, rope, cache=None, attn_maps=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, attn_maps))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -446,6 +451,11 @@ class Llama(LanguageModel):
                 last = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if last else 0.02)
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        # RoPE's cos and sin for every position, shared by all layers; buffers follow .to(device)
+        # but are not saved (persistent=False): checkpoints hold weights only
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
         """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
@@ -454,10 +464,10 @@ class Llama(LanguageModel):
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size={self.config.block_size}")
-        positions = torch.arange(pos0, pos0 + T, device=idx.device)
+        rope = self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]  # (T, head_dim/2) each
         x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
         for block in self.transformer.h:
-            x = block(x, positions, cache, attn_maps)
+            x = block(x, rope, cache, attn_maps)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T

@@ -2,7 +2,7 @@ import pytest
 import torch
 from test_model import full_recompute_greedy
 
-from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
 
 
 def tiny(**kw) -> Llama:
@@ -16,13 +16,26 @@ def test_rope_scores_depend_only_on_distance():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
+    cos, sin = rope_tables(16, 64, 10000.0)
+
     def score(m: int, n: int) -> float:
-        f = precompute_freqs_cis(16, torch.arange(64), 10000.0)
-        return (apply_rotary_emb(q, f[m : m + 1]) * apply_rotary_emb(k, f[n : n + 1])).sum().item()
+        qm, kn = apply_rotary_emb(q, cos[m : m + 1], sin[m : m + 1]), apply_rotary_emb(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum().item()
 
     assert score(5, 2) == pytest.approx(score(45, 42), abs=1e-5)
     assert score(7, 7) == pytest.approx((q * k).sum().item(), abs=1e-5)  # distance 0: no rotation at all
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rope_is_metas_complex_rotation():
+    """Meta's reference rotates each pair (x[2j], x[2j+1]) as the complex number x[2j] + i x[2j+1],
+    multiplied by e^(i * position * theta^(-2j/head_dim)): the real tables must give the same."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 3, 16)
+    angles = torch.arange(10).float()[:, None] / 500.0 ** (torch.arange(0, 16, 2).float() / 16)
+    xc = torch.view_as_complex(x.reshape(2, 10, 3, 8, 2)) * torch.polar(torch.ones_like(angles), angles)[:, None]
+    cos, sin = rope_tables(16, 10, 500.0)
+    assert torch.allclose(apply_rotary_emb(x, cos, sin), torch.view_as_real(xc).flatten(3), atol=1e-6)
 
 
 def test_rmsnorm_matches_its_formula():
