@@ -67,17 +67,19 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
 
 
 def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None):
-    """softmax(q k^T / sqrt(head_dim)) v, causal. q: (B, nh, T, hd); k, v: (B, nh, S, hd), S >= T.
-    With attn_maps, the probabilities (B, nh, T, S) are computed explicitly and appended to it
-    (for plots); otherwise F.scaled_dot_product_attention picks a fused kernel (flash attention on
-    GPU) that never materialises the T x S matrix."""
+    """softmax(q k^T / sqrt(head_dim)) v, causal. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd), S >= T,
+    with n_kv = nh or, for grouped-query attention, fewer heads: each then serves nh / n_kv
+    consecutive query heads. With attn_maps, the probabilities (B, nh, T, S) are computed
+    explicitly and appended to it (for plots); otherwise F.scaled_dot_product_attention picks a
+    fused kernel (flash attention, on CPUs too) that never materialises the T x S matrix, nor
+    copies of the shared key/value heads (enable_gqa)."""
     T, S = q.size(2), k.size(2)
-    if attn_maps is None:
-        if T == 1:  # one new token: it may see every cached position
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        if T == S:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
+    if attn_maps is None:  # T == S: the causal mask; T == 1: one new token sees every cached position
+        mask = causal_mask(T, S, q.device) if 1 < T < S else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=T == S,
+                                              enable_gqa=k.size(1) != q.size(1))
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
     att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     att = F.softmax(att.float(), dim=-1).type_as(q)
@@ -353,8 +355,6 @@ class LlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache holds the n_kv_head heads only
-        rep = self.n_head // self.n_kv_head  # each key/value head serves rep query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps)
         return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
