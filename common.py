@@ -158,11 +158,12 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
-    norm gains toward zero has no regularising use. Fused kernel on CUDA."""
+    norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
+    instead of a dozen) exists on CUDA and on CPUs."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
