@@ -372,3 +372,28 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, yl
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+# --- torch.compile -----------------------------------------------------------------------------------
+def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
+    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
+    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
+    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
+    which the model's compile needs anyway. Otherwise eager, and one line says why."""
+    if compile is not None:
+        return compile
+    if device_type != "cpu":
+        return device_type == "cuda"
+    t0 = time.time()
+    try:
+        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
+        why = "wrong result"
+    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
+        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if works:
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the model "
+            "compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
+    else:
+        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
+            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip this check")
+    return works

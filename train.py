@@ -31,6 +31,7 @@ from common import (
     plot_curves,
     random_batch,
     rank0_clock,
+    resolve_compile,
     save_checkpoint,
     schedule_step,
     setup_runtime,
@@ -86,7 +87,7 @@ min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
-compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
+compile = None  # torch.compile the model; None = on for CUDA, and on CPU where a C++ compiler works
 backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
 seed = 1337
@@ -106,7 +107,6 @@ if gradient_accumulation_steps % rt.world_size != 0:
                      f"{rt.world_size} processes: pass a multiple of {rt.world_size}, e.g. "
                      f"--gradient_accumulation_steps={rt.world_size * gradient_accumulation_steps}")
 gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
-use_compile = rt.device_type == "cuda" if compile is None else compile
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
@@ -181,6 +181,7 @@ if init_from == "resume":
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
 raw_model = model
+use_compile = resolve_compile(compile, rt.device_type, log)  # after every check of the inputs: it takes seconds
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
     f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
     f"compile {use_compile}")
@@ -323,6 +324,9 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             if getattr(raw_model, "moe_layers", None):  # is the router spreading the tokens?
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
+        if use_compile and iter_num == iter_start + 1:  # elapsed: still the clock at the loop's start
+            log(f"first iteration done {time.time() - t_start - elapsed:.1f} s after the start, compiling the model "
+                "included (the time counts in max_time)")
         # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
         elapsed = rank0_clock(t_start, rt)
         if iter_num >= max_iters or (max_time > 0 and elapsed >= max_time):
