@@ -77,6 +77,7 @@ gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided am
 learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds after which the run stops cleanly (evaluates, saves), its schedule ended; 0 = no limit
+optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -172,7 +173,8 @@ if init_from == "resume":
     elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
 model = make_model(model_args).to(rt.device)
-optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
+                                config["optimizer"])
 if init_from == "resume":
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

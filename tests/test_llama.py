@@ -2,7 +2,7 @@ import pytest
 import torch
 from test_model import full_recompute_greedy
 
-from common import resolve_compile
+from common import configure_optimizer, resolve_compile
 from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
 
 
@@ -159,3 +159,27 @@ def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
     assert len(lines) == 1 and "No working C++ compiler found" in lines[0] and "--compile=False" in lines[0]
     assert resolve_compile(True, "cpu", lines.append) is True and len(lines) == 1  # asked for: no check
     assert resolve_compile(None, "cuda", lines.append) is True and resolve_compile(None, "mps", lines.append) is False
+
+
+def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
+    m = tiny(n_layer=2, moe_every=0).train()
+    opt = configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+    muon, adamw = opt.optimizers
+    matrices = {id(p) for n, p in m.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices and len(matrices) == 2 * 7
+    assert any(p is m.lm_head.weight for g in adamw.param_groups for p in g["params"])  # the tied embedding too
+    x = torch.randint(0, 50, (4, 16))
+    losses = []
+    for _ in range(6):  # Muon runs its iterations in bf16: slow on CPUs without bf16 units
+        _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        for g in opt.param_groups:  # as train.py sets its schedule's learning rate
+            g["lr"] = 1e-2
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    again = configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+    again.load_state_dict(opt.state_dict())  # a checkpoint's round trip
+    assert torch.equal(again.optimizers[0].state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"],
+                       muon.state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"])
