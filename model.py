@@ -312,22 +312,24 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * theta^(-2j/head_dim) for every position < max_len and pair j:
-    two (max_len, head_dim/2) tables. The angles depend on nothing else: computed once, not per forward."""
+    """RoPE's tables for every position < max_len, (max_len, head_dim) each: the cos of each pair's
+    angle, position * theta^(-2j/head_dim), twice (for x[2j] and x[2j+1]), and its sin signed as
+    (-sin, sin). The angles depend on nothing else: computed once, not in every forward."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.arange(max_len).float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    angles = torch.arange(max_len).float()[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
+    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(1)  # (-sin a, sin a) for each pair
+    return angles.cos().repeat_interleave(2, dim=-1), sin
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle (Meta's
-    interleaved convention), in x's dtype; cos, sin: (T, hd/2). Then q . k depends on the
-    positions only through their distance. A rotation by a of the pair (x0, x1), which complex
-    numbers would write (x0 + i x1) e^(ia):
-        (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)"""
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hd/2) each
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd/2): the same for every head
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
+    """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle a (Meta's
+    interleaved convention), in x's dtype; cos, sin: (T, hd) from rope_tables. Then q . k depends
+    on the positions only through their distance. The rotation, (x0 + i x1) e^(ia) in complex numbers:
+        (x0, x1) -> (x0 cos a - x1 sin a, x1 cos a + x0 sin a) = (x0, x1) * cos a + (x1, x0) * (-sin a, sin a)
+    four elementwise operations, which torch.compile fuses into one kernel (complex ones it cannot)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) for every pair
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd): the same for every head
+    return x * cos + swapped * sin
 
 
 class LlamaAttention(nn.Module):
@@ -343,7 +345,7 @@ class LlamaAttention(nn.Module):
         self.qk_norm = RMSNorm(self.head_dim, config.norm_eps, weight=False) if config.qk_norm and self.use_rope else None
 
     def forward(self, x, rope: tuple, cache: KVCache | None = None, attn_maps: list | None = None):
-        """rope: the (cos, sin) tables of x's T positions, (T, head_dim/2) each."""
+        """rope: the (cos, sin) tables of x's T positions, (T, head_dim) each."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -464,7 +466,7 @@ class Llama(LanguageModel):
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size={self.config.block_size}")
-        rope = self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]  # (T, head_dim/2) each
+        rope = self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]  # (T, head_dim) each
         x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_maps)

@@ -20,7 +20,8 @@ def test_rope_scores_depend_only_on_distance():
     cos, sin = rope_tables(16, 64, 10000.0)
 
     def score(m: int, n: int) -> float:
-        qm, kn = apply_rotary_emb(q, cos[m : m + 1], sin[m : m + 1]), apply_rotary_emb(k, cos[n : n + 1], sin[n : n + 1])
+        qm = apply_rotary_emb(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rotary_emb(k, cos[n : n + 1], sin[n : n + 1])
         return (qm * kn).sum().item()
 
     assert score(5, 2) == pytest.approx(score(45, 42), abs=1e-5)
@@ -34,7 +35,8 @@ def test_rope_is_metas_complex_rotation():
     torch.manual_seed(0)
     x = torch.randn(2, 10, 3, 16)
     angles = torch.arange(10).float()[:, None] / 500.0 ** (torch.arange(0, 16, 2).float() / 16)
-    xc = torch.view_as_complex(x.reshape(2, 10, 3, 8, 2)) * torch.polar(torch.ones_like(angles), angles)[:, None]
+    rotations = torch.polar(torch.ones_like(angles), angles)[:, None]  # e^(ia), (T, 1, hd/2)
+    xc = torch.view_as_complex(x.reshape(2, 10, 3, 8, 2)) * rotations
     cos, sin = rope_tables(16, 10, 500.0)
     assert torch.allclose(apply_rotary_emb(x, cos, sin), torch.view_as_real(xc).flatten(3), atol=1e-6)
 
@@ -158,7 +160,8 @@ def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
     assert resolve_compile(None, "cpu", lines.append) is False
     assert len(lines) == 1 and "No working C++ compiler found" in lines[0] and "--compile=False" in lines[0]
     assert resolve_compile(True, "cpu", lines.append) is True and len(lines) == 1  # asked for: no check
-    assert resolve_compile(None, "cuda", lines.append) is True and resolve_compile(None, "mps", lines.append) is False
+    assert resolve_compile(None, "cuda", lines.append) is True
+    assert resolve_compile(None, "mps", lines.append) is False
 
 
 def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
@@ -167,7 +170,7 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
     muon, adamw = opt.optimizers
     matrices = {id(p) for n, p in m.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
     assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices and len(matrices) == 2 * 7
-    assert any(p is m.lm_head.weight for g in adamw.param_groups for p in g["params"])  # the tied embedding too
+    assert any(p is m.lm_head.weight for g in adamw.param_groups for p in g["params"])  # tied embedding
     x = torch.randint(0, 50, (4, 16))
     losses = []
     for _ in range(6):  # Muon runs its iterations in bf16: slow on CPUs without bf16 units
