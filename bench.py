@@ -4,7 +4,7 @@ prints a table: each figure beside its baseline, re-measured in the same run, an
 figure is compared across runs or machines).
 
     python bench.py                          # everything: about 10 minutes on 2 CPU cores
-    python bench.py --only=generate,moe      # some sections: peak, train, generate, data, compile, moe, profile
+    python bench.py --only=generate,moe      # sections: peak, train, generate, data, compile, moe, profile
     python bench.py --only=profile           # the default training step, per operator, against the old path
 
 The baselines are the old path of the training step (model.py and AdamW as of commit 859c13a,
@@ -40,10 +40,10 @@ out_dir = "out-gutenberg"  # the weights for the generation section (a random mo
 train_iters = 16  # iterations per training measurement (the first log interval is warm-up, not counted)
 new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so that transformers' GPT-2 fits)
 device = "cpu"
-dtype = "bfloat16"  # profile: the training step's autocast dtype (config/gutenberg.py's); float32 = no autocast
+dtype = "bfloat16"  # profile: the step's autocast dtype (config/gutenberg.py's); float32 = no autocast
 profile_steps = 5  # profile: timed training steps per path, after 2 of warm-up
 baseline = "859c13a"  # profile: the commit whose model.py is the old path
-baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (needs the git history)
+baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (git history)
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
@@ -286,8 +286,8 @@ def old_model_module() -> types.ModuleType:
     else:
         p = subprocess.run(["git", "show", f"{baseline}:model.py"], cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
-            raise SystemExit(f"error: git show {baseline}:model.py failed ({p.stderr.strip()[:200]}): run bench.py in a "
-                             "git clone of the project, or pass --baseline_model=PATH to that model.py")
+            raise SystemExit(f"error: git show {baseline}:model.py failed ({p.stderr.strip()[:200]}): run "
+                             "bench.py in a git clone of the project, or pass --baseline_model=PATH")
         source = p.stdout
     module = types.ModuleType(f"model_{baseline}")
     sys.modules[module.__name__] = module  # dataclasses look their module up there
@@ -325,7 +325,7 @@ def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float],
     for e in prof.key_averages():
         if e.key.startswith("phase: "):
             continue  # the phases' own ranges: their time is their operators'
-        name = "Inductor's fused C++ kernels" if "CompiledFxGraph" in e.key else e.key  # the compiled graphs' own code
+        name = "Inductor's fused C++ kernels" if "CompiledFxGraph" in e.key else e.key  # compiled graphs' code
         by_op[name] = by_op.get(name, 0.0) + e.self_cpu_time_total
     total = sum(by_op.values())
     return {k: v / total for k, v in by_op.items()}, total / 1000 / steps
@@ -333,12 +333,12 @@ def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float],
 
 def bench_profile() -> None:
     peak = measure_peak_flops(device, getattr(torch, dtype), seconds=1.0)
-    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s", "what MFU is relative to")
+    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s", "MFU is relative to it")
     torch.manual_seed(0)
     old = old_model_module().make_model(DEFAULT_SHAPE).train()
     new = make_model(DEFAULT_SHAPE).train()
     paths = {  # name: (model, optimizer)
-        "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # AdamW's default loop on CPU
+        "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # its default on CPU
         "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device)),
     }
     compile_s = None
@@ -382,7 +382,8 @@ def bench_profile() -> None:
         vs = f"{tok_s[name] / tok_s['old']:.2f}x the old path" if name != "old" else ""
         if name == "compiled":
             vs += f"; its first step took {compile_s:.0f} s (compiling)"
-        report("profile", f"default step, {labels[name]}", f"{tok_s[name]:,.0f} tokens/s, MFU {100 * mfu:.0f}%", vs)
+        figure = f"{tok_s[name]:,.0f} tokens/s, MFU {100 * mfu:.0f}%"
+        report("profile", f"default step, {labels[name]}", figure, vs)
 
 
 SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,

@@ -156,7 +156,8 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
 
 # --- optimizer and schedule ------------------------------------------------------------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
-                        betas: tuple[float, float], device_type: str, optimizer: str = "adamw"):
+                        betas: tuple[float, float], device_type: str,
+                        optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
     norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
     instead of a dozen) exists on CUDA and on CPUs.
@@ -169,14 +170,16 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-    rest = [p for n, p in named if not any(p is m for m in matrices)]
+    in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
+    matrices = in_blocks if optimizer == "muon" else []
+    rest = [p for n, p in named if all(p is not m for m in matrices)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not matrices:
         return adamw
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw)
 
 
@@ -204,7 +207,8 @@ class Optimizers:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state.get("optimizers", ())) != len(self.optimizers):
-            raise SystemExit("error: the checkpoint was trained with another optimizer: resume with its --optimizer")
+            raise SystemExit("error: the checkpoint was trained with another optimizer: "
+                             "resume with its --optimizer")
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
 
@@ -434,9 +438,10 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
     except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
         works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if works:
-        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the model "
-            "compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
+            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
     else:
         log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
-            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip this check")
+            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
+            "this check")
     return works

@@ -325,10 +325,11 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle a (Meta's
     interleaved convention), in x's dtype; cos, sin: (T, hd) from rope_tables. Then q . k depends
     on the positions only through their distance. The rotation, (x0 + i x1) e^(ia) in complex numbers:
-        (x0, x1) -> (x0 cos a - x1 sin a, x1 cos a + x0 sin a) = (x0, x1) * cos a + (x1, x0) * (-sin a, sin a)
+        (x0, x1) -> (x0 cos a - x1 sin a, x1 cos a + x0 sin a)
+                  = (x0, x1) * cos a + (x1, x0) * (-sin a, sin a)
     four elementwise operations, which torch.compile fuses into one kernel (complex ones it cannot)."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) for every pair
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd): the same for every head
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd): the same for all heads
     return x * cos + swapped * sin
 
 

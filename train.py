@@ -183,7 +183,7 @@ if init_from == "resume":
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
 raw_model = model
-use_compile = resolve_compile(compile, rt.device_type, log)  # after every check of the inputs: it takes seconds
+use_compile = resolve_compile(compile, rt.device_type, log)  # after the checks of the inputs: it takes seconds
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
     f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
     f"compile {use_compile}")
@@ -327,8 +327,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
         if use_compile and iter_num == iter_start + 1:  # elapsed: still the clock at the loop's start
-            log(f"first iteration done {time.time() - t_start - elapsed:.1f} s after the start, compiling the model "
-                "included (the time counts in max_time)")
+            log(f"first iteration done {time.time() - t_start - elapsed:.1f} s after the start, the model's "
+                "compile included (it counts in max_time)")
         # stop at max_iters or after max_time seconds; under DDP rank 0's clock decides for everyone
         elapsed = rank0_clock(t_start, rt)
         if iter_num >= max_iters or (max_time > 0 and elapsed >= max_time):
