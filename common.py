@@ -169,6 +169,8 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     adjust_lr_fn="match_rms_adamw" scales its steps to AdamW's size: one learning rate serves both."""
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is {torch.__version__}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
     matrices = in_blocks if optimizer == "muon" else []
