@@ -4,9 +4,11 @@ prints a table: each figure beside its baseline, re-measured in the same run, an
 figure is compared across runs or machines).
 
     python bench.py                          # everything: about 10 minutes on 2 CPU cores
-    python bench.py --only=generate,moe      # some sections: peak, train, generate, data, compile, moe
+    python bench.py --only=generate,moe      # sections: peak, train, generate, data, compile, moe, profile
+    python bench.py --only=profile           # the default training step, per operator, against the old path
 
-The baselines are the course's choices (the TP: GPT-2 tokenizer, its model and batch, its generation
+The baselines are the old path of the training step (model.py and AdamW as of commit 859c13a,
+eager), the course's choices (the TP: GPT-2 tokenizer, its model and batch, its generation
 loop that recomputes the whole sequence for every new token, its Dataset that scans the documents
 for every item) and transformers' own generate() with a KV cache, on the same weights.
 Training figures come from real train.py runs (a few iterations each, in a subprocess, so that the
@@ -21,12 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import measure_peak_flops, random_batch
+from common import configure_optimizer, measure_peak_flops, random_batch, resolve_compile
 from configurator import configure
 from model import MoE, SwiGLU, make_model
 from tokenizer import load as load_tokenizer
@@ -37,6 +40,10 @@ out_dir = "out-gutenberg"  # the weights for the generation section (a random mo
 train_iters = 16  # iterations per training measurement (the first log interval is warm-up, not counted)
 new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so that transformers' GPT-2 fits)
 device = "cpu"
+dtype = "bfloat16"  # profile: the step's autocast dtype (config/gutenberg.py's); float32 = no autocast
+profile_steps = 5  # profile: timed training steps per path, after 2 of warm-up
+baseline = "859c13a"  # profile: the commit whose model.py is the old path
+baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (git history)
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
@@ -270,8 +277,118 @@ def bench_moe() -> None:
            f"{1000 * (t_moe - t_dense):.0f} ms per layer", f"{100 * share:.0f}% of a {1000 * t_step:.0f} ms forward+backward")
 
 
+# --- 7. the training step, profiled ------------------------------------------------------------------
+def old_model_module() -> types.ModuleType:
+    """model.py as it was at the baseline commit, imported under another name."""
+    if baseline_model:
+        with open(baseline_model) as f:
+            source = f.read()
+    else:
+        p = subprocess.run(["git", "show", f"{baseline}:model.py"], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"error: git show {baseline}:model.py failed ({p.stderr.strip()[:200]}): run "
+                             "bench.py in a git clone of the project, or pass --baseline_model=PATH")
+        source = p.stdout
+    module = types.ModuleType(f"model_{baseline}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"model.py@{baseline}", "exec"), module.__dict__)
+    return module
+
+
+def training_step(model, optimizer, x, y, phases: dict | None = None):
+    """train.py's iteration (one micro-step): forward and loss under autocast, backward, gradient
+    clipping, AdamW's step. phases, if given, adds the seconds of each part."""
+    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    t0 = time.perf_counter()
+    with torch.profiler.record_function("phase: forward"), autocast:
+        _, loss = model(x, y)
+    t1 = time.perf_counter()
+    with torch.profiler.record_function("phase: backward"):
+        loss.backward()
+    t2 = time.perf_counter()
+    with torch.profiler.record_function("phase: optimizer"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if phases is not None:
+        for k, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", time.perf_counter() - t2)):
+            phases[k] = phases.get(k, 0.0) + dt
+
+
+def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float], float]:
+    """torch.profiler over a few steps: each operator's share of the step (self CPU time, kernels
+    Inductor generated counted as one), and the profiled ms per step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            training_step(model, optimizer, x, y)
+    by_op: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.key.startswith("phase: "):
+            continue  # the phases' own ranges: their time is their operators'
+        name = "Inductor's fused C++ kernels" if "CompiledFxGraph" in e.key else e.key  # compiled graphs' code
+        by_op[name] = by_op.get(name, 0.0) + e.self_cpu_time_total
+    total = sum(by_op.values())
+    return {k: v / total for k, v in by_op.items()}, total / 1000 / steps
+
+
+def bench_profile() -> None:
+    peak = measure_peak_flops(device, getattr(torch, dtype), seconds=1.0)
+    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s", "MFU is relative to it")
+    torch.manual_seed(0)
+    old = old_model_module().make_model(DEFAULT_SHAPE).train()
+    new = make_model(DEFAULT_SHAPE).train()
+    paths = {  # name: (model, optimizer)
+        "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # its default on CPU
+        "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device)),
+    }
+    compile_s = None
+    if resolve_compile(None, device.split(":")[0], log=lambda line: print("  " + line, flush=True)):
+        model = make_model(DEFAULT_SHAPE).train()
+        paths["compiled"] = (torch.compile(model), configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device))
+    x, y = torch.randint(8192, (2, 16, 256), device=device)  # config/gutenberg.py's batch: 16 x 256 tokens
+    phases: dict[str, dict] = {name: {} for name in paths}
+    for name, (model, opt) in paths.items():
+        t0 = time.perf_counter()
+        training_step(model, opt, x, y)  # warm-up: allocations, and the compile
+        if name == "compiled":
+            compile_s = time.perf_counter() - t0
+        training_step(model, opt, x, y)
+    # where the time goes, operator by operator, in each path
+    shares, ms = {}, {}
+    for name, (model, opt) in paths.items():
+        shares[name], ms[name] = op_shares(model, opt, x, y)
+    top = sorted({op for s in shares.values() for op in sorted(s, key=s.get, reverse=True)[:8]},
+                 key=lambda op: -max(s.get(op, 0.0) for s in shares.values()))
+    for op in top:
+        figure = " · ".join(f"{name} {100 * s.get(op, 0.0):.1f}%" for name, s in shares.items())
+        report("profile", f"share of the step: {op}", figure)
+    report("profile", "profiled step", " · ".join(f"{name} {t:,.0f} ms" for name, t in ms.items()),
+           "the profiler's own overhead included")
+    # the speed: the paths in turn, so that a busy machine slows them all alike
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(profile_steps):
+        for name, (model, opt) in paths.items():
+            t0 = time.perf_counter()
+            training_step(model, opt, x, y, phases[name])
+            times[name].append(time.perf_counter() - t0)
+    tok_s = {name: x.numel() / float(np.median(t)) for name, t in times.items()}
+    for name in paths:
+        split = " + ".join(f"{k} {1000 * v / profile_steps:,.0f}" for k, v in phases[name].items())
+        report("profile", f"step, {name} path: forward + backward + optimizer", f"{split} ms")
+    labels = {"old": f"old path (model.py of {baseline}, AdamW's for-loop, eager)", "new": "new path, eager",
+              "compiled": "new path, torch.compile (the default where it works)"}
+    for name in paths:
+        mfu = new.flops_per_token() * tok_s[name] / peak
+        vs = f"{tok_s[name] / tok_s['old']:.2f}x the old path" if name != "old" else ""
+        if name == "compiled":
+            vs += f"; its first step took {compile_s:.0f} s (compiling)"
+        figure = f"{tok_s[name]:,.0f} tokens/s, MFU {100 * mfu:.0f}%"
+        report("profile", f"default step, {labels[name]}", figure, vs)
+
+
 SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,
-            "compile": bench_compile, "moe": bench_moe}
+            "compile": bench_compile, "moe": bench_moe,
+            "profile": bench_profile}
 
 
 def main(c: dict) -> None:

@@ -165,13 +165,63 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
 
 # --- optimizer and schedule ------------------------------------------------------------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
-                        betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+                        betas: tuple[float, float], device_type: str,
+                        optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
-    norm gains toward zero has no regularising use. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
+    instead of a dozen) exists on CUDA and on CPUs.
+
+    optimizer="muon": Muon for the weight matrices of the blocks, AdamW for the rest (embeddings,
+    the output layer tied to them, norm gains, experts' 3-D weights), as modded-nanogpt does. Muon
+    replaces each matrix's momentum by the nearest orthogonal matrix (5 Newton-Schulz iterations),
+    so that every direction of the update moves as much; made for hidden layers, not for lookups.
+    adjust_lr_fn="match_rms_adamw" scales its steps to AdamW's size: one learning rate serves both."""
+    if optimizer not in ("adamw", "muon"):
+        raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is {torch.__version__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
+    matrices = in_blocks if optimizer == "muon" else []
+    rest = [p for n, p in named if all(p is not m for m in matrices)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+    if not matrices:
+        return adamw
+    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, adamw)
+
+
+class Optimizers:
+    """Several optimizers stepped as one, with what train.py asks of one: param_groups (to set the
+    learning rate), step, zero_grad, state_dict, load_state_dict."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:  # read each time: load_state_dict replaces the groups
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise SystemExit("error: the checkpoint was trained with another optimizer: "
+                             "resume with its --optimizer")
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -477,3 +527,29 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, yl
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+# --- torch.compile -----------------------------------------------------------------------------------
+def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
+    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
+    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
+    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
+    which the model's compile needs anyway. Otherwise eager, and one line says why."""
+    if compile is not None:
+        return compile
+    if device_type != "cpu":
+        return device_type == "cuda"
+    t0 = time.time()
+    try:
+        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
+        why = "wrong result"
+    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
+        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if works:
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
+            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
+    else:
+        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
+            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
+            "this check")
+    return works

@@ -67,17 +67,19 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
 
 
 def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None):
-    """softmax(q k^T / sqrt(head_dim)) v, causal. q: (B, nh, T, hd); k, v: (B, nh, S, hd), S >= T.
-    With attn_maps, the probabilities (B, nh, T, S) are computed explicitly and appended to it
-    (for plots); otherwise F.scaled_dot_product_attention picks a fused kernel (flash attention on
-    GPU) that never materialises the T x S matrix."""
+    """softmax(q k^T / sqrt(head_dim)) v, causal. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd), S >= T,
+    with n_kv = nh or, for grouped-query attention, fewer heads: each then serves nh / n_kv
+    consecutive query heads. With attn_maps, the probabilities (B, nh, T, S) are computed
+    explicitly and appended to it (for plots); otherwise F.scaled_dot_product_attention picks a
+    fused kernel (flash attention, on CPUs too) that never materialises the T x S matrix, nor
+    copies of the shared key/value heads (enable_gqa)."""
     T, S = q.size(2), k.size(2)
-    if attn_maps is None:
-        if T == 1:  # one new token: it may see every cached position
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        if T == S:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
+    if attn_maps is None:  # T == S: the causal mask; T == 1: one new token sees every cached position
+        mask = causal_mask(T, S, q.device) if 1 < T < S else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=T == S,
+                                              enable_gqa=k.size(1) != q.size(1))
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
     att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     att = F.softmax(att.float(), dim=-1).type_as(q)
@@ -297,7 +299,8 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring and bias, computed in float32."""
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring and bias. F.rms_norm computes
+    it in one fused kernel, in float32 inside even for bf16 inputs."""
 
     def __init__(self, dim: int, eps: float = 1e-5, weight: bool = True):
         super().__init__()
@@ -305,22 +308,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x):
-        y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return y * self.weight if self.weight is not None else y
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-def precompute_freqs_cis(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """e^(i * position * theta^(-2j/head_dim)) for each position and pair j: (T, head_dim/2), complex."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's tables for every position < max_len, (max_len, head_dim) each: the cos of each pair's
+    angle, position * theta^(-2j/head_dim), twice (for x[2j] and x[2j+1]), and its sin signed as
+    (-sin, sin). The angles depend on nothing else: computed once, not in every forward."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.arange(max_len).float()[:, None] * inv_freq[None, :]  # (max_len, head_dim/2)
+    sin = torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(1)  # (-sin a, sin a) for each pair
+    return angles.cos().repeat_interleave(2, dim=-1), sin
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle (Meta's
-    interleaved convention). Then q . k depends on the positions only through their distance."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, nh, hd/2)
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates each pair (x[2j], x[2j+1]) of x (B, T, nh, hd) by its position's angle a (Meta's
+    interleaved convention), in x's dtype; cos, sin: (T, hd) from rope_tables. Then q . k depends
+    on the positions only through their distance. The rotation, (x0 + i x1) e^(ia) in complex numbers:
+        (x0, x1) -> (x0 cos a - x1 sin a, x1 cos a + x0 sin a)
+                  = (x0, x1) * cos a + (x1, x0) * (-sin a, sin a)
+    four elementwise operations, which torch.compile fuses into one kernel (complex ones it cannot)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) for every pair
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd): the same for all heads
+    return x * cos + swapped * sin
 
 
 class LlamaAttention(nn.Module):
@@ -328,28 +338,26 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.n_kv_head
         self.head_dim, self.dropout = config.n_embd // config.n_head, config.dropout
-        self.use_rope, self.rope_theta = config.uses_rope(layer), config.rope_theta
+        self.use_rope = config.uses_rope(layer)
         self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.qk_norm = RMSNorm(self.head_dim, config.norm_eps, weight=False) if config.qk_norm and self.use_rope else None
 
-    def forward(self, x, positions, cache: KVCache | None = None, attn_maps: list | None = None):
+    def forward(self, x, rope: tuple, cache: KVCache | None = None, attn_maps: list | None = None):
+        """rope: the (cos, sin) tables of x's T positions, (T, head_dim) each."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.use_rope:
-            freqs_cis = precompute_freqs_cis(self.head_dim, positions, self.rope_theta)
-            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
             if self.qk_norm is not None:
                 q, k = self.qk_norm(q), self.qk_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache holds the n_kv_head heads only
-        rep = self.n_head // self.n_kv_head  # each key/value head serves rep query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps)
         return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -425,8 +433,8 @@ class LlamaBlock(nn.Module):
         self.mlp = MoE(config) if config.is_moe(layer) else SwiGLU(config.n_embd, config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, cache=None, attn_maps=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, attn_maps))
+    def forward(self, x, rope, cache=None, attn_maps=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, attn_maps))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -446,6 +454,11 @@ class Llama(LanguageModel):
                 last = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if last else 0.02)
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        # RoPE's cos and sin for every position, shared by all layers; buffers follow .to(device)
+        # but are not saved (persistent=False): checkpoints hold weights only
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
         """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
@@ -454,10 +467,10 @@ class Llama(LanguageModel):
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size={self.config.block_size}")
-        positions = torch.arange(pos0, pos0 + T, device=idx.device)
+        rope = self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]  # (T, head_dim) each
         x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
         for block in self.transformer.h:
-            x = block(x, positions, cache, attn_maps)
+            x = block(x, rope, cache, attn_maps)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T

@@ -38,6 +38,7 @@ from common import (
     random_batch,
     rank0_clock,
     read_metrics,
+    resolve_compile,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -86,6 +87,7 @@ gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided am
 learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds the run may take: the iterations that fit are counted early on (see below); 0 = no limit
+optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -96,7 +98,7 @@ min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
-compile = None  # torch.compile the model; None = on for CUDA, off elsewhere
+compile = None  # torch.compile the model; None = on for CUDA, and on CPU where a C++ compiler works
 backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
 seed = 1337
@@ -117,7 +119,6 @@ if gradient_accumulation_steps % rt.world_size != 0:
                      f"{rt.world_size} processes: pass a multiple of {rt.world_size}, e.g. "
                      f"--gradient_accumulation_steps={rt.world_size * gradient_accumulation_steps}")
 gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
-use_compile = rt.device_type == "cuda" if compile is None else compile
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
@@ -183,6 +184,9 @@ if init_from == "resume":
     if differ:
         raise SystemExit(f"error: resuming keeps the checkpoint's model, but you set {', '.join(differ)}: drop "
                          "these settings, or train anew in another --out_dir")
+    if ckpt["config"].get("optimizer", "adamw") != optimizer:  # its state holds another optimizer's moments
+        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={ckpt['config'].get('optimizer', 'adamw')}: "
+                         "resume with it, or train anew in another --out_dir")
     model_args = {**ckpt["model_args"], "dropout": dropout}
     config.update({k: v for k, v in model_args.items() if k in config})
     block_size = model_args["block_size"]
@@ -192,7 +196,8 @@ if init_from == "resume":
         budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
 model = make_model(model_args).to(rt.device)
-optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
+                                config["optimizer"])
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
 if init_from == "resume":  # everything but the random states, restored last (see below)
@@ -204,6 +209,7 @@ if init_from == "resume":  # everything but the random states, restored last (se
     del ckpt
 raw_model = model
 moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the routers' balancing losses
+use_compile = resolve_compile(compile, rt.device_type, log)  # after the checks of the inputs: it takes seconds
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
     f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
     f"compile {use_compile}")
@@ -312,6 +318,7 @@ t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 
 t0, n_timed = time.time(), 0
 iter_start, saved_iter, eval_seconds = iter_num, (iter_num if init_from == "resume" else None), 0.0
 timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
+elapsed_at_start = elapsed
 last_iter = max_iters  # or fewer, when they do not fit in max_time
 set_budget()
 if iter_num >= last_iter:
@@ -347,8 +354,11 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         iter_num += 1
         n_timed += 1
         elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
-        if iter_num == timed_from[0]:
+        if iter_num == timed_from[0]:  # the first iteration: a compiled model compiles in it
             timed_from = (iter_num, elapsed)
+            if use_compile:
+                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's compile "
+                    "included (it counts in max_time)")
         set_budget()
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as one process would log
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from test_model import full_recompute_greedy
 
-from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from common import configure_optimizer, resolve_compile
+from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
 
 
 def tiny(**kw) -> Llama:
@@ -16,13 +17,28 @@ def test_rope_scores_depend_only_on_distance():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
+    cos, sin = rope_tables(16, 64, 10000.0)
+
     def score(m: int, n: int) -> float:
-        f = precompute_freqs_cis(16, torch.arange(64), 10000.0)
-        return (apply_rotary_emb(q, f[m : m + 1]) * apply_rotary_emb(k, f[n : n + 1])).sum().item()
+        qm = apply_rotary_emb(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rotary_emb(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum().item()
 
     assert score(5, 2) == pytest.approx(score(45, 42), abs=1e-5)
     assert score(7, 7) == pytest.approx((q * k).sum().item(), abs=1e-5)  # distance 0: no rotation at all
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rope_is_metas_complex_rotation():
+    """Meta's reference rotates each pair (x[2j], x[2j+1]) as the complex number x[2j] + i x[2j+1],
+    multiplied by e^(i * position * theta^(-2j/head_dim)): the real tables must give the same."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 3, 16)
+    angles = torch.arange(10).float()[:, None] / 500.0 ** (torch.arange(0, 16, 2).float() / 16)
+    rotations = torch.polar(torch.ones_like(angles), angles)[:, None]  # e^(ia), (T, 1, hd/2)
+    xc = torch.view_as_complex(x.reshape(2, 10, 3, 8, 2)) * rotations
+    cos, sin = rope_tables(16, 10, 500.0)
+    assert torch.allclose(apply_rotary_emb(x, cos, sin), torch.view_as_real(xc).flatten(3), atol=1e-6)
 
 
 def test_rmsnorm_matches_its_formula():
@@ -110,3 +126,63 @@ def test_active_flops_count_one_expert_of_four():
     # each MoE layer: the shared expert + 1 of 4 experts of width 64 = a dense SwiGLU of width 128
     # (plus the router's 32 x 4 weights)
     assert moe.flops_per_token() - dense.flops_per_token() == 6 * 4 * 32 * 4
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    """torch.compile (Inductor's C++ kernels on a CPU) gives the eager losses within bf16 noise, over
+    three steps of training in bf16 autocast."""
+    if not resolve_compile(None, "cpu", log=lambda line: None):
+        pytest.skip("Inductor cannot build C++ kernels on this machine")
+    x = torch.randint(0, 50, (4, 16))
+    losses = []
+    for compiled in (False, True):
+        m = tiny(n_layer=2, moe_every=0).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+        step = torch.compile(m) if compiled else m
+        losses.append([])
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = step(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[-1].append(loss.item())
+    assert losses[0][-1] < losses[0][0] - 0.05  # it trains
+    assert losses[1] == pytest.approx(losses[0], abs=2e-2)
+
+
+def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nthe rest of a long message")
+
+    lines = []
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert resolve_compile(None, "cpu", lines.append) is False
+    assert len(lines) == 1 and "No working C++ compiler found" in lines[0] and "--compile=False" in lines[0]
+    assert resolve_compile(True, "cpu", lines.append) is True and len(lines) == 1  # asked for: no check
+    assert resolve_compile(None, "cuda", lines.append) is True
+    assert resolve_compile(None, "mps", lines.append) is False
+
+
+def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
+    m = tiny(n_layer=2, moe_every=0).train()
+    opt = configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+    muon, adamw = opt.optimizers
+    matrices = {id(p) for n, p in m.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == matrices and len(matrices) == 2 * 7
+    assert any(p is m.lm_head.weight for g in adamw.param_groups for p in g["params"])  # tied embedding
+    x = torch.randint(0, 50, (4, 16))
+    losses = []
+    for _ in range(6):  # Muon runs its iterations in bf16: slow on CPUs without bf16 units
+        _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        for g in opt.param_groups:  # as train.py sets its schedule's learning rate
+            g["lr"] = 1e-2
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    again = configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+    again.load_state_dict(opt.state_dict())  # a checkpoint's round trip
+    assert torch.equal(again.optimizers[0].state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"],
+                       muon.state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"])
