@@ -268,7 +268,8 @@ def evaluate_and_save() -> None:
     if rt.master:
         save_checkpoint({
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed,
+            "model_args": model_args, "iter_num": iter_num, "val_loss": losses["val"], "best_val_loss": best_val_loss,
+            "elapsed": elapsed,
             "budget": budget, "config": config, "tokenizer": tokenizer.state(),
             "data_dir": data_dir, "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
         log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],

@@ -10,7 +10,7 @@ from common import load_model
 
 def test_llama_moe_checkpoint_samples_and_evaluates(llama_trained):
     ckpt = torch.load(os.path.join(llama_trained, "out-llama-tiny", "ckpt.pt"), weights_only=True)
-    assert ckpt["model_args"]["arch"] == "llama" and ckpt["history"]["val"][1][-1] < ckpt["history"]["val"][1][0]
+    assert ckpt["model_args"]["arch"] == "llama" and ckpt["val_loss"] < 6.0  # it learned: a uniform guess over 512 tokens is 6.24
     p = run("sample.py", "--out_dir=out-llama-tiny", "--max_new_tokens=10", "--start=Il était", cwd=llama_trained)
     assert p.stdout.startswith("Il était")
     assert "bits per byte" in run("eval.py", "--out_dir=out-llama-tiny", cwd=llama_trained).stdout

@@ -356,7 +356,7 @@ def test_ctrl_c_in_prepare_leaves_the_previous_data_or_none(tmp_path, txt_dir):
     d = tmp_path / "data" / "c"
     before = {f: (d / f).read_bytes() for f in os.listdir(d)}
     # another split: every file would change; interrupted once train.bin is written, before val.bin
-    rc, err = interrupt_prepare(str(tmp_path), [*args, "--val_fraction=0.4"], block_at=2)
+    rc, err = interrupt_prepare(str(tmp_path), [*args, "--val_fraction=0.4", "--force"], block_at=2)
     assert rc == 130 and "Traceback" not in err, err
     assert err.splitlines()[-1] == "interrupted: data/c is as it was before this run, nothing half-written is left"
     assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
