@@ -111,7 +111,8 @@ def read_text(path: str) -> str:
     except FileNotFoundError:
         raise SystemExit(f"error: no such file: {path}") from None
     except IsADirectoryError:
-        raise SystemExit(f"error: {path} is a folder: pass one text file (cat {path}/*.txt > all.txt joins them)") from None
+        raise SystemExit(f"error: {path} is a folder: pass one text file (cat {path}/*.txt > all.txt joins them)") \
+            from None
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): convert it first, e.g. with iconv") from None
     except OSError as e:
@@ -156,12 +157,13 @@ def sentence_logps(model, tok, sentences: list[str], batch_size: int, rt) -> lis
 
 
 def score_pairs(model, tok, path: str, rows: list[tuple[str, str]], batch_size: int, rt) -> dict:
-    good = sentence_logps(model, tok, [g for g, _ in rows], batch_size, rt)
-    bad = sentence_logps(model, tok, [b for _, b in rows], batch_size, rt)
+    logps = sentence_logps(model, tok, [g for g, _ in rows] + [b for _, b in rows], batch_size, rt)
+    good, bad = logps[: len(rows)], logps[len(rows) :]
     correct = sum(g > b for g, b in zip(good, bad, strict=True))  # a tie counts as a miss
     print(f"{path}: sentence_good has the higher log-probability in {correct} of {len(rows)} minimal pairs: "
           f"accuracy {100 * correct / len(rows):.1f}%")
-    return {"pairs": len(rows), "correct": correct, "accuracy": correct / len(rows), "logp_good": good, "logp_bad": bad}
+    return {"pairs": len(rows), "correct": correct, "accuracy": correct / len(rows), "logp_good": good,
+            "logp_bad": bad}
 
 
 def main(c: dict) -> dict:

@@ -1,16 +1,16 @@
 """
 Exports a checkpoint to a Hugging Face folder that the usual tools load as they are, offline.
 
-    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg      # the default, a dense Llama -> Llama4ForCausalLM
-    python export.py --out_dir=out-llama-moe --hf_dir=hf-llama-moe      # the Llama-MoE -> Llama4ForCausalLM
-    python export.py --out_dir=out-gpt --hf_dir=hf-gpt                  # a GPT (--arch=gpt) -> GPT2LMHeadModel
+    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg  # the default, a Llama: Llama4ForCausalLM
+    python export.py --out_dir=out-llama-moe --hf_dir=hf-llama-moe  # the Llama-MoE: Llama4ForCausalLM
+    python export.py --out_dir=out-gpt --hf_dir=hf-gpt              # a GPT (--arch=gpt): GPT2LMHeadModel
 
 hf_dir then holds
-    config.json, model.safetensors          the network: AutoModelForCausalLM gives our logits (to 1e-4)
-    tokenizer.json, tokenizer_config.json   the tokenizer in the `tokenizers` format: AutoTokenizer gives our ids
-    generation_config.json                  sample.py's defaults: temperature 0.8, top-k 40, stop at <|endoftext|>
-    README.md                               a model card: the Hub's metadata and this checkpoint's figures
-    tokenizer.tiktoken, tokenizer_meta.json the same tokenizer for tiktoken and tokenizer.py (tokenizer.load)
+    config.json, model.safetensors            the network: AutoModelForCausalLM gives our logits (to 1e-4)
+    tokenizer.json, tokenizer_config.json     the tokenizer, `tokenizers` format: AutoTokenizer gives our ids
+    generation_config.json                    sample.py's defaults: temperature 0.8, top-k 40
+    README.md                                 a model card: the Hub's metadata, this checkpoint's figures
+    tokenizer.tiktoken, tokenizer_meta.json   the same tokenizer for tiktoken and tokenizer.load
 so that, with transformers installed,
     transformers.pipeline("text-generation", model="hf-gutenberg")("Il était une fois")
 writes French. The files are written to a temporary folder beside hf_dir, then moved in: an
@@ -35,7 +35,7 @@ from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
 overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
-license = "other"  # the model card's license tag (e.g. mit, cc0-1.0): the project states none; the novels are public domain
+license = "other"  # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
 # -----------------------------------------------------------------------------
 
 
@@ -118,8 +118,8 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(vocab_file=ranks_file, pattern=ONIGURUMA_PATTERNS.get(tok.pattern, tok.pattern),
-                                extra_special_tokens=[EOT]).converted()
+    pattern = ONIGURUMA_PATTERNS.get(tok.pattern, tok.pattern)
+    backend = TikTokenConverter(vocab_file=ranks_file, pattern=pattern, extra_special_tokens=[EOT]).converted()
     if tok.nfc:
         backend.normalizer = normalizers.NFC()
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, model_max_length=block_size,
@@ -130,54 +130,59 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
 
 
 def generation_config(eot_id: int, block_size: int):
-    """sample.py's defaults for generate() and pipelines. max_length holds prompt and reply within
-    the context: sample.py slides its window past block_size, transformers does not."""
+    """sample.py's defaults, for generate() and pipelines. max_length keeps prompt and reply within
+    the context when the caller does not say how much to write (a pipeline would write 256 tokens):
+    transformers does not slide the context past block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=sample.temperature, top_k=sample.top_k, max_length=block_size,
-                            bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    return GenerationConfig(do_sample=True, temperature=sample.temperature, top_k=sample.top_k,
+                            max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
 
 
-def model_card(name: str, hf_model, model, tok, ckpt: dict, license: str) -> str:
-    """README.md: the metadata the Hub reads (YAML front matter), then what the model is, what it
-    was trained on and the figures this checkpoint holds."""
-    c, cfg, history = model.config, ckpt.get("config", {}), ckpt.get("history", {})
-    meta = {}
-    try:  # the data it was trained on, when prepare.py's folder is still there
+def training_data(ckpt: dict) -> tuple[str | None, str]:
+    """The Hub dataset the checkpoint was trained on (None if not one), and a line that says what
+    the data was, from prepare.py's meta.json when its folder is still there."""
+    try:
         with open(os.path.join(ckpt["data_dir"], "meta.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError, KeyError):
-        pass
-    dataset = meta.get("recipe", {}).get("dataset")
-    hub = HUB_DATASET if dataset == "" else dataset if meta.get("source", "").startswith("the Hub dataset") else None
-    yaml = ["---", "language:", "- fr", f"license: {license}", "library_name: transformers",
-            "pipeline_tag: text-generation", "tags:", "- petit-llm", f"- {hf_model.config.model_type}"]
-    yaml += ["datasets:", f"- {hub}"] if hub else []
-    n_params = sum(p.numel() for p in model.parameters())
-    rows = [("architecture", f"{type(hf_model).__name__}: {c.n_layer} layers of width {c.n_embd}, {c.n_head} heads"
-             + (f", {c.n_expert} experts (top-{c.n_expert_per_token}) in layers {hf_model.config.moe_layers}"
-                if getattr(hf_model.config, "moe_layers", None) else "")),
-            ("parameters", f"{n_params:,}"), ("context", f"{c.block_size} tokens"),
-            ("tokenizer", f"{tok.kind}, {tok.vocab_size:,} tokens" + (", NFC-normalised" if tok.nfc else ""))]
-    if meta:
-        source = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else meta.get("source", ckpt["data_dir"])
-        rows.append(("training data", f"{source}: {meta['train']['documents']} documents "
-                     f"({meta['train']['tokens']:,} tokens); {meta['val']['documents']} held out for validation"))
-    else:
-        rows.append(("training data", f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found at export)"))
+        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found at export)"
+    dataset, source = meta.get("recipe", {}).get("dataset"), meta.get("source", ckpt["data_dir"])
+    hub = HUB_DATASET if dataset == "" else dataset if source.startswith("the Hub dataset") else None
+    where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else source
+    return hub, (f"{where}: {meta['train']['documents']} documents ({meta['train']['tokens']:,} tokens); "
+                 f"{meta['val']['documents']} held out for validation")
+
+
+def model_card(name: str, hf_model, model, tok, ckpt: dict, license_tag: str) -> str:
+    """README.md: the metadata the Hub reads (YAML front matter), then what the model is, what it
+    was trained on and the figures this checkpoint holds."""
+    c, cfg, history = model.config, ckpt.get("config", {}), ckpt.get("history", {})
+    hub, data = training_data(ckpt)
+    yaml = ["---", "language:", "- fr", f"license: {license_tag}", "library_name: transformers",
+            "pipeline_tag: text-generation", "tags:", "- petit-llm", f"- {hf_model.config.model_type}",
+            *(["datasets:", f"- {hub}"] if hub else []), "---"]
+    moe = getattr(hf_model.config, "moe_layers", None)
+    shape = f"{c.n_layer} layers of width {c.n_embd}, {c.n_head} heads"
+    shape += f", {c.n_expert} experts (top-{c.n_expert_per_token}) in layers {moe}" if moe else ""
+    rows = [("architecture", f"{type(hf_model).__name__}: {shape}"),
+            ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+            ("context", f"{c.block_size} tokens"),
+            ("tokenizer", f"{tok.kind}, {tok.vocab_size:,} tokens" + (", NFC-normalised" if tok.nfc else "")),
+            ("training data", data)]
     if "val" in history and history["val"][1] and "bytes_per_token" in ckpt:  # a train.py checkpoint
         it, val = history["val"][0][-1], history["val"][1][-1]  # the last evaluation: these weights
-        tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-        rows += [("tokens seen", f"{ckpt['iter_num'] * tokens_per_iter:,} ({ckpt['iter_num']:,} iterations of "
-                  f"{tokens_per_iter:,} tokens)"),
-                 ("val loss", f"{val:.4f} nats/token at iteration {it:,} (train.py's estimate on held-out documents)"),
+        per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+        rows += [("tokens seen", f"{ckpt['iter_num'] * per_iter:,} ({ckpt['iter_num']:,} iterations of "
+                  f"{per_iter:,} tokens)"),
+                 ("val loss", f"{val:.4f} nats/token at iteration {it:,} (train.py's estimate on "
+                  f"{cfg['eval_iters']} batches of the held-out documents)"),
                  ("val bits per byte", f"{val / math.log(2) / ckpt['bytes_per_token']:.4f}")]
     else:
         tuned = "chat.py (ratings)" if "chat" in ckpt else "dpo.py (preference pairs)"
         rows.append(("tuning", f"tuned after pretraining with {tuned}: measure it with python eval.py"))
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     return "\n".join(yaml) + f"""
----
 
 # {name}
 
@@ -196,18 +201,20 @@ generate = pipeline("text-generation", model="{name}")
 print(generate("Il était une fois", max_new_tokens=100)[0]["generated_text"])
 ```
 
-`generation_config.json` samples as `sample.py` does (temperature {sample.temperature}, top-k {sample.top_k}) and stops at
-`<|endoftext|>`; prompt and reply together fit in {c.block_size} tokens. `<|endoftext|>` separates
+`generation_config.json` samples as `sample.py` does (temperature {sample.temperature}, top-k
+{sample.top_k}) and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the
+context: transformers does not slide the context past it as `sample.py` does, so keep prompt and
+`max_new_tokens` within it). `<|endoftext|>` separates
 documents: typed in a prompt it is plain text, only its id ({tok.eot_id}) is the separator.
 
 ## Licence
 
-The training texts are in the public domain. The license tag above is `{license}`
+The training texts are in the public domain. The license tag above is `{license_tag}`
 (`python export.py --license=...` sets it).
 """
 
 
-def write_export(d: str, model, tok, ckpt: dict, name: str, license: str) -> str:
+def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str) -> str:
     """Every file of the export into folder d; returns the transformers class."""
     hf_model = to_transformers(model)
     hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size)
@@ -216,7 +223,7 @@ def write_export(d: str, model, tok, ckpt: dict, name: str, license: str) -> str
         json.dump(tok.save(d), f, indent=2)  # as meta.json's "tokenizer": tokenizer.load reads both
     hf_tokenizer(tok, os.path.join(d, TOKENIZER_FILE), model.config.block_size).save_pretrained(d)
     with open(os.path.join(d, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(name, hf_model, model, tok, ckpt, license))
+        f.write(model_card(name, hf_model, model, tok, ckpt, license_tag))
     return type(hf_model).__name__
 
 
@@ -227,8 +234,8 @@ def main(c: dict) -> str:
     if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not c["overwrite"]:
         held = sorted(os.listdir(hf_dir))
         raise SystemExit(f"error: {hf_dir} already holds {len(held)} file(s) ({', '.join(held[:4])}"
-                         f"{', ...' if len(held) > 4 else ''}): pass --overwrite=True to replace an earlier export "
-                         "(files export does not write are kept), or another --hf_dir")
+                         f"{', ...' if len(held) > 4 else ''}): pass --overwrite=True to replace an earlier "
+                         "export (files export does not write are kept), or another --hf_dir")
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -238,7 +245,8 @@ def main(c: dict) -> str:
     try:
         os.makedirs(tmp)
     except OSError as e:
-        raise SystemExit(f"error: cannot write beside {hf_dir} ({e.strerror}): pass another --hf_dir") from None
+        raise SystemExit(f"error: cannot write beside {hf_dir} ({e.strerror}): pass another --hf_dir") \
+            from None
     try:
         hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"])
         written = sorted(os.listdir(tmp))

@@ -2,12 +2,13 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
 from conftest import run
 from torch.nn import functional as F
 
 from common import load_model, setup_runtime
-from eval import sentence_logps
+from eval import score, sentence_logps
 
 # sentences a model of French novels has read the like of a thousand times, each against its own
 # words shuffled: any model that learned something prefers the sentence
@@ -58,7 +59,19 @@ def test_minimal_pairs_prefer_the_sentence_to_its_shuffled_words(trained, tmp_pa
 
 def test_bad_pairs_files_and_folders_are_one_line_errors(trained, tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"sentence_good": "Il dort."}\n')
-    for args in ([f"--text={tmp_path}"], [f"--pairs={tmp_path}"], [f"--pairs={tmp_path / 'pairs.jsonl'}"]):
+    for args in ([f"--text={tmp_path}"], [f"--pairs={tmp_path}"], [f"--pairs={tmp_path / 'pairs.jsonl'}"],
+                 ["--stride=33"]):
         p = run("eval.py", "--out_dir=out-tiny", *args, cwd=trained, check=False)
         assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "is a folder" in run("eval.py", f"--text={tmp_path}", cwd=trained, check=False).stderr
+
+
+def test_stride_block_size_scores_disjoint_windows_as_lm_eval_does(trained):
+    model, _, _ = load_model(os.path.join(trained, "out-tiny"))
+    tokens = np.fromfile(os.path.join(trained, "data", "tiny", "val.bin"), dtype=np.uint16)[: 4 * 32 + 1].astype(np.int64)
+    total, count = score(model, tokens, 3, setup_runtime("cpu", "float32"), stride=32)
+    x, y = torch.from_numpy(tokens[:-1]).view(4, 32), torch.from_numpy(tokens[1:]).view(4, 32)
+    with torch.no_grad():
+        _, loss = model(x, y)  # four windows side by side, none sees another
+    assert count == 128 and abs(total - loss.item() * 128) < 1e-3
+    assert abs(score(model, tokens, 3, setup_runtime("cpu", "float32"))[0] - total) > 1e-3  # the default overlaps

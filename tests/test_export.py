@@ -66,6 +66,7 @@ def test_transformers_loads_the_export_with_our_logits_and_tokens(llama_trained,
         assert tokenizer.load(hf_dir, {"tokenizer": json.load(f)}).state() == tok.state()
     gen = transformers.GenerationConfig.from_pretrained(hf_dir)
     assert (gen.do_sample, gen.top_k, gen.temperature, gen.eos_token_id) == (True, 40, 0.8, tok.eot_id)
+    assert gen.max_length == ours.config.block_size  # a call that sets no length stays within the context
     # the model card: the Hub's metadata, and the checkpoint's figures
     with open(os.path.join(hf_dir, "README.md"), encoding="utf-8") as f:
         card = f.read()
@@ -99,7 +100,8 @@ def test_the_pipeline_writes_what_sample_py_writes_greedily(llama_trained, tmp_p
         assert ours == theirs + "\n"
         continuations.add(theirs.removeprefix(prompt))
     assert len(continuations) == 2 and all(len(set(t)) > 1 for t in continuations)  # not one repeated character
-    assert generate("Il était")[0]["generated_text"].startswith("Il était")  # sampling, generation_config's default
+    assert generate("Il était")[0]["generated_text"].startswith("Il était")  # generation_config's defaults:
+    assert len(generate("Il était", return_tensors=True)[0]["generated_token_ids"]) <= 32  # sampling, max_length
 
 
 def test_export_never_overwrites_without_overwrite_and_keeps_other_files(trained, tmp_path):
@@ -110,7 +112,7 @@ def test_export_never_overwrites_without_overwrite_and_keeps_other_files(trained
         f.write("mine")
     p = run("export.py", "--out_dir=out-tiny", f"--hf_dir={hf_dir}", cwd=trained, check=False)
     assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
-    assert "--overwrite=True" in p.stderr and not os.path.exists(hf_dir + ".tmp")
+    assert "--overwrite=True" in p.stderr and sorted(os.listdir(tmp_path)) == ["hf"]
     with open(os.path.join(hf_dir, "config.json")) as f:
         assert f.read() == before
     run("export.py", "--out_dir=out-tiny", f"--hf_dir={hf_dir}", "--overwrite=True", cwd=trained)
