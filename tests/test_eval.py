@@ -3,12 +3,15 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 from conftest import run
 from torch.nn import functional as F
 
+import eval as eval_script
 from common import load_model, setup_runtime
-from eval import score, sentence_logps
+from configurator import configure
+from eval import score
 
 # sentences a model of French novels has read the like of a thousand times, each against its own
 # words shuffled: any model that learned something prefers the sentence
@@ -45,25 +48,35 @@ def test_minimal_pairs_prefer_the_sentence_to_its_shuffled_words(trained, tmp_pa
     p = run("eval.py", "--out_dir=out-tiny", f"--pairs={write_pairs(tmp_path / 'certain.jsonl', certain)}", cwd=trained)
     correct = int(p.stdout.split(" in ")[1].split(" of ")[0])
     assert f"in {correct} of 8 minimal pairs" in p.stdout and correct >= 6, p.stdout
-    p = run("eval.py", "--out_dir=out-tiny", f"--pairs={write_pairs(tmp_path / 'grammar.jsonl', GRAMMAR)}", cwd=trained)
-    assert " of 5 minimal pairs: accuracy " in p.stdout
-    # the score of a sentence, batched and padded, is its log-probability computed directly
+    grammar = write_pairs(tmp_path / "grammar.jsonl", GRAMMAR)
+    res = eval_script.main(configure(vars(eval_script), [f"--out_dir={os.path.join(trained, 'out-tiny')}",
+                                                          f"--pairs={grammar}"]))
+    # each score, from a padded batch of all ten sentences, is the log-probability computed directly
     model, tok, _ = load_model(os.path.join(trained, "out-tiny"))
-    scores = sentence_logps(model, tok, [bad for _, bad in certain[:3]] + [SENTENCES[0]], 16, setup_runtime("cpu"))
-    ids = tok.encode(SENTENCES[0])
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([[tok.eot_id, *ids[:-1]]]), torch.tensor([ids]))
-    direct = F.log_softmax(logits[0], dim=-1)[torch.arange(len(ids)), ids].sum().item()
-    assert abs(scores[-1] - direct) < 1e-4 and direct < 0
+    for i, (good, bad) in enumerate(GRAMMAR[:2]):
+        for sentence, logp in ((good, res["logp_good"][i]), (bad, res["logp_bad"][i])):
+            ids = tok.encode(sentence)
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([[tok.eot_id, *ids[:-1]]]), torch.tensor([ids]))
+            direct = F.log_softmax(logits[0], dim=-1)[torch.arange(len(ids)), ids].sum().item()
+            assert abs(logp - direct) < 1e-4 and direct < 0
+    assert res["pairs"] == 5 and res["correct"] == sum(map(float.__gt__, res["logp_good"], res["logp_bad"]))
 
 
-def test_bad_pairs_files_and_folders_are_one_line_errors(trained, tmp_path):
+def test_a_folder_as_text_is_a_one_line_error(trained, tmp_path):
+    p = run("eval.py", "--out_dir=out-tiny", f"--text={tmp_path}", cwd=trained, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "is a folder" in p.stderr
+
+
+def test_bad_pairs_files_and_strides_are_one_line_errors(trained, tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"sentence_good": "Il dort."}\n')
-    for args in ([f"--text={tmp_path}"], [f"--pairs={tmp_path}"], [f"--pairs={tmp_path / 'pairs.jsonl'}"],
-                 ["--stride=33"]):
-        p = run("eval.py", "--out_dir=out-tiny", *args, cwd=trained, check=False)
-        assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "is a folder" in run("eval.py", f"--text={tmp_path}", cwd=trained, check=False).stderr
+    out = f"--out_dir={os.path.join(trained, 'out-tiny')}"
+    for args, why in (([f"--pairs={tmp_path}"], "is a folder"), ([f"--pairs={tmp_path / 'pairs.jsonl'}"], "line 1"),
+                      (["--stride=33"], "block_size=32")):
+        with pytest.raises(SystemExit, match=f"^error: .*{why}") as e:
+            eval_script.main(configure(vars(eval_script), [out, *args]))
+        assert "\n" not in str(e.value)
 
 
 def test_stride_block_size_scores_disjoint_windows_as_lm_eval_does(trained):

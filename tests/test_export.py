@@ -7,8 +7,11 @@ import torch
 import transformers
 from conftest import run
 
+import export
+import sample
 import tokenizer
 from common import load_checkpoint, load_model
+from configurator import configure
 from export import hf_tokenizer
 
 # what French text throws at a tokenizer: elisions, typographic apostrophes, accents typed as e +
@@ -43,15 +46,16 @@ def test_the_exported_tokenizer_gives_our_ids_and_decodes_back(books, tmp_path, 
     assert theirs.decode([ours.eot_id]) == tokenizer.EOT
 
 
-def exported(workdir: str, out_dir: str, hf_dir: str, *args: str) -> str:
+def exported(workdir: str, out_dir: str, hf_dir: str) -> str:
+    """export.py run in this process (the command line is tested below): saves a start of Python."""
     path = os.path.join(workdir, hf_dir)
-    run("export.py", f"--out_dir={out_dir}", f"--hf_dir={path}", *args, cwd=workdir)
-    return path
+    return export.main(configure(vars(export), [f"--out_dir={os.path.join(workdir, out_dir)}", f"--hf_dir={path}"]))
 
 
 @pytest.mark.parametrize("out_dir,hf_class", [("out-tiny", "GPT2LMHeadModel"), ("out-llama-tiny", "Llama4ForCausalLM")])
 def test_transformers_loads_the_export_with_our_logits_and_tokens(llama_trained, out_dir, hf_class):
-    hf_dir = exported(llama_trained, out_dir, "hf-" + out_dir)
+    hf_dir = os.path.join(llama_trained, "hf-" + out_dir)
+    run("export.py", f"--out_dir={out_dir}", f"--hf_dir={hf_dir}", cwd=llama_trained)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     assert type(hf).__name__ == hf_class
     ours, tok, ckpt = load_model(os.path.join(llama_trained, out_dir))
@@ -81,7 +85,7 @@ def test_transformers_loads_the_export_with_our_logits_and_tokens(llama_trained,
 
 
 @pytest.mark.parametrize("out_dir", ["out-tiny", "out-llama-tiny"])
-def test_the_pipeline_writes_what_sample_py_writes_greedily(llama_trained, tmp_path, out_dir):
+def test_the_pipeline_writes_what_sample_py_writes_greedily(llama_trained, tmp_path, out_dir, capsys):
     """The tiny models, barely trained, greedily write nothing but commas, and any two decoders
     agree on that: the test shakes their weights (seeded) so that each prompt gets its own text."""
     ckpt = load_checkpoint(os.path.join(llama_trained, out_dir, "ckpt.pt"))
@@ -94,8 +98,10 @@ def test_the_pipeline_writes_what_sample_py_writes_greedily(llama_trained, tmp_p
     generate = transformers.pipeline("text-generation", model=hf_dir)
     continuations = set()
     for prompt in ["Il était une fois", "— Oui, dit-elle"]:
-        ours = run("sample.py", "--out_dir=out", "--greedy", f"--start={prompt}", "--max_new_tokens=16",
-                   cwd=str(tmp_path)).stdout
+        capsys.readouterr()
+        sample.main(configure(vars(sample), [f"--out_dir={tmp_path / 'out'}", "--greedy", f"--start={prompt}",
+                                             "--max_new_tokens=16", "--device=cpu"]))
+        ours = capsys.readouterr().out
         theirs = generate(prompt, do_sample=False, max_new_tokens=16)[0]["generated_text"]
         assert ours == theirs + "\n"
         continuations.add(theirs.removeprefix(prompt))
