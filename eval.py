@@ -4,15 +4,21 @@ Measures a checkpoint on a text: cross-entropy per token, perplexity, and bits p
     python eval.py --out_dir=out-gutenberg --text=book.txt   # any UTF-8 text file, all of it
     python eval.py --out_dir=out-gutenberg                   # the held-out books of its data_dir
     python eval.py --out_dir=out-gutenberg --num_samples=50  # and the quality of 50 generated texts
+    python eval.py --out_dir=out-gutenberg --pairs=pairs.jsonl  # grammar: minimal pairs in BLiMP's format
 
 Loss per token depends on the tokenizer (a GPT-2 token holds 2.7 bytes of French, one of our BPE
 tokens 4): bits per byte = total bits / total UTF-8 bytes does not, so it compares any two models.
 Every token is scored once, with at least block_size/2 tokens of context once the text is longer
-than a window (overlapping windows, as in Hugging Face's perplexity guide).
+than a window (overlapping windows, as in Hugging Face's perplexity guide); --stride=block_size
+gives disjoint windows instead, as lm-evaluation-harness scores a text (loglikelihood_rolling).
 
 A low loss does not guarantee good samples (a model can loop, or say the same thing every time), so
 --num_samples=N also continues N prompts taken from the same text and measures what was written:
 repeated 4-grams, distinct-2 and the share with dialogue (see text_stats).
+
+--pairs=FILE scores minimal pairs instead (BLiMP, Warstadt et al., 2020): JSONL rows holding a
+grammatical sentence_good and a sentence_bad that differs from it in one point; the model knows
+the point when it gives sentence_good the higher total log-probability.
 """
 
 import json
@@ -23,13 +29,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import continue_prompts, draw_windows, has_dialogue, load_model, setup_runtime
+from common import completion_logps, continue_prompts, draw_windows, has_dialogue, load_model, pack, setup_runtime
 from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"
 text = ""  # a UTF-8 text file; "" = the val.bin of the data_dir the checkpoint was trained on
-batch_size = 16  # windows per forward pass
+pairs = ""  # a JSONL file of minimal pairs (sentence_good, sentence_bad): score those instead of a text
+batch_size = 16  # windows (or sentences) per forward pass
+stride = 0  # tokens between the starts of two windows; 0 = block_size // 2; block_size = disjoint windows
 device = "auto"
 dtype = "auto"
 num_samples = 0  # > 0: also continue this many prompts drawn from the text, and measure the samples
@@ -42,13 +50,14 @@ seed = 1337  # the same prompts and random draws every time: before/after compar
 
 
 @torch.no_grad()
-def score(model, tokens: np.ndarray, batch_size: int, rt) -> tuple[float, int]:
+def score(model, tokens: np.ndarray, batch_size: int, rt, stride: int = 0) -> tuple[float, int]:
     """Sum of -log p(token | context) in nats over tokens[1:], and how many tokens that is.
-    Windows of n = min(block_size, len - 1) tokens start every block_size/2 tokens, the last one
-    ends at the text's end; each scores only the targets that no earlier window scored."""
+    Windows of n = min(block_size, len - 1) tokens start every stride tokens (block_size/2 by
+    default), the last one ends at the text's end; each scores only the targets that no earlier
+    window scored."""
     n = min(model.config.block_size, len(tokens) - 1)
     last = len(tokens) - 1 - n
-    starts = sorted({*range(0, last, max(1, n // 2)), last})
+    starts = sorted({*range(0, last, max(1, min(stride or n // 2, n))), last})
     total, count = 0.0, 0
     for b in range(0, len(starts), batch_size):
         chunk = starts[b : b + batch_size]
@@ -94,17 +103,83 @@ def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     return text_stats([tok.decode(r) for r in rows])
 
 
+def read_text(path: str) -> str:
+    """A whole UTF-8 text file, or a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: no such file: {path}") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: {path} is a folder: pass one text file (cat {path}/*.txt > all.txt joins them)") \
+            from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): convert it first, e.g. with iconv") from None
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror}") from None
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """(sentence_good, sentence_bad) of every row of a JSONL file, or a one-line error."""
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append((row["sentence_good"], row["sentence_bad"]))
+        except (ValueError, TypeError, KeyError):
+            raise SystemExit(f"error: {path}, line {i}: not a JSON object with sentence_good and sentence_bad") from None
+        if not all(isinstance(x, str) and x for x in rows[-1]):
+            raise SystemExit(f"error: {path}, line {i}: sentence_good and sentence_bad must be non-empty strings")
+    if not rows:
+        raise SystemExit(f"error: {path} holds no pairs")
+    return rows
+
+
+@torch.no_grad()
+def sentence_logps(model, tok, sentences: list[str], batch_size: int, rt) -> list[float]:
+    """log p(sentence) in nats: the sum of log p(token | <|endoftext|>, the tokens before) over its
+    tokens, the sentence read as the start of a document (lm-evaluation-harness scores BLiMP so)."""
+    ids = [tok.encode(s) for s in sentences]
+    block_size = model.config.block_size
+    if too_long := [s for s, t in zip(sentences, ids, strict=True) if len(t) > block_size]:
+        raise SystemExit(f"error: {len(too_long)} sentence(s) hold more than the model's {block_size} tokens of "
+                         f"context, e.g. {too_long[0][:60]!r}: shorten them")
+    out = []
+    for b in range(0, len(ids), batch_size):
+        chunk = ids[b : b + batch_size]
+        x, y = pack([[tok.eot_id]] * len(chunk), chunk, block_size, rt.device)  # y: -1 but on the sentence
+        with rt.autocast():
+            logits, _ = model(x, y)
+        out += completion_logps(logits, y).tolist()
+    return out
+
+
+def score_pairs(model, tok, path: str, rows: list[tuple[str, str]], batch_size: int, rt) -> dict:
+    logps = sentence_logps(model, tok, [g for g, _ in rows] + [b for _, b in rows], batch_size, rt)
+    good, bad = logps[: len(rows)], logps[len(rows) :]
+    correct = sum(g > b for g, b in zip(good, bad, strict=True))  # a tie counts as a miss
+    print(f"{path}: sentence_good has the higher log-probability in {correct} of {len(rows)} minimal pairs: "
+          f"accuracy {100 * correct / len(rows):.1f}%")
+    return {"pairs": len(rows), "correct": correct, "accuracy": correct / len(rows), "logp_good": good,
+            "logp_bad": bad}
+
+
 def main(c: dict) -> dict:
+    # the inputs first: a bad path is an error before the model is loaded
+    if c["pairs"] and c["text"]:
+        raise SystemExit("error: --pairs and --text each name what to score: pass one of them")
+    rows = read_pairs(c["pairs"]) if c["pairs"] else None
+    raw = read_text(c["text"]) if c["text"] else None
     rt = setup_runtime(c["device"], c["dtype"])
     model, tok, ckpt = load_model(c["out_dir"], rt.device)
-    if c["text"]:
-        try:
-            with open(c["text"], encoding="utf-8") as f:
-                content = tok.normalize(f.read())
-        except FileNotFoundError:
-            raise SystemExit(f"error: no such file: {c['text']}") from None
-        except UnicodeDecodeError as e:
-            raise SystemExit(f"error: {c['text']} is not UTF-8 text (byte {e.start}): convert it first, e.g. with iconv") from None
+    if not 0 <= c["stride"] <= model.config.block_size:
+        raise SystemExit(f"error: --stride={c['stride']} must lie between 0 and block_size={model.config.block_size}")
+    if rows:
+        return score_pairs(model, tok, c["pairs"], rows, c["batch_size"], rt)
+    if raw is not None:
+        content = tok.normalize(raw)
         if not content:
             raise SystemExit(f"error: {c['text']} is empty")
         # <|endoftext|> first, as at the start of every training document: the first token is scored too
@@ -123,7 +198,7 @@ def main(c: dict) -> dict:
         source = f"{path} ({meta['val']['documents']} held-out documents)"
     if len(tokens) < 2:
         raise SystemExit("error: the text is too short to score (it needs at least one token)")
-    nats, count = score(model, tokens, c["batch_size"], rt)
+    nats, count = score(model, tokens, c["batch_size"], rt, c["stride"])
     res = {"tokens": count, "bytes": n_bytes, "loss": nats / count, "perplexity": math.exp(nats / count),
            "bits_per_byte": nats / math.log(2) / n_bytes}
     print(f"{source}: {count:,} tokens, {n_bytes:,} bytes")

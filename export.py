@@ -1,29 +1,41 @@
 """
-Exports a checkpoint to the Hugging Face transformers format: config.json and model.safetensors.
+Exports a checkpoint to a Hugging Face folder that the usual tools load as they are, offline.
 
-    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg      # the default, a dense Llama -> Llama4ForCausalLM
-    python export.py --out_dir=out-llama-moe --hf_dir=hf-llama-moe      # the Llama-MoE -> Llama4ForCausalLM
-    python export.py --out_dir=out-gpt --hf_dir=hf-gpt                  # a GPT (--arch=gpt) -> GPT2LMHeadModel
+    python export.py --out_dir=out-gutenberg --hf_dir=hf-gutenberg  # the default, a Llama: Llama4ForCausalLM
+    python export.py --out_dir=out-llama-moe --hf_dir=hf-llama-moe  # the Llama-MoE: Llama4ForCausalLM
+    python export.py --out_dir=out-gpt --hf_dir=hf-gpt              # a GPT (--arch=gpt): GPT2LMHeadModel
 
-Then, with transformers installed:
-    model = transformers.AutoModelForCausalLM.from_pretrained("hf-gutenberg")
-gives the same logits as our model (tests/test_export.py checks it to 1e-4). The tokenizer has no
-transformers class: hf_dir also gets tokenizer.tiktoken and tokenizer.json ({"pattern", "nfc",
-"eot_id"}), and `tokenizer.Tokenizer.from_state(...)` or tiktoken itself encodes text for it
-(NFC-normalise first when "nfc" is true).
+hf_dir then holds
+    config.json, model.safetensors            the network: AutoModelForCausalLM gives our logits (to 1e-4)
+    tokenizer.json, tokenizer_config.json     the tokenizer, `tokenizers` format: AutoTokenizer gives our ids
+    generation_config.json                    sample.py's defaults: temperature 0.8, top-k 40
+    README.md                                 a model card: the Hub's metadata, this checkpoint's figures
+    tokenizer.tiktoken, tokenizer_meta.json   the same tokenizer for tiktoken and tokenizer.load
+so that, with transformers installed,
+    transformers.pipeline("text-generation", model="hf-gutenberg")("Il était une fois")
+writes French. The files are written to a temporary folder beside hf_dir, then moved in: an
+interrupted export leaves nothing half-written, and an earlier export is replaced only with
+--overwrite=True.
 """
 
 import json
+import math
 import os
+import shutil
 
 import torch
 
+import sample  # its decoding defaults become the export's
 from common import load_model
 from configurator import configure
+from prepare import HUB_DATASET
+from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
+overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
+license = "other"  # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
 # -----------------------------------------------------------------------------
 
 
@@ -88,21 +100,164 @@ def to_transformers(model):
     return hf_model
 
 
+
+
+# The split pattern in the regex dialect of the `tokenizers` library (Oniguruma) where it differs:
+# Oniguruma has no (?s) flag, and [\s\S] is any character there, as (?s:.) is in tiktoken's.
+ONIGURUMA_PATTERNS = {CHAR_PATTERN: r"[\s\S]"}
+
+
+def hf_tokenizer(tok, ranks_file: str, block_size: int):
+    """Our tokenizer as a transformers PreTrainedTokenizerFast, built by transformers' own tiktoken
+    converter: every token of ranks_file keeps its id, every token that two shorter ones make is a
+    merge of the same rank (so `tokenizers` merges what tiktoken merges), the split pattern becomes
+    a pre-tokenizer and bytes map to printable characters as in GPT-2 (ByteLevel). Then what is
+    ours: NFC first for bpe and char, and a "<|endoftext|>" typed in a text stays text, as in
+    tok.encode (split_special_tokens): only the id ends a document."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    pattern = ONIGURUMA_PATTERNS.get(tok.pattern, tok.pattern)
+    backend = TikTokenConverter(vocab_file=ranks_file, pattern=pattern, extra_special_tokens=[EOT]).converted()
+    if tok.nfc:
+        backend.normalizer = normalizers.NFC()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, model_max_length=block_size,
+                                   clean_up_tokenization_spaces=False,  # keeps the space of French " !", " ?"
+                                   split_special_tokens=True)
+    assert fast.eos_token_id == tok.eot_id, "<|endoftext|> must come right after the ranks, as in tokenizer.py"
+    return fast
+
+
+def generation_config(eot_id: int, block_size: int):
+    """sample.py's defaults, for generate() and pipelines. max_length keeps prompt and reply within
+    the context when the caller does not say how much to write (a pipeline would write 256 tokens):
+    transformers does not slide the context past block_size as sample.py does, and a GPT-2 fails."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=sample.temperature, top_k=sample.top_k,
+                            max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+
+
+def training_data(ckpt: dict) -> tuple[str | None, str]:
+    """The Hub dataset the checkpoint was trained on (None if not one), and a line that says what
+    the data was, from prepare.py's meta.json when its folder is still there."""
+    try:
+        with open(os.path.join(ckpt["data_dir"], "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError, KeyError):
+        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found at export)"
+    dataset, source = meta.get("recipe", {}).get("dataset"), meta.get("source", ckpt["data_dir"])
+    hub = HUB_DATASET if dataset == "" else dataset if source.startswith("the Hub dataset") else None
+    where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else source
+    return hub, (f"{where}: {meta['train']['documents']} documents ({meta['train']['tokens']:,} tokens); "
+                 f"{meta['val']['documents']} held out for validation")
+
+
+def model_card(name: str, hf_model, model, tok, ckpt: dict, license_tag: str) -> str:
+    """README.md: the metadata the Hub reads (YAML front matter), then what the model is, what it
+    was trained on and the figures this checkpoint holds."""
+    c, cfg, history = model.config, ckpt.get("config", {}), ckpt.get("history", {})
+    hub, data = training_data(ckpt)
+    yaml = ["---", "language:", "- fr", f"license: {license_tag}", "library_name: transformers",
+            "pipeline_tag: text-generation", "tags:", "- petit-llm", f"- {hf_model.config.model_type}",
+            *(["datasets:", f"- {hub}"] if hub else []), "---"]
+    moe = getattr(hf_model.config, "moe_layers", None)
+    shape = f"{c.n_layer} layers of width {c.n_embd}, {c.n_head} heads"
+    shape += f", {c.n_expert} experts (top-{c.n_expert_per_token}) in layers {moe}" if moe else ""
+    rows = [("architecture", f"{type(hf_model).__name__}: {shape}"),
+            ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+            ("context", f"{c.block_size} tokens"),
+            ("tokenizer", f"{tok.kind}, {tok.vocab_size:,} tokens" + (", NFC-normalised" if tok.nfc else "")),
+            ("training data", data)]
+    if "val" in history and history["val"][1] and "bytes_per_token" in ckpt:  # a train.py checkpoint
+        it, val = history["val"][0][-1], history["val"][1][-1]  # the last evaluation: these weights
+        per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+        rows += [("tokens seen", f"{ckpt['iter_num'] * per_iter:,} ({ckpt['iter_num']:,} iterations of "
+                  f"{per_iter:,} tokens)"),
+                 ("val loss", f"{val:.4f} nats/token at iteration {it:,} (train.py's estimate on "
+                  f"{cfg['eval_iters']} batches of the held-out documents)"),
+                 ("val bits per byte", f"{val / math.log(2) / ckpt['bytes_per_token']:.4f}")]
+    else:
+        tuned = "chat.py (ratings)" if "chat" in ckpt else "dpo.py (preference pairs)"
+        rows.append(("tuning", f"tuned after pretraining with {tuned}: measure it with python eval.py"))
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return "\n".join(yaml) + f"""
+
+# {name}
+
+A small French language model trained from scratch with petit-llm (`train.py`) and exported by
+`export.py`. It continues French text in the style of the text it was trained on; it does not
+follow instructions.
+
+{table}
+
+## Use
+
+```python
+from transformers import pipeline
+
+generate = pipeline("text-generation", model="{name}")
+print(generate("Il était une fois", max_new_tokens=100)[0]["generated_text"])
+```
+
+`generation_config.json` samples as `sample.py` does (temperature {sample.temperature}, top-k
+{sample.top_k}) and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the
+context: transformers does not slide the context past it as `sample.py` does, so keep prompt and
+`max_new_tokens` within it). `<|endoftext|>` separates
+documents: typed in a prompt it is plain text, only its id ({tok.eot_id}) is the separator.
+
+## Licence
+
+The training texts are in the public domain. The license tag above is `{license_tag}`
+(`python export.py --license=...` sets it).
+"""
+
+
+def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str) -> str:
+    """Every file of the export into folder d; returns the transformers class."""
+    hf_model = to_transformers(model)
+    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size)
+    hf_model.save_pretrained(d)
+    with open(os.path.join(d, "tokenizer_meta.json"), "w") as f:
+        json.dump(tok.save(d), f, indent=2)  # as meta.json's "tokenizer": tokenizer.load reads both
+    hf_tokenizer(tok, os.path.join(d, TOKENIZER_FILE), model.config.block_size).save_pretrained(d)
+    with open(os.path.join(d, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(name, hf_model, model, tok, ckpt, license_tag))
+    return type(hf_model).__name__
+
+
 def main(c: dict) -> str:
-    model, tok, _ = load_model(c["out_dir"])
     hf_dir = c["hf_dir"] or "hf-" + os.path.basename(os.path.normpath(c["out_dir"])).removeprefix("out-")
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        raise SystemExit(f"error: --hf_dir={hf_dir} is a file: pass a folder (new, or an earlier export)")
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not c["overwrite"]:
+        held = sorted(os.listdir(hf_dir))
+        raise SystemExit(f"error: {hf_dir} already holds {len(held)} file(s) ({', '.join(held[:4])}"
+                         f"{', ...' if len(held) > 4 else ''}): pass --overwrite=True to replace an earlier "
+                         "export (files export does not write are kept), or another --hf_dir")
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise SystemExit("error: export needs transformers: pip install -r requirements-dev.txt") from None
-    hf_model = to_transformers(model)
-    hf_model.save_pretrained(hf_dir)
-    tok.save(hf_dir)
-    with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
-        json.dump({"kind": tok.kind, "pattern": tok.pattern, "nfc": tok.nfc, "eot_id": tok.eot_id,
-                   "ranks_file": "tokenizer.tiktoken"}, f, indent=2)
-    print(f"wrote {hf_dir}/ ({type(hf_model).__name__}: config.json, model.safetensors; tokenizer.tiktoken and "
-          "tokenizer.json for tiktoken)")
+    model, tok, ckpt = load_model(c["out_dir"])
+    tmp = f"{os.path.abspath(hf_dir)}.tmp{os.getpid()}"  # beside hf_dir: same disk, so the moves are renames
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write beside {hf_dir} ({e.strerror}): pass another --hf_dir") \
+            from None
+    try:
+        hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"])
+        written = sorted(os.listdir(tmp))
+        if not os.path.exists(hf_dir):
+            os.rename(tmp, hf_dir)  # all files appear at once
+        else:  # an earlier export: each file is replaced whole, the others are kept
+            for name in written:
+                os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {hf_dir}/ ({hf_class}): {', '.join(written)}")
     return hf_dir
 
 
