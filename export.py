@@ -157,7 +157,7 @@ def training_data(ckpt: dict) -> tuple[str | None, str]:
 def model_card(name: str, hf_model, model, tok, ckpt: dict, license_tag: str) -> str:
     """README.md: the metadata the Hub reads (YAML front matter), then what the model is, what it
     was trained on and the figures this checkpoint holds."""
-    c, cfg, history = model.config, ckpt.get("config", {}), ckpt.get("history", {})
+    c, cfg = model.config, ckpt.get("config", {})
     hub, data = training_data(ckpt)
     yaml = ["---", "language:", "- fr", f"license: {license_tag}", "library_name: transformers",
             "pipeline_tag: text-generation", "tags:", "- petit-llm", f"- {hf_model.config.model_type}",
@@ -170,8 +170,8 @@ def model_card(name: str, hf_model, model, tok, ckpt: dict, license_tag: str) ->
             ("context", f"{c.block_size} tokens"),
             ("tokenizer", f"{tok.kind}, {tok.vocab_size:,} tokens" + (", NFC-normalised" if tok.nfc else "")),
             ("training data", data)]
-    if "val" in history and history["val"][1] and "bytes_per_token" in ckpt:  # a train.py checkpoint
-        it, val = history["val"][0][-1], history["val"][1][-1]  # the last evaluation: these weights
+    if "val_loss" in ckpt:  # a train.py checkpoint: the val loss of these weights, measured as it was saved
+        it, val = ckpt["iter_num"], ckpt["val_loss"]
         per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
         rows += [("tokens seen", f"{ckpt['iter_num'] * per_iter:,} ({ckpt['iter_num']:,} iterations of "
                   f"{per_iter:,} tokens)"),
