@@ -29,7 +29,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import completion_logps, continue_prompts, draw_windows, has_dialogue, load_model, pack, setup_runtime
+from common import (
+    check_config,
+    completion_logps,
+    continue_prompts,
+    draw_windows,
+    has_dialogue,
+    load_model,
+    pack,
+    setup_runtime,
+)
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -167,7 +176,8 @@ def score_pairs(model, tok, path: str, rows: list[tuple[str, str]], batch_size: 
 
 
 def main(c: dict) -> dict:
-    # the inputs first: a bad path is an error before the model is loaded
+    # the inputs first: a bad setting or path is an error before the model is loaded
+    check_config(c)  # batch_size, prompt_tokens, temperature, top_k... in range
     if c["pairs"] and c["text"]:
         raise SystemExit("error: --pairs and --text each name what to score: pass one of them")
     rows = read_pairs(c["pairs"]) if c["pairs"] else None

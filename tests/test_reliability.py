@@ -439,11 +439,14 @@ def test_sample_attention_map_names_the_file_it_wrote_and_refuses_a_huge_figure(
     assert not os.path.exists(os.path.join(trained, "big.png"))
 
 
-@pytest.mark.parametrize("arg, message", [("--top_k=-3", "top_k must be zero or positive"),
-                                          ("--top_p=0", "top_p must be in (0, 1]"),
-                                          ("--temperature=-1", "temperature must be zero or positive")])
-def test_sampling_settings_out_of_range_are_one_line(trained, arg, message):
-    p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", arg, cwd=trained, check=False)
+@pytest.mark.parametrize("script, arg, message", [
+    *((script, "--top_k=-3", "top_k must be zero or positive") for script in ("sample.py", "eval.py", "chat.py")),
+    *((script, "--temperature=-1", "temperature must be zero or positive") for script in ("sample.py", "chat.py")),
+    ("sample.py", "--top_p=0", "top_p must be in (0, 1]"),
+    ("eval.py", "--batch_size=0", "batch_size must be positive"),
+])
+def test_sampling_settings_out_of_range_are_one_line(trained, script, arg, message):
+    p = run(script, "--out_dir=out-tiny", "--device=cpu", arg, cwd=trained, check=False)
     assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
