@@ -49,7 +49,7 @@ def main(c: dict) -> None:
     for name in names:
         out = os.path.join("out-sweep", name)
         cmd = [sys.executable, "train.py", "config/gutenberg.py", *RUNS[name], f"--out_dir={out}",
-               f"--max_time={c['max_time']}"]
+               f"--max_time={c['max_time']}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         log = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,7 +58,9 @@ def main(c: dict) -> None:
             raise SystemExit(f"error: run {name} failed:\n{log.stderr[-2000:]}")
         done = re.search(r"done: (\d+) iterations", log.stdout)
         speeds = sorted(float(s.replace(",", "")) for s in re.findall(r"([\d,]+) tokens/s", log.stdout))
-        stopped = " (stopped by max_time)" if "reached at iteration" in log.stdout else ""
+        fitted = re.search(r"(\d+) of the max_iters=\d+ iterations fit", log.stdout)
+        stopped = f" ({fitted.group(1)} fitted in max_time)" if fitted else ""
+        stopped = " (stopped by max_time)" if "reached at iteration" in log.stdout else stopped
         ev = subprocess.run([sys.executable, "eval.py", f"--out_dir={out}"], capture_output=True, text=True)
         if ev.returncode:
             raise SystemExit(f"error: eval.py on run {name} failed:\n{ev.stderr[-2000:]}")
