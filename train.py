@@ -140,16 +140,12 @@ for split in ("train", "val"):  # a missing, truncated or foreign .bin is an err
                          "rerun python prepare.py --force")
 tokenizer = load_tokenizer(data_dir, meta)
 bytes_per_token = meta["val"]["bytes_per_token"]
-tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
-log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
-    f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 
 # batches come from their own generator, so that a resumed run draws the same batches as an
 # uninterrupted one (its state is saved in the checkpoint). Every process draws the whole global
 # batch of an iteration from the same generator and keeps its own share: the global batch, and so
 # the run, is the same with 1 process or 8.
 batch_gen = torch.Generator().manual_seed(seed)
-n_train_windows = meta["train"]["tokens"] - block_size
 
 
 def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = None):
@@ -158,6 +154,7 @@ def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = No
 
 def iteration_windows() -> torch.Tensor:
     """Where this process's windows of the next iteration start: (micro-steps, batch_size)."""
+    n_train_windows = meta["train"]["tokens"] - block_size  # block_size: a resume takes its checkpoint's
     ix = torch.randint(n_train_windows, (rt.world_size * gradient_accumulation_steps, batch_size), generator=batch_gen)
     return ix.view(rt.world_size, gradient_accumulation_steps, batch_size)[rt.rank]
 
@@ -195,6 +192,9 @@ if init_from == "resume":
     if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
         budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
+tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
+log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
+    f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
                                 config["optimizer"])
