@@ -45,9 +45,9 @@ from common import (
     read_metrics,
     save_checkpoint,
     setup_runtime,
+    stream,
 )
 from configurator import configure
-from sample import stream
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the starting model: read, never written

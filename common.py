@@ -4,6 +4,7 @@ rate schedule, checkpoints written atomically and loaded safely, loss-curve plot
 of the machine's matmul throughput (for an honest MFU).
 """
 
+import codecs
 import contextlib
 import datetime
 import json
@@ -443,6 +444,19 @@ def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, tempe
         if log:
             log(f"{len(out)}/{len(prompts)} continuations")
     return out
+
+
+def stream(steps, tok) -> list[int]:
+    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    ids = []
+    for nxt in steps:
+        if nxt.item() == tok.eot_id:
+            break
+        ids.append(nxt.item())
+        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
+    print(decoder.decode(b"", final=True), flush=True)
+    return ids
 
 
 def has_dialogue(text: str) -> bool:

@@ -25,16 +25,16 @@ import shutil
 
 import torch
 
-import sample  # its decoding defaults become the export's
 from common import load_model
 from configurator import configure
-from prepare import HUB_DATASET
 from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
 overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
+temperature = 0.8  # generation_config.json samples as sample.py does by default
+top_k = 40
 license = "other"  # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
 # -----------------------------------------------------------------------------
 
@@ -129,13 +129,13 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
     return fast
 
 
-def generation_config(eot_id: int, block_size: int):
-    """sample.py's defaults, for generate() and pipelines. max_length keeps prompt and reply within
+def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int):
+    """How generate() and pipelines sample by default (temperature, top_k: sample.py's defaults). max_length keeps prompt and reply within
     the context when the caller does not say how much to write (a pipeline would write 256 tokens):
     transformers does not slide the context past block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=sample.temperature, top_k=sample.top_k,
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k,
                             max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
 
 
@@ -147,8 +147,7 @@ def training_data(ckpt: dict) -> tuple[str | None, str]:
             meta = json.load(f)
     except (OSError, ValueError, KeyError):
         return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found at export)"
-    dataset, source = meta.get("recipe", {}).get("dataset"), meta.get("source", ckpt["data_dir"])
-    hub = HUB_DATASET if dataset == "" else dataset if source.startswith("the Hub dataset") else None
+    hub, source = meta.get("hub_dataset"), meta.get("source", ckpt["data_dir"])
     where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else source
     return hub, (f"{where}: {meta['train']['documents']} documents ({meta['train']['tokens']:,} tokens); "
                  f"{meta['val']['documents']} held out for validation")
@@ -201,8 +200,8 @@ generate = pipeline("text-generation", model="{name}")
 print(generate("Il était une fois", max_new_tokens=100)[0]["generated_text"])
 ```
 
-`generation_config.json` samples as `sample.py` does (temperature {sample.temperature}, top-k
-{sample.top_k}) and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the
+`generation_config.json` samples as `sample.py` does (temperature {hf_model.generation_config.temperature}, top-k
+{hf_model.generation_config.top_k}) and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the
 context: transformers does not slide the context past it as `sample.py` does, so keep prompt and
 `max_new_tokens` within it). `<|endoftext|>` separates
 documents: typed in a prompt it is plain text, only its id ({tok.eot_id}) is the separator.
@@ -214,10 +213,10 @@ The training texts are in the public domain. The license tag above is `{license_
 """
 
 
-def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str) -> str:
+def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, sampling: tuple[float, int]) -> str:
     """Every file of the export into folder d; returns the transformers class."""
     hf_model = to_transformers(model)
-    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size)
+    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size, *sampling)
     hf_model.save_pretrained(d)
     with open(os.path.join(d, "tokenizer_meta.json"), "w") as f:
         json.dump(tok.save(d), f, indent=2)  # as meta.json's "tokenizer": tokenizer.load reads both
@@ -248,7 +247,8 @@ def main(c: dict) -> str:
         raise SystemExit(f"error: cannot write beside {hf_dir} ({e.strerror}): pass another --hf_dir") \
             from None
     try:
-        hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"])
+        hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"],
+                                (c["temperature"], c["top_k"]))
         written = sorted(os.listdir(tmp))
         if not os.path.exists(hf_dir):
             os.rename(tmp, hf_dir)  # all files appear at once

@@ -252,7 +252,9 @@ def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: 
             raise SystemExit(f"error: {enc.vocab_size} distinct characters do not fit uint16 token ids")
     print(f"tokenizer {enc.kind}: {enc.vocab_size} tokens ({time.time() - t1:.1f}s)", flush=True)
 
-    meta = {"recipe": recipe, "source": source, "tokenizer": enc.save(staging), "vocab_size": enc.vocab_size}
+    hub = HUB_DATASET if c["dataset"] == "" else spec if source.startswith("the Hub dataset") else None
+    meta = {"recipe": recipe, "source": source, "hub_dataset": hub,  # the Hub's name for it, for model cards
+            "tokenizer": enc.save(staging), "vocab_size": enc.vocab_size}
     batch = 8  # documents per encode_batch call: large enough for the threads, small enough for the bar
     for split, texts in splits.items():
         ids = []

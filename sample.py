@@ -11,13 +11,12 @@ the logits: < 1 sharper, > 1 more adventurous), top-k (sample among the k likeli
 and top-p (among the smallest set of tokens whose probabilities add up to p).
 """
 
-import codecs
 import os
 import sys
 
 import torch
 
-from common import check_config, load_model, setup_runtime
+from common import check_config, load_model, setup_runtime, stream
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -81,19 +80,6 @@ def plot_attention(maps: list[torch.Tensor], labels: list[str], path: str) -> No
     fig.savefig(path + ".tmp", dpi=80, format=os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
     os.replace(path + ".tmp", path)
-
-
-def stream(steps, tok) -> list[int]:
-    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    ids = []
-    for nxt in steps:
-        if nxt.item() == tok.eot_id:
-            break
-        ids.append(nxt.item())
-        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
-    print(decoder.decode(b"", final=True), flush=True)
-    return ids
 
 
 def main(c: dict) -> None:
