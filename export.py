@@ -8,7 +8,7 @@ Exports a checkpoint to a Hugging Face folder that the usual tools load as they 
 hf_dir then holds
     config.json, model.safetensors            the network: AutoModelForCausalLM gives our logits (to 1e-4)
     tokenizer.json, tokenizer_config.json     the tokenizer, `tokenizers` format: AutoTokenizer gives our ids
-    generation_config.json                    sample.py's defaults: temperature 0.8, top-k 40
+    generation_config.json                    temperature 0.8, top-k 40 (sample.py's defaults; --temperature, --top_k)
     README.md                                 a model card: the Hub's metadata, this checkpoint's figures
     tokenizer.tiktoken, tokenizer_meta.json   the same tokenizer for tiktoken and tokenizer.load
 so that, with transformers installed,
@@ -130,9 +130,10 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
 
 
 def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int):
-    """How generate() and pipelines sample by default (temperature, top_k: sample.py's defaults). max_length keeps prompt and reply within
-    the context when the caller does not say how much to write (a pipeline would write 256 tokens):
-    transformers does not slide the context past block_size as sample.py does, and a GPT-2 fails."""
+    """How generate() and pipelines sample by default (temperature, top_k: sample.py's defaults).
+    max_length keeps prompt and reply within the context when the caller does not say how much to
+    write (a pipeline would write 256 tokens): transformers does not slide the context past
+    block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k,
