@@ -148,12 +148,12 @@ def bench_generate() -> None:
     n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size, nor our RoPE tables
     x = torch.randint(model.config.vocab_size, (1, 8), device=device)
     what = f"batch 1, 8-token prompt, {n} new tokens, top-k 40 ({source})"
-    kv = n / timed(lambda: list(model.generate(x, n, 1.0, 40)))
+    kv = n / timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
     course = n / timed(lambda: course_generate(model, x, n, 40))
     report("generate", f"KV cache, {what}", f"{kv:,.0f} tokens/s")
     report("generate", "the course's loop (recomputes everything)", f"{course:,.0f} tokens/s", f"KV cache {kv / course:.1f}x faster")
     xb = x.repeat(8, 1)
-    batch = 8 * n / timed(lambda: list(model.generate(xb, n, 1.0, 40)))
+    batch = 8 * n / timed(lambda: list(model.generate(xb, n, temperature=1.0, top_k=40)))
     report("generate", "KV cache, 8 samples as one batch", f"{batch:,.0f} tokens/s", f"{batch / kv:.1f}x batch 1")
     try:
         import transformers
@@ -241,12 +241,12 @@ def bench_compile() -> None:
     x = torch.randint(8192, (1, 8))
     n = 128
     with torch.no_grad():
-        eager_s = timed(lambda: list(model.generate(x, n, 1.0, 40)))
+        eager_s = timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
         model.forward = torch.compile(model.forward, dynamic=True)  # the decode step: one position, a growing cache
         t0 = time.perf_counter()
-        list(model.generate(x, n, 1.0, 40))
+        list(model.generate(x, n, temperature=1.0, top_k=40))
         warm = time.perf_counter() - t0
-        compiled_s = timed(lambda: list(model.generate(x, n, 1.0, 40)))
+        compiled_s = timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
     report("compile", f"decode, batch 1, {n} tokens, eager", f"{n / eager_s:,.0f} tokens/s")
     report("compile", "decode, torch.compile(dynamic=True)", f"{n / compiled_s:,.0f} tokens/s",
            f"{eager_s / compiled_s:.2f}x eager, after {warm:.0f} s of compiling")

@@ -211,8 +211,8 @@ def main(c: dict) -> None:
     def reply(prompt_ids: list[int]) -> list[int]:
         x = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
         with torch.no_grad(), rt.autocast():
-            return stream(policy.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"] or None, None,
-                                          tok.eot_id, gen), tok)
+            return stream(policy.generate(x, c["max_new_tokens"], temperature=c["temperature"],
+                                          top_k=c["top_k"] or None, eot_id=tok.eot_id, generator=gen), tok)
 
     if interactive:
         print(HELP)

@@ -438,7 +438,8 @@ def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, tempe
     for b in range(0, len(prompts), batch_size):
         x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
         with rt.autocast():
-            steps = model.generate(x, max_new_tokens, temperature, top_k, None, eot_id, gen)
+            steps = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, eot_id=eot_id,
+                                   generator=gen)
             rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
         out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
         if log:

@@ -436,7 +436,7 @@ def main(c: dict) -> None:
                     loss, metrics = dpo_loss(pi_c, pi_r, ref["train"][0][idx], ref["train"][1][idx], c["beta"],
                                              c["loss_type"], c["label_smoothing"])
                     if getattr(raw, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
-                        loss = loss + raw.aux_loss()
+                        loss = loss + raw.router_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights
                     kept = (f"{ckpt_path} keeps step {last_saved}" if last_saved
                             else f"nothing was saved, {c['init_from']} is unchanged")

@@ -462,7 +462,7 @@ class Llama(LanguageModel):
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
         """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
-        to the loss (aux_loss holds their weighted sum); the val loss stays a pure cross-entropy."""
+        to the loss (router_loss() is their weighted sum); the val loss stays a pure cross-entropy."""
         T = idx.size(1)
         pos0 = cache.pos if cache is not None else 0
         if pos0 + T > self.config.block_size:
@@ -479,11 +479,12 @@ class Llama(LanguageModel):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if self.training and self.moe_layers:
-            loss = loss + self.aux_loss()
+            loss = loss + self.router_loss()
         return logits, loss
 
-    def aux_loss(self) -> torch.Tensor:
-        """The routers' weighted auxiliary losses of the last forward pass."""
+    def router_loss(self) -> torch.Tensor:
+        """The router loss: each MoE layer's balancing loss (MoE.aux_loss) and z-loss, weighted by
+        aux_loss_coef and z_loss_coef, from the last forward pass."""
         c = self.config
         return sum(c.aux_loss_coef * m.aux_loss + c.z_loss_coef * m.z_loss for m in self.moe_layers)
 

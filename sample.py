@@ -126,7 +126,8 @@ def main(c: dict) -> None:
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     temperature = 0.0 if c["greedy"] else c["temperature"]
     x = x.repeat(c["num_samples"], 1)
-    steps = model.generate(x, c["max_new_tokens"], temperature, c["top_k"] or None, c["top_p"], tok.eot_id, gen)
+    steps = model.generate(x, c["max_new_tokens"], temperature=temperature, top_k=c["top_k"] or None,
+                           top_p=c["top_p"], eot_id=tok.eot_id, generator=gen)
     if c["num_samples"] == 1:  # stream the text as it comes
         print(c["start"], end="", flush=True)
         with rt.autocast():

@@ -169,7 +169,7 @@ def test_aux_loss_is_part_of_the_dpo_objective(llama_trained):
     pairs, _ = dpo.tokenize([{"prompt": "Il", "chosen": " était", "rejected": " fut"}], tok, 32)
     model.train()
     dpo.batch_logps(model, pairs, 32, "cpu", mean=False)
-    assert model.aux_loss().item() > 0  # what dpo.py adds to its loss for a MoE model
+    assert model.router_loss().item() > 0  # what dpo.py adds to its loss for a MoE model
 
 
 def metric_lines(stdout: str) -> dict[str, str]:

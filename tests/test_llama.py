@@ -95,8 +95,8 @@ def test_training_loss_adds_the_router_losses_eval_does_not():
     _, pure = m(x, x)
     m.train()
     _, with_aux = m(x, x)
-    assert with_aux.item() == pytest.approx(pure.item() + m.aux_loss().item(), abs=1e-5)
-    assert m.aux_loss().item() > 0
+    assert with_aux.item() == pytest.approx(pure.item() + m.router_loss().item(), abs=1e-5)
+    assert m.router_loss().item() > 0
 
 
 def test_causal_and_attention_maps():
