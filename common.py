@@ -285,10 +285,18 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
     """The iteration at which a run must stop to end within max_time seconds, at the speed measured
     since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
     in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
-    an uninterrupted one exactly, and two runs of one command differ only in where they stop."""
+    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
+    iterations more or fewer)."""
     per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
     left = max_time - elapsed - eval_seconds  # the final evaluation
     return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
+
+
+def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
+    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
+    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
+    last = min(max_iters, budget["iters"]) if budget else max_iters
+    return last, lr_decay_iters or last
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from common import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    schedule_end,
     setup_runtime,
     unwrap,
 )
@@ -254,13 +255,6 @@ def resumed_config(c: dict, saved: dict) -> dict:
     return {**c, **{k: saved[k] for k in RUN_KEYS}}
 
 
-def schedule_end(c: dict, budget: dict | None) -> tuple[int, int]:
-    """The last step and the end of the cosine decay: max_iters, or fewer when they do not fit in
-    max_time (budget: how many fit, counted once early on, see iters_in_budget)."""
-    last = min(c["max_iters"], budget["iters"]) if budget else c["max_iters"]
-    return last, c["lr_decay_iters"] or last
-
-
 def main(c: dict) -> None:
     check_config(c)
     if c["loss_type"] not in ("sigmoid", "ipo"):
@@ -287,7 +281,7 @@ def main(c: dict) -> None:
                              "dpo.py): start a fresh run in another --out_dir")
         c = resumed_config(c, start["config"])
         budget = run["budget"] if run["budget"] and run["budget"]["max_time"] == c["max_time"] else None
-        if start["iter_num"] >= schedule_end(c, budget)[0] or 0 < c["max_time"] <= run["elapsed"]:
+        if start["iter_num"] >= schedule_end(c["max_iters"], c["lr_decay_iters"], budget)[0] or 0 < c["max_time"] <= run["elapsed"]:
             raise SystemExit(f"{ckpt_path} is at step {start['iter_num']}: its run has ended (raise --max_iters or "
                              "--max_time to train on)")
     else:
@@ -371,7 +365,7 @@ def main(c: dict) -> None:
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     min_lr = c["min_lr"] or c["learning_rate"] / 10
-    last_iter, lr_decay_iters = schedule_end(c, budget)
+    last_iter, lr_decay_iters = schedule_end(c["max_iters"], c["lr_decay_iters"], budget)
 
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")  # every logged step and evaluation, one JSON line
     if rt.master:
@@ -459,7 +453,7 @@ def main(c: dict) -> None:
             if budget is None and c["max_time"] > 0 and it == timed_from[0] + 10:  # fixed once, then saved
                 n = iters_in_budget(it, elapsed, timed_from, c["max_time"], c["eval_interval"], eval_seconds)
                 budget = {"max_time": c["max_time"], "iters": n}
-                last_iter, lr_decay_iters = schedule_end(c, budget)
+                last_iter, lr_decay_iters = schedule_end(c["max_iters"], c["lr_decay_iters"], budget)
                 if n < c["max_iters"]:
                     log(f"max_time={c['max_time']:.0f}s: {n} of the max_iters={c['max_iters']} steps fit; the schedule "
                         "ends there")

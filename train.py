@@ -42,6 +42,7 @@ from common import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    schedule_end,
     setup_runtime,
     unwrap,
 )
@@ -110,7 +111,6 @@ globals().update(config)
 check_config(config)  # impossible values fail here, before any data is read
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
-lr_decay_iters = lr_decay_iters or max_iters
 min_lr = min_lr or learning_rate / 10
 
 rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
@@ -299,9 +299,7 @@ def set_budget() -> None:
         budget = {"max_time": max_time, "iters": n}
         if n < max_iters:
             log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
-    if budget and budget["iters"] < max_iters:
-        last_iter = budget["iters"]
-        lr_decay_iters = config["lr_decay_iters"] or last_iter
+    last_iter, lr_decay_iters = schedule_end(max_iters, config["lr_decay_iters"], budget)
 
 
 if eval_only:
@@ -320,8 +318,7 @@ t0, n_timed = time.time(), 0
 iter_start, saved_iter, eval_seconds = iter_num, (iter_num if init_from == "resume" else None), 0.0
 timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
 elapsed_at_start = elapsed
-last_iter = max_iters  # or fewer, when they do not fit in max_time
-set_budget()
+set_budget()  # last_iter and lr_decay_iters: max_iters, or fewer when they do not fit in max_time
 if iter_num >= last_iter:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train on)")
 signal.signal(signal.SIGINT, interrupted)
