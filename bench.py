@@ -88,7 +88,8 @@ def bytes_per_token(data_dir: str) -> float:
 def need_data(tokenizer: str, data_dir: str) -> None:
     if not os.path.exists(os.path.join(ROOT, data_dir, "meta.json")):
         print(f"preparing {data_dir}...", flush=True)
-        subprocess.run([sys.executable, "prepare.py", f"--tokenizer={tokenizer}"], cwd=ROOT, check=True)
+        if subprocess.run([sys.executable, "prepare.py", f"--tokenizer={tokenizer}"], cwd=ROOT).returncode:
+            raise SystemExit(f"error: python prepare.py --tokenizer={tokenizer} failed (above): bench.py needs {data_dir}")
 
 
 # --- 1. the limit ------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def bench_generate() -> None:
         model, _, _ = load_model(os.path.join(ROOT, out_dir), device)
         source = out_dir
     else:
-        model = make_model(DEFAULT_SHAPE).eval()
+        model = make_model(DEFAULT_SHAPE).to(device).eval()
         source = "random weights, the default shape"
     n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size, nor our RoPE tables
     x = torch.randint(model.config.vocab_size, (1, 8), device=device)
@@ -162,7 +163,7 @@ def bench_generate() -> None:
     except ImportError:
         report("generate", "transformers", "not installed (pip install -r requirements-dev.txt)")
         return
-    hf = to_transformers(model).eval()
+    hf = to_transformers(model).to(device).eval()
     eos = hf.config.eos_token_id
     hf_tok_s = n / timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=40,
                                              use_cache=True, pad_token_id=eos))

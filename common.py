@@ -346,11 +346,12 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def load_checkpoint(path: str, device: str = "cpu") -> dict:
+def load_checkpoint(path: str) -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, so a crafted file
-    cannot run code while it is unpickled."""
+    cannot run code while it is unpickled. Loaded into CPU memory: load_state_dict copies the
+    weights and optimizer moments to their device, and the random states must stay CPU tensors."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: no checkpoint at {path}") from None
     except Exception as e:
@@ -367,7 +368,7 @@ def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropo
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py config/gutenberg.py) "
                          f"or pass {flag}=DIR")
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -167,7 +167,7 @@ if arch == "llama":
 iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
 budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see iters_in_budget)
 if init_from == "resume":
-    ckpt = load_checkpoint(ckpt_path, rt.device)
+    ckpt = load_checkpoint(ckpt_path)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
         raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
                          "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
