@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import make_model
 from tokenizer import Tokenizer
@@ -235,6 +236,20 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, lr: float,
+                   grad_clip: float) -> None:
+    """One update from the gradients the micro-steps accumulated: at learning rate lr, the global
+    gradient norm clipped to grad_clip (0 = no clipping), then the gradients cleared."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped if fp16 gradients overflowed (the scale then shrinks)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def rank0_clock(t_start: float, rt: Runtime) -> float:
     """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
     learning rate and on when to stop (with its own clock, one could stop while another waits)."""
@@ -292,6 +307,19 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
     return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
 
 
+def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], max_time: float,
+               max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
+    """With max_time, how many iterations fit is counted once, 10 iterations after the first
+    (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
+    that, and without max_time."""
+    if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
+        return budget
+    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
+    if n < max_iters:
+        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
+    return {"max_time": max_time, "iters": n}
+
+
 def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
     """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
     in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
@@ -344,6 +372,18 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if rt.device_type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> dict:
+    """A resumed run keeps these keys of its checkpoint (saved): one set to another value is an
+    error, one left at its default takes the saved value (so the first run's command, or a shorter
+    one, resumes it). Returns the config the run goes on with; what: what the keys decide."""
+    differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
+              if config[k] != saved[k] and config[k] != defaults[k]]
+    if differ:
+        raise SystemExit(f"error: resuming keeps {what}, but you set {', '.join(differ)}: drop these "
+                         "settings, or start anew in another --out_dir")
+    return {**config, **{k: saved[k] for k in keys}}
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> dict:
@@ -437,17 +477,16 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
 
 
 @torch.no_grad()
-def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-                     eot_id: int, rt: Runtime, seed: int, batch_size: int = 32, log=None) -> list[list[int]]:
+def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime, seed: int,
+                     batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
     """The model's continuation of each prompt (all of one length), batch_size prompts generated
-    together, each cut at its first <|endoftext|>."""
+    together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
     out: list[list[int]] = []
     for b in range(0, len(prompts), batch_size):
         x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
         with rt.autocast():
-            steps = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, eot_id=eot_id,
-                                   generator=gen)
+            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen)
             rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
         out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
         if log:
@@ -576,3 +615,13 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
             "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
             "this check")
     return works
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:
+    """The model as the training loop calls it: compiled (fused kernels), then under DDP (which
+    averages the gradients across processes during backward). unwrap() gives the plain model back."""
+    if compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model

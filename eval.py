@@ -107,8 +107,8 @@ def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     """Continues num_samples prompts of prompt_tokens drawn from tokens (never across a document's
     end), all in one batch, and measures the continuations with text_stats."""
     prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
-    rows = continue_prompts(model, prompts, c["max_new_tokens"], c["temperature"], c["top_k"] or None, tok.eot_id,
-                            rt, c["seed"], batch_size=c["num_samples"])
+    rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"],
+                            batch_size=c["num_samples"], temperature=c["temperature"], top_k=c["top_k"] or None)
     return text_stats([tok.decode(r) for r in rows])
 
 
