@@ -1,7 +1,11 @@
 """
-What the training scripts share: device and precision setup, DDP, the optimizer and its learning
-rate schedule, checkpoints written atomically and loaded safely, loss-curve plots, and a measure
-of the machine's matmul throughput (for an honest MFU).
+What the scripts share, by what it is:
+  runtime and processes   device and precision, DDP, torch.compile, the machine's matmul speed
+  optimization            AdamW (or Muon), one optimizer step, the learning rate, a max_time budget
+  checkpoints             out_dir claimed, checkpoints written atomically and loaded safely, resume
+  data batches            random training windows, passages inside one document
+  generation and scoring  continuations of prompts, log p(completion | prompt)
+  plots and metrics       metrics.jsonl and the curves drawn from it
 """
 
 import codecs
@@ -21,7 +25,7 @@ from model import make_model
 from tokenizer import Tokenizer
 
 
-# --- device, precision, processes ------------------------------------------------------------------
+# --- runtime and processes: device, precision, DDP, compile, the machine's speed ------------------
 @dataclass
 class Runtime:
     device: str  # "cpu", "cuda:0", "mps"
@@ -151,21 +155,77 @@ def ddp_guard(rt: Runtime):
                          f"(see its log): {text.splitlines()[0][:200]}") from None
 
 
-# --- data --------------------------------------------------------------------------------------------
-def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
-                 starts: torch.Tensor | None = None):
-    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
-    targets y (the same windows shifted by one token), both (batch_size, block_size) int64."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
-    ix = (torch.randint(len(data) - block_size, (batch_size,), generator=gen) if starts is None else starts).tolist()
-    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+def rank0_clock(t_start: float, rt: Runtime) -> float:
+    """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
+    learning rate and on when to stop (with its own clock, one could stop while another waits)."""
+    clock = torch.tensor(time.time() - t_start, dtype=torch.float64)
+    if rt.ddp:
+        clock = clock.to(rt.device)
+        torch.distributed.broadcast(clock, src=0)
+    return clock.item()
 
 
-# --- optimizer and schedule ------------------------------------------------------------------------
+def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
+    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
+    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
+    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
+    which the model's compile needs anyway. Otherwise eager, and one line says why."""
+    if compile is not None:
+        return compile
+    if device_type != "cpu":
+        return device_type == "cuda"
+    t0 = time.time()
+    try:
+        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
+        why = "wrong result"
+    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
+        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if works:
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
+            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
+    else:
+        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
+            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
+            "this check")
+    return works
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:
+    """The model as the training loop calls it: compiled (fused kernels), then under DDP (which
+    averages the gradients across processes during backward). unwrap() gives the plain model back."""
+    if compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers: its state_dict has no
+    'module.' or '_orig_mod.' prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """The machine's matmul throughput (FLOP/s) on square matrices: the ceiling MFU is relative to."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.ones(n, n, device=device, dtype=dtype)  # the values do not matter to the speed
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        sync() if iters % 8 == 0 else None
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
                         optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
@@ -226,16 +286,6 @@ class Optimizers:
             o.load_state_dict(s)
 
 
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
-    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
 def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, lr: float,
                    grad_clip: float) -> None:
     """One update from the gradients the micro-steps accumulated: at learning rate lr, the global
@@ -250,17 +300,49 @@ def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScal
     optimizer.zero_grad(set_to_none=True)
 
 
-def rank0_clock(t_start: float, rt: Runtime) -> float:
-    """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
-    learning rate and on when to stop (with its own clock, one could stop while another waits)."""
-    clock = torch.tensor(time.time() - t_start, dtype=torch.float64)
-    if rt.ddp:
-        clock = clock.to(rt.device)
-        torch.distributed.broadcast(clock, src=0)
-    return clock.item()
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# --- one run per out_dir, and nothing a user made is overwritten ----------------------------------
+def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
+                    eval_interval: int, eval_seconds: float) -> int:
+    """The iteration at which a run must stop to end within max_time seconds, at the speed measured
+    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
+    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
+    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
+    iterations more or fewer)."""
+    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
+    left = max_time - elapsed - eval_seconds  # the final evaluation
+    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
+
+
+def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], max_time: float,
+               max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
+    """With max_time, how many iterations fit is counted once, 10 iterations after the first
+    (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
+    that, and without max_time."""
+    if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
+        return budget
+    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
+    if n < max_iters:
+        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
+    return {"max_time": max_time, "iters": n}
+
+
+def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
+    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
+    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
+    last = min(max_iters, budget["iters"]) if budget else max_iters
+    return last, lr_decay_iters or last
+
+
+# --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------
 def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: str = "--out_dir"):
     """Checks, before any work, that out_dir can take this run: it is a folder (or can be made one)
     that we can write, a fresh run would not replace a trained model there unless overwrite is set
@@ -294,40 +376,6 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     return lock
 
 
-# --- a time budget as a number of iterations -------------------------------------------------------
-def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
-                    eval_interval: int, eval_seconds: float) -> int:
-    """The iteration at which a run must stop to end within max_time seconds, at the speed measured
-    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
-    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
-    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
-    iterations more or fewer)."""
-    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
-    left = max_time - elapsed - eval_seconds  # the final evaluation
-    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
-
-
-def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], max_time: float,
-               max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
-    """With max_time, how many iterations fit is counted once, 10 iterations after the first
-    (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
-    that, and without max_time."""
-    if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
-        return budget
-    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
-    if n < max_iters:
-        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
-    return {"max_time": max_time, "iters": n}
-
-
-def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
-    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
-    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
-    last = min(max_iters, budget["iters"]) if budget else max_iters
-    return last, lr_decay_iters or last
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
     crash at any moment leaves either the old checkpoint or the new one, never half of one."""
@@ -349,41 +397,6 @@ def save_checkpoint(obj: dict, path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def rng_state(rt: Runtime) -> list[dict]:
-    """The random state of every process (dropout masks differ from one to the next), by rank.
-    Under DDP all processes must call it together."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
-    if not rt.ddp:
-        return [state]
-    states: list = [None] * rt.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
-def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
-    """Each process takes back its own random state; with another number of processes than the
-    checkpoint's, rank 0's (the run goes on, but its dropout masks differ from an uninterrupted one)."""
-    if len(states) != rt.world_size:
-        log(f"note: the checkpoint was written by {len(states)} process(es), this run has {rt.world_size}: "
-            "random dropout masks will differ from an uninterrupted run")
-    state = states[rt.rank] if len(states) == rt.world_size else states[0]
-    torch.set_rng_state(state["torch"].cpu())
-    if rt.device_type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> dict:
-    """A resumed run keeps these keys of its checkpoint (saved): one set to another value is an
-    error, one left at its default takes the saved value (so the first run's command, or a shorter
-    one, resumes it). Returns the config the run goes on with; what: what the keys decide."""
-    differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
-              if config[k] != saved[k] and config[k] != defaults[k]]
-    if differ:
-        raise SystemExit(f"error: resuming keeps {what}, but you set {', '.join(differ)}: drop these "
-                         "settings, or start anew in another --out_dir")
-    return {**config, **{k: saved[k] for k in keys}}
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> dict:
@@ -414,7 +427,111 @@ def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropo
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
-# --- scoring completions given prompts (chat.py, dpo.py) ----------------------------------------------
+def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> dict:
+    """A resumed run keeps these keys of its checkpoint (saved): one set to another value is an
+    error, one left at its default takes the saved value (so the first run's command, or a shorter
+    one, resumes it). Returns the config the run goes on with; what: what the keys decide."""
+    differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
+              if config[k] != saved[k] and config[k] != defaults[k]]
+    if differ:
+        raise SystemExit(f"error: resuming keeps {what}, but you set {', '.join(differ)}: drop these "
+                         "settings, or start anew in another --out_dir")
+    return {**config, **{k: saved[k] for k in keys}}
+
+
+def rng_state(rt: Runtime) -> list[dict]:
+    """The random state of every process (dropout masks differ from one to the next), by rank.
+    Under DDP all processes must call it together."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+    if not rt.ddp:
+        return [state]
+    states: list = [None] * rt.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
+    """Each process takes back its own random state; with another number of processes than the
+    checkpoint's, rank 0's (the run goes on, but its dropout masks differ from an uninterrupted one)."""
+    if len(states) != rt.world_size:
+        log(f"note: the checkpoint was written by {len(states)} process(es), this run has {rt.world_size}: "
+            "random dropout masks will differ from an uninterrupted run")
+    state = states[rt.rank] if len(states) == rt.world_size else states[0]
+    torch.set_rng_state(state["torch"].cpu())
+    if rt.device_type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# --- data batches: random windows for training, passages inside one document ----------------------
+def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
+                 starts: torch.Tensor | None = None):
+    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
+    targets y (the same windows shifted by one token), both (batch_size, block_size) int64."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
+    ix = (torch.randint(len(data) - block_size, (batch_size,), generator=gen) if starts is None else starts).tolist()
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:
+    """n random windows of length tokens, each inside one document (no <|endoftext|> in it), the
+    same for the same seed. Gives up with an error after 100·n draws instead of looping forever."""
+    if n > 0 and len(tokens) <= length:
+        raise SystemExit(f"error: the text has {len(tokens)} tokens, too few for passages of {length}")
+    gen = torch.Generator().manual_seed(seed)
+    windows: list[list[int]] = []
+    for _ in range(100 * n):
+        if len(windows) == n:
+            break
+        i = torch.randint(len(tokens) - length, (1,), generator=gen).item()
+        w = [int(t) for t in tokens[i : i + length]]
+        if eot_id not in w:
+            windows.append(w)
+    if len(windows) < n:
+        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for {n} of them")
+    return windows
+
+
+# --- generation and scoring: continuations, log p(completion | prompt) ----------------------------
+@torch.no_grad()
+def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime, seed: int,
+                     batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
+    """The model's continuation of each prompt (all of one length), batch_size prompts generated
+    together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
+        with rt.autocast():
+            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen)
+            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
+        out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
+        if log:
+            log(f"{len(out)}/{len(prompts)} continuations")
+    return out
+
+
+def stream(steps, tok) -> list[int]:
+    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    ids = []
+    for nxt in steps:
+        if nxt.item() == tok.eot_id:
+            break
+        ids.append(nxt.item())
+        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
+    print(decoder.decode(b"", final=True), flush=True)
+    return ids
+
+
+def has_dialogue(text: str) -> bool:
+    """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
+    return any(mark in text for mark in ("—", "–", "«", "»"))
+
+
 def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[int]:
     """The part of a prompt that fits before a completion in block_size + 1 tokens: the oldest
     tokens go first, one always stays (it predicts the completion's first token)."""
@@ -456,89 +573,7 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
     return logits[0, scored], y[0, scored]
 
 
-# --- passages of the corpus and the model's continuations (eval.py, dpo.py) ---------------------------
-def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:
-    """n random windows of length tokens, each inside one document (no <|endoftext|> in it), the
-    same for the same seed. Gives up with an error after 100·n draws instead of looping forever."""
-    if n > 0 and len(tokens) <= length:
-        raise SystemExit(f"error: the text has {len(tokens)} tokens, too few for passages of {length}")
-    gen = torch.Generator().manual_seed(seed)
-    windows: list[list[int]] = []
-    for _ in range(100 * n):
-        if len(windows) == n:
-            break
-        i = torch.randint(len(tokens) - length, (1,), generator=gen).item()
-        w = [int(t) for t in tokens[i : i + length]]
-        if eot_id not in w:
-            windows.append(w)
-    if len(windows) < n:
-        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for {n} of them")
-    return windows
-
-
-@torch.no_grad()
-def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime, seed: int,
-                     batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
-    """The model's continuation of each prompt (all of one length), batch_size prompts generated
-    together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
-    gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
-    out: list[list[int]] = []
-    for b in range(0, len(prompts), batch_size):
-        x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
-        with rt.autocast():
-            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen)
-            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
-        out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
-        if log:
-            log(f"{len(out)}/{len(prompts)} continuations")
-    return out
-
-
-def stream(steps, tok) -> list[int]:
-    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    ids = []
-    for nxt in steps:
-        if nxt.item() == tok.eot_id:
-            break
-        ids.append(nxt.item())
-        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
-    print(decoder.decode(b"", final=True), flush=True)
-    return ids
-
-
-def has_dialogue(text: str) -> bool:
-    """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
-    return any(mark in text for mark in ("—", "–", "«", "»"))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile wrappers: its state_dict has no
-    'module.' or '_orig_mod.' prefixes."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# --- measuring -------------------------------------------------------------------------------------
-def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """The machine's matmul throughput (FLOP/s) on square matrices: the ceiling MFU is relative to."""
-    n = 4096 if device.startswith("cuda") else 1024
-    a = torch.ones(n, n, device=device, dtype=dtype)  # the values do not matter to the speed
-    b = torch.ones(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-        sync() if iters % 8 == 0 else None
-    sync()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-# --- run metrics: one JSON line per logged step and per evaluation -------------------------------------
+# --- plots and metrics: one JSON line per logged step, curves drawn from them ---------------------
 def log_metrics(path: str, row: dict) -> None:
     """Appends one row to a run's metrics.jsonl at once, so that a killed run keeps its history.
     Any tool reads it back: pandas.read_json(path, lines=True)."""
@@ -589,39 +624,3 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, yl
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-# --- torch.compile -----------------------------------------------------------------------------------
-def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
-    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
-    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
-    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
-    which the model's compile needs anyway. Otherwise eager, and one line says why."""
-    if compile is not None:
-        return compile
-    if device_type != "cpu":
-        return device_type == "cuda"
-    t0 = time.time()
-    try:
-        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
-        why = "wrong result"
-    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
-        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    if works:
-        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
-            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
-    else:
-        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
-            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
-            "this check")
-    return works
-
-
-def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:
-    """The model as the training loop calls it: compiled (fused kernels), then under DDP (which
-    averages the gradients across processes during backward). unwrap() gives the plain model back."""
-    if compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    return model
