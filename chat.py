@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from common import (
+    SAMPLING,
     check_config,
     claim_out_dir,
     completion_logits,
@@ -42,6 +43,7 @@ from common import (
     log_metrics,
     plot_curves,
     read_metrics,
+    sampling,
     save_checkpoint,
     setup_runtime,
     stream,
@@ -57,8 +59,7 @@ script = ""  # read the prompt and rating lines from this file instead of standa
 pairwise = False  # two replies per prompt, and the choice of the better one
 auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
 max_new_tokens = 60
-temperature = 0.8
-top_k = 40
+globals().update(SAMPLING)  # temperature, top_k, top_p: common.SAMPLING's defaults, as in sample.py
 learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it)
 kl_coef = 0.1  # weight of the KL penalty to the starting model
 baseline_decay = 0.9  # running mean of the ratings: baseline = decay * baseline + (1 - decay) * rating
@@ -237,8 +238,8 @@ try:
             print(text, end="", flush=True)
             x = torch.tensor([prompt], dtype=torch.long, device=rt.device)
             with torch.no_grad(), rt.autocast():  # the reply streams as it is written
-                replies.append(stream(policy.generate(x, max_new_tokens, temperature=temperature,
-                                                      top_k=top_k or None, eot_id=tok.eot_id, generator=gen), tok))
+                replies.append(stream(policy.generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
+                                                      generator=gen), tok))
         texts = [tok.decode(r) for r in replies]
         if auto_rate:
             answer = 1.0 if has_dialogue(texts[0]) else -1.0

@@ -4,7 +4,7 @@ What the scripts share, by what it is:
   optimization            AdamW (or Muon), one optimizer step, the learning rate, a max_time budget
   checkpoints             out_dir claimed, checkpoints written atomically and loaded safely, resume
   data batches            random training windows, passages inside one document
-  generation and scoring  continuations of prompts, log p(completion | prompt)
+  generation and scoring  the sampling settings, continuations, log p(completion | prompt)
   plots and metrics       metrics.jsonl and the curves drawn from it
 """
 
@@ -495,7 +495,18 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
     return windows
 
 
-# --- generation and scoring: continuations, log p(completion | prompt) ----------------------------
+# --- generation and scoring: sampling settings, continuations, log p(completion | prompt) -----------
+# the sampling settings of sample.py, chat.py, eval.py and export.py's generation config: each script
+# takes these keys, with these defaults, as --flags (see its defaults), and passes them to
+# model.generate by name: a new setting is one entry here and one keyword argument of generate
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0}  # temperature 0: greedy; top_k 0, top_p 1: no filter
+
+
+def sampling(config: dict) -> dict:
+    """The sampling settings of a script's config, as generate's keyword arguments."""
+    return {k: config[k] for k in SAMPLING}
+
+
 @torch.no_grad()
 def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime, seed: int,
                      batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
