@@ -3,7 +3,7 @@ Course part 6: talk with the model, rate its replies, and watch it learn from ea
 
     python chat.py --out_dir=out-gutenberg           # type a prompt, read the reply, rate it from -1 to +1
     python chat.py --pairwise                        # two replies per prompt: pick the better one (1, 2 or =)
-    python chat.py --script=session.txt              # the same lines, read from a file instead of the keyboard
+    python chat.py --script=session.txt              # the same lines, read from a file, not the keyboard
     python chat.py --auto_rate=dialogue < prompts.txt  # a rule rates instead of a person: +1 for dialogue
 
 Each rating is one step of REINFORCE (Williams, 1992), the policy gradient at the heart of RLHF:
@@ -52,8 +52,8 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the starting model: read, never written
-chat_dir = ""  # the tuned model, feedback.jsonl, rewards.png; "" = <out_dir>-chat. An existing one is continued
-fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept and appended to)
+chat_dir = ""  # tuned model, feedback.jsonl, rewards.png; "" = <out_dir>-chat. An existing one is continued
+fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept, appended to)
 overwrite = False  # let --fresh replace the tuned model already in chat_dir
 script = ""  # read the prompt and rating lines from this file instead of standard input
 pairwise = False  # two replies per prompt, and the choice of the better one
@@ -131,7 +131,8 @@ def ask(lines, prompt: str) -> str:
 def ask_rating(lines, pairwise: bool):
     """A rating in [-1, 1] (or 1, 2, "=" with --pairwise), "s" or "q"; asks again, saying why, otherwise."""
     while True:
-        answer = ask(lines, "choice [1, 2, =, s, q, ?]> " if pairwise else "rating [-1..1, s, q, ?]> ").strip()
+        question = "choice [1, 2, =, s, q, ?]> " if pairwise else "rating [-1..1, s, q, ?]> "
+        answer = ask(lines, question).strip()
         if answer in ("s", "q"):
             return answer
         if answer == "?":
@@ -140,7 +141,8 @@ def ask_rating(lines, pairwise: bool):
         if pairwise:
             if answer in ("1", "2", "="):
                 return answer
-            print(f"'{answer}' is not a choice: answer 1 or 2 for the better reply, = for a tie, s to skip, q to quit")
+            print(f"'{answer}' is not a choice: answer 1 or 2 for the better reply, = for a tie, s to skip, "
+                  "q to quit")
             continue
         try:
             rating = float(answer)
@@ -183,7 +185,7 @@ def reinforce_step(policy, ref_model, optimizer, prompt, replies, advantages, kl
         with torch.no_grad():
             ref_logp = F.log_softmax(completion_logits(ref_model, prompt, reply)[0].float(), dim=-1)
         token_logp = logp.gather(1, targets[:, None]).squeeze(1)  # log p(reply_t | context), (T,)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()  # exact KL over the vocabulary, mean over positions
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()  # exact KL over the vocabulary, mean over T
         loss = loss - adv * token_logp.mean() + kl_coef * kl
         kl_total += kl.item()
     optimizer.zero_grad(set_to_none=True)
@@ -209,7 +211,7 @@ def save(policy, state: dict, ref_ckpt: dict, config: dict, chat_dir: str, metri
 
 
 policy_dir = chat_dir if not fresh and os.path.exists(os.path.join(chat_dir, "ckpt.pt")) else out_dir
-policy, _, policy_ckpt = load_model(policy_dir, rt.device, dropout=0.0)  # as the reference it is compared with
+policy, _, policy_ckpt = load_model(policy_dir, rt.device, dropout=0.0)  # as the reference it is held to
 state = policy_ckpt.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
 del policy_ckpt
 print(f"policy from {policy_dir}/ckpt.pt ({state['updates']} updates so far), reference {out_dir}/ckpt.pt; "
@@ -238,8 +240,9 @@ try:
             print(text, end="", flush=True)
             x = torch.tensor([prompt], dtype=torch.long, device=rt.device)
             with torch.no_grad(), rt.autocast():  # the reply streams as it is written
-                replies.append(stream(policy.generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
-                                                      generator=gen), tok))
+                steps = policy.generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
+                                        generator=gen)
+                replies.append(stream(steps, tok))
         texts = [tok.decode(r) for r in replies]
         if auto_rate:
             answer = 1.0 if has_dialogue(texts[0]) else -1.0
@@ -250,7 +253,8 @@ try:
             break
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompt": text}
         if pairwise:
-            entry.update(replies=texts, choice=None if answer == "s" else (answer if answer == "=" else int(answer)))
+            choice = None if answer == "s" else answer if answer == "=" else int(answer)
+            entry.update(replies=texts, choice=choice)
         else:
             entry.update(reply=texts[0], rating=None if answer == "s" else answer)
         stats = None
@@ -262,7 +266,8 @@ try:
                 state["baseline"] = baseline_decay * state["baseline"] + (1 - baseline_decay) * answer
                 state["ratings"].append(answer)
             with rt.autocast():
-                stats = reinforce_step(policy, ref_model, optimizer, prompt, replies, advantages, kl_coef, grad_clip)
+                stats = reinforce_step(policy, ref_model, optimizer, prompt, replies, advantages, kl_coef,
+                                       grad_clip)
             state["updates"] += 1
         entry["update"] = state["updates"]
         with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
@@ -273,7 +278,8 @@ try:
             rated = {"choice": int(answer)} if pairwise else {"rating": answer, "baseline": state["baseline"]}
             log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],
                                        "kl": stats["kl"]})
-            print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start {stats['kl']:.4f}")
+            print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start "
+                  f"{stats['kl']:.4f}")
             if state["updates"] % save_every == 0:
                 save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
 except (EOFError, KeyboardInterrupt):

@@ -77,7 +77,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
     rank, local_rank, world_size = 0, 0, 1
     ddp = "RANK" in os.environ  # set by torchrun
     if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
             torch.cuda.set_device(device)
@@ -151,8 +152,8 @@ def ddp_guard(rt: Runtime):
         text = str(e)
         if not rt.ddp or not (isinstance(e, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
             raise
-        raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably died "
-                         f"(see its log): {text.splitlines()[0][:200]}") from None
+        raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably "
+                         f"died (see its log): {text.splitlines()[0][:200]}") from None
 
 
 def rank0_clock(t_start: float, rt: Runtime) -> float:
@@ -181,8 +182,9 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
     except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
         works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if works:
-        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
-            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); "
+            "the model compiles during its first iterations, counted in max_time; --compile=False trains "
+            "eagerly")
     else:
         log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
             "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
@@ -241,7 +243,8 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
     if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is {torch.__version__}")
+        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is "
+                         f"{torch.__version__}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
     matrices = in_blocks if optimizer == "muon" else []
@@ -322,8 +325,8 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
     return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
 
 
-def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], max_time: float,
-               max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
+def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float],
+               max_time: float, max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
     """With max_time, how many iterations fit is counted once, 10 iterations after the first
     (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
     that, and without max_time."""
@@ -331,7 +334,8 @@ def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: t
         return budget
     n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
     if n < max_iters:
-        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
+        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends "
+            "there")
     return {"max_time": max_time, "iters": n}
 
 
@@ -407,7 +411,8 @@ def load_checkpoint(path: str, device: str = "cpu") -> dict:
     except FileNotFoundError:
         raise SystemExit(f"error: no checkpoint at {path}") from None
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
     return ckpt
@@ -418,8 +423,8 @@ def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropo
     that names out_dir, for the error; dropout: replaces the checkpoint's (dpo.py trains without)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py config/gutenberg.py) "
-                         f"or pass {flag}=DIR")
+        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py "
+                         f"config/gutenberg.py) or pass {flag}=DIR")
     ckpt = load_checkpoint(path, device)
     model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
     model.load_state_dict(ckpt["model"])
@@ -442,7 +447,8 @@ def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> 
 def rng_state(rt: Runtime) -> list[dict]:
     """The random state of every process (dropout masks differ from one to the next), by rank.
     Under DDP all processes must call it together."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+    cuda = torch.cuda.get_rng_state() if rt.device_type == "cuda" else None
+    state = {"torch": torch.get_rng_state(), "cuda": cuda}
     if not rt.ddp:
         return [state]
     states: list = [None] * rt.world_size
@@ -466,13 +472,20 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
 def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
                  starts: torch.Tensor | None = None):
     """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
-    targets y (the same windows shifted by one token), both (batch_size, block_size) int64."""
+    targets y (the same windows shifted by one token), both (batch_size, block_size) int64.
+
+    This is where training batches are drawn. A window may cross the <|endoftext|> between two
+    books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
+    begins after it, as when sample.py starts from it, and every window is full, with no padding."""
     data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
-    ix = (torch.randint(len(data) - block_size, (batch_size,), generator=gen) if starts is None else starts).tolist()
+    if starts is None:
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    ix = starts.tolist()
     x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
     if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
@@ -491,7 +504,8 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
         if eot_id not in w:
             windows.append(w)
     if len(windows) < n:
-        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for {n} of them")
+        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for "
+                         f"{n} of them")
     return windows
 
 
@@ -499,7 +513,7 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
 # the sampling settings of sample.py, chat.py, eval.py and export.py's generation config: each script
 # takes these keys, with these defaults, as --flags (see its defaults), and passes them to
 # model.generate by name: a new setting is one entry here and one keyword argument of generate
-SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0}  # temperature 0: greedy; top_k 0, top_p 1: no filter
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0}  # temperature 0: greedy; top_k 0, top_p 1: off
 
 
 def sampling(config: dict) -> dict:
@@ -508,8 +522,8 @@ def sampling(config: dict) -> dict:
 
 
 @torch.no_grad()
-def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime, seed: int,
-                     batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
+def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
+                     seed: int, batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
     """The model's continuation of each prompt (all of one length), batch_size prompts generated
     together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
@@ -617,7 +631,8 @@ def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:
     return [a for a, _ in xs_ys], [b for _, b in xs_ys]
 
 
-def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> None:
+def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+                title: str) -> None:
     """One PNG with a line per curve: {label: (xs, ys)}. Written atomically, like checkpoints."""
     import matplotlib
 

@@ -103,8 +103,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 COLUMNS = ("prompt", "chosen", "rejected")
 # what a resumed run keeps from its checkpoint: the reference, the pairs, their split and their scoring
-RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens", "loss_type",
-            "seed")
+RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens",
+            "loss_type", "seed")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -123,7 +123,8 @@ def read_rows(path: str) -> list[dict]:
             try:
                 rows.append(json.loads(line.decode("utf-8")))
             except UnicodeDecodeError as e:
-                raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte {e.start})") from None
+                raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte "
+                                 f"{e.start})") from None
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}, row {i}: not JSON ({e.msg})") from None
             if not isinstance(rows[-1], dict):
@@ -168,7 +169,8 @@ def load_pairs(path: str, log=print) -> list[dict]:
     for i, r in enumerate(rows, 1):
         for col in COLUMNS:
             if not isinstance(r.get(col), str):
-                raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs {', '.join(COLUMNS)})")
+                raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs "
+                                 f"{', '.join(COLUMNS)})")
         for col in ("chosen", "rejected"):
             if not r[col].strip():
                 raise SystemExit(f"error: {path}, row {i}: the {col} completion is empty")
@@ -176,13 +178,15 @@ def load_pairs(path: str, log=print) -> list[dict]:
     if len(kept) < len(rows):
         log(f"{path}: dropped {len(rows) - len(kept)} pair(s) whose chosen equals rejected")
     if not kept:
-        raise SystemExit(f"error: {path} holds no preference pairs" + (" (every chosen equals its rejected)" if rows else ""))
+        why = " (every chosen equals its rejected)" if rows else ""
+        raise SystemExit(f"error: {path} holds no preference pairs{why}")
     return kept
 
 
 def digest(rows: list[dict]) -> str:
     """A fingerprint of the pairs' text: a resumed run checks that its files still hold the same pairs."""
-    return hashlib.sha256(json.dumps([[r[k] for k in COLUMNS] for r in rows], ensure_ascii=False).encode()).hexdigest()
+    text = json.dumps([[r[k] for k in COLUMNS] for r in rows], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -241,7 +245,8 @@ def all_logps(model, data: list[tuple], block_size: int, rt, mean: bool) -> list
     """log p(chosen|prompt) and log p(rejected|prompt) of every pair, 32 pairs at a time, in the
     training's precision (the reference and the held-out evaluations compare like with like)."""
     with rt.autocast():
-        chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean) for i in range(0, len(data), 32)]
+        chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean)
+                  for i in range(0, len(data), 32)]
     return [torch.cat(t) for t in zip(*chunks, strict=True)]
 
 
@@ -274,14 +279,15 @@ if __name__ == "__main__":
     if beta <= 0 or not 0 <= label_smoothing < 0.5:
         raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
     if loss_type == "ipo" and label_smoothing:
-        raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has no "
-                         "labels to smooth")
+        raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has "
+                         "no labels to smooth")
     if os.path.abspath(out_dir) == os.path.abspath(init_from):
-        raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never overwritten")
+        raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never "
+                         "overwritten")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume and not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without --resume=True, "
-                         "or pass the --out_dir it wrote to")
+        raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without "
+                         "--resume=True, or pass the --out_dir it wrote to")
     min_lr = min_lr or learning_rate / 10
 
     # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
@@ -294,16 +300,17 @@ if __name__ == "__main__":
         model, tok, ckpt = load_model(out_dir, rt.device, dropout=0.0)
         run = ckpt.get("dpo")
         if run is None:
-            raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or an "
-                             "older dpo.py): start a fresh run in another --out_dir")
+            raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or "
+                             "an older dpo.py): start a fresh run in another --out_dir")
         config = keep_resumed(config, defaults, ckpt["config"], RUN_KEYS,
                               "the reference and the pairs the run began with")
         globals().update({k: config[k] for k in RUN_KEYS})
         if run["budget"] and run["budget"]["max_time"] == max_time:
             budget = run["budget"]
-        if ckpt["iter_num"] >= schedule_end(max_iters, lr_decay_iters, budget)[0] or 0 < max_time <= run["elapsed"]:
-            raise SystemExit(f"{ckpt_path} is at step {ckpt['iter_num']}: its run has ended (raise --max_iters "
-                             "or --max_time to train on)")
+        last_iter = schedule_end(max_iters, lr_decay_iters, budget)[0]
+        if ckpt["iter_num"] >= last_iter or 0 < max_time <= run["elapsed"]:
+            raise SystemExit(f"{ckpt_path} is at step {ckpt['iter_num']}: its run has ended (raise "
+                             "--max_iters or --max_time to train on)")
     else:
         model, tok, ckpt = load_model(init_from, rt.device, "--init_from", dropout=0.0)
     if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model
@@ -319,7 +326,8 @@ if __name__ == "__main__":
         log(f"making {make_pairs} self-play pairs from {ckpt['data_dir']} with {init_from}...")
         train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
-            for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", max(10, make_pairs // 10))):
+            n_val = max(10, make_pairs // 10)
+            for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", n_val)):
                 write_jsonl(path, self_play_pairs(model, tok, ckpt["data_dir"], split, n, prompt_tokens,
                                                   completion_tokens, seed, rt))
         if rt.ddp:
@@ -328,7 +336,8 @@ if __name__ == "__main__":
     if not train_path:  # the pairs an earlier --make_pairs run wrote
         train_path = os.path.join(out_dir, "pairs.jsonl")
         if not os.path.exists(train_path):
-            raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or --make_pairs=N")
+            raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or "
+                             "--make_pairs=N")
         if not val_path and os.path.exists(os.path.join(out_dir, "pairs_val.jsonl")):
             val_path = os.path.join(out_dir, "pairs_val.jsonl")
     train_rows = load_pairs(train_path, log)
@@ -337,19 +346,20 @@ if __name__ == "__main__":
     sources = {"train": [train_path, digest(train_rows)], "val": [val_path, digest(val_rows)]}
     for split, (path, fingerprint) in sources.items():
         if resume and fingerprint != run["pairs"][split][1]:
-            raise SystemExit(f"error: the pairs of {path} changed since the run in {out_dir} began (its reference "
-                             "log-probs are theirs): restore the file, or start a fresh run in another --out_dir")
+            raise SystemExit(f"error: the pairs of {path} changed since the run in {out_dir} began (its "
+                             "reference log-probs are theirs): restore the file, or start a fresh run in "
+                             "another --out_dir")
     if not val_path:  # hold out a tenth, the same every time
         n_val = max(1, len(train_rows) // 10)
         if len(train_rows) <= n_val:
-            raise SystemExit(f"error: {train_path} holds {len(train_rows)} usable pair(s): too few to hold out a "
-                             "tenth and train on the rest; add pairs, or pass --val_pairs=FILE")
+            raise SystemExit(f"error: {train_path} holds {len(train_rows)} usable pair(s): too few to hold "
+                             "out a tenth and train on the rest; add pairs, or pass --val_pairs=FILE")
         order = np.random.default_rng(seed).permutation(len(train_rows))
         val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
     train_data, cut = tokenize(train_rows, tok, block_size)
     val_data, val_cut = tokenize(val_rows, tok, block_size)
-    log(f"{len(train_data)} training pairs ({cut} cut to fit block_size={block_size}), {len(val_data)} held-out "
-        f"({val_cut} cut)")
+    log(f"{len(train_data)} training pairs ({cut} cut to fit block_size={block_size}), {len(val_data)} "
+        f"held-out ({val_cut} cut)")
 
     # --- the reference: its log-probs once per pair, then it is no longer needed -------------------
     mean = loss_type == "ipo"
@@ -375,7 +385,7 @@ if __name__ == "__main__":
         batch_gen.set_state(run["gen"])
         restore_rng_state(run["rng"], rt, log)
         log(f"resuming {ckpt_path} at step {iter_num}")
-    ckpt_meta = {k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")}  # saved again
+    ckpt_meta = {k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")}  # to save
     del ckpt
     raw_model = model
     # compiled on CUDA only by default: the batches change length every step, which recompiles on CPU
@@ -413,17 +423,15 @@ if __name__ == "__main__":
                     log_metrics(metrics_path, {"iter": iter_num, **{"eval/" + k: v for k, v in m.items()}})
                 log(f"eval at step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
                 if iter_num > 0:
-                    rng = rng_state(rt)  # every process's (under DDP, all of them take part)
+                    # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
+                    run = {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget,
+                           "ref": ref_logps, "pairs": sources, "gen": batch_gen.get_state(),
+                           "rng": rng_state(rt)}  # every process's random state: all ranks take part
                     if rt.master:
-                        save_checkpoint({**ckpt_meta, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                         "iter_num": iter_num, "config": config, "init_from": init_from,
-                                         # the run's own state, for --resume=True (train.py refuses a checkpoint
-                                         # without "rng")
-                                         "dpo": {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget,
-                                                 "ref": ref_logps, "pairs": sources, "gen": batch_gen.get_state(),
-                                                 "rng": rng}},
-                                        ckpt_path)
-                        rows = read_metrics(metrics_path)  # the plots are drawn from the same file a user reads
+                        save_checkpoint({**ckpt_meta, "model": unwrap(model).state_dict(),
+                                         "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                                         "config": config, "init_from": init_from, "dpo": run}, ckpt_path)
+                        rows = read_metrics(metrics_path)  # the plots are drawn from the file a user reads
                         for name in ("loss", "rewards/accuracies", "rewards/margins"):
                             plot_curves(os.path.join(out_dir, f"dpo_{name.replace('/', '_')}.png"),
                                         {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
@@ -439,18 +447,19 @@ if __name__ == "__main__":
             for micro_step in range(gradient_accumulation_steps):
                 if rt.ddp:  # all-reduce the gradients on the last micro-step only (see train.py)
                     model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-                idx = torch.randint(len(train_data), (rt.world_size, batch_size), generator=batch_gen)[rt.rank]
+                idx = torch.randint(len(train_data), (rt.world_size, batch_size), generator=batch_gen)
+                idx = idx[rt.rank]  # this process's share of the global batch
                 with rt.autocast():
                     pi_c, pi_r = batch_logps(model, [train_data[i] for i in idx], block_size, rt.device, mean)
-                    loss, metrics = dpo_loss(pi_c, pi_r, ref_logps["train"][0][idx], ref_logps["train"][1][idx],
-                                             beta, loss_type, label_smoothing)
-                    if getattr(raw_model, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
+                    ref_c, ref_r = ref_logps["train"][0][idx], ref_logps["train"][1][idx]
+                    loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing)
+                    if getattr(raw_model, "moe_layers", None):  # MoE: balanced routers, as in pretraining
                         loss = loss + raw_model.router_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights
                     kept = (f"{ckpt_path} keeps step {saved_iter}" if saved_iter
                             else f"nothing was saved, {init_from} is unchanged")
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {iter_num + 1}: stopped; {kept} "
-                                     "(try a lower learning_rate)")
+                    raise SystemExit(f"error: the loss is {loss.item()} at step {iter_num + 1}: stopped; "
+                                     f"{kept} (try a lower learning_rate)")
                 scaler.scale(loss / gradient_accumulation_steps).backward()
             optimizer_step(model, optimizer, scaler, lr, grad_clip)
 

@@ -176,7 +176,8 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     ckpt = load_checkpoint(ckpt_path, rt.device)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
         raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
-                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
+                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another "
+                         "out_dir")
     if ckpt["tokenizer"] != tok.state():  # the same ids must mean the same strings
         raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained "
                          f"with (that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same "
@@ -187,8 +188,8 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     config = keep_resumed(config, defaults, ckpt["model_args"], model_keys, "the checkpoint's model")
     if ckpt["config"].get("optimizer", "adamw") != optimizer:  # its state holds another optimizer's moments
         raise SystemExit(f"error: {ckpt_path} was trained with --optimizer="
-                         f"{ckpt['config'].get('optimizer', 'adamw')}: resume with it, or train anew in another "
-                         "--out_dir")
+                         f"{ckpt['config'].get('optimizer', 'adamw')}: resume with it, or train anew in "
+                         "another --out_dir")
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
@@ -216,13 +217,14 @@ if init_from == "resume":  # all the run's state, random states included: nothin
     del ckpt
 raw_model = model
 moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the routers' losses
-use_compile = resolve_compile(compile, rt.device_type, log)  # after the checks of the inputs: it takes seconds
+use_compile = resolve_compile(compile, rt.device_type, log)  # after the inputs' checks: it takes seconds
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M "
     f"without embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, "
     f"{rt.ptdtype}, compile {use_compile}")
 model = wrap_model(model, rt, use_compile)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
-log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative to it")
+log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
+    "to it")
 if rt.device_type == "cpu" and rt.ptdtype != torch.float32:  # CPUs without bf16 units emulate it, slowly
     fp32_flops = measure_peak_flops(rt.device, torch.float32)
     if fp32_flops > peak_flops:
@@ -258,7 +260,7 @@ def check_finite(loss: float, what: str) -> None:
 
 def interrupted(signum, frame):
     """Ctrl-C: one line saying what is kept, instead of a traceback."""
-    kept = f"{ckpt_path} keeps iteration {saved_iter}" if saved_iter is not None else "no checkpoint was written"
+    kept = "no checkpoint was written" if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
     raise SystemExit(f"interrupted at iteration {iter_num}: {kept} (continue with --init_from=resume)")
 
 
@@ -266,12 +268,13 @@ def interrupted(signum, frame):
 metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line each
 if rt.master and not eval_only:
     log("config: " + json.dumps(config))
-    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after the checkpoint are redone
+    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after it are done again
 # the last iteration and the end of the cosine decay: max_iters (or lr_decay_iters), or fewer when
 # they do not fit in max_time (the budget, counted once, early on: see fit_budget)
 last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
 if iter_num >= last_iter and not eval_only:
-    raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train on)")
+    raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
+                     "on)")
 signal.signal(signal.SIGINT, interrupted)
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
@@ -287,8 +290,9 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if out_of_time and iter_num < last_iter:
             log(f"max_time={max_time:.0f}s reached at iteration {iter_num}, before the {last_iter} planned")
 
-        # evaluate and save: every eval_interval iterations (not again at the one resumed from), and at the end
-        if eval_only or done or (iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")):
+        # evaluate and save: every eval_interval iterations (not again at the one resumed from), at the end
+        due = iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")
+        if due or done or eval_only:
             t = rank0_clock(t_start, rt)
             losses = estimate_loss()
             val_bpb = losses["val"] / math.log(2) / bytes_per_token  # nats/token -> bits/byte
@@ -298,7 +302,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 break
             check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
             best_val_loss = min(best_val_loss, losses["val"])
-            rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # every process's own dropout state
+            rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # each process's dropout state
             if rt.master:
                 save_checkpoint({
                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -306,22 +310,23 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                     "val_loss": losses["val"], "best_val_loss": best_val_loss, "elapsed": elapsed,
                     "budget": budget, "config": config, "tokenizer": tok.state(), "data_dir": data_dir,
                     "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
-                log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                           "val_bpb": val_bpb, "elapsed": elapsed})
+                log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
+                                           "val_loss": losses["val"], "val_bpb": val_bpb, "elapsed": elapsed})
                 rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
                 # per iteration, a MoE model's training loss is the cross-entropy plus the router losses
                 # (balancing and z-loss); the evaluations measure the cross-entropy alone
-                plot_curves(os.path.join(out_dir, "loss.png"),
-                            {"train (per iteration)": curve(rows, "loss"), "train (eval)": curve(rows, "train_loss"),
-                             "val (held-out books)": curve(rows, "val_loss")},
-                            "iteration", "cross-entropy (nats/token)" + (", training: + router losses" if moe else ""),
+                curves = {"train (per iteration)": curve(rows, "loss"),
+                          "train (eval)": curve(rows, "train_loss"),
+                          "val (held-out books)": curve(rows, "val_loss")}
+                ylabel = "cross-entropy (nats/token)" + (", training: + router losses" if moe else "")
+                plot_curves(os.path.join(out_dir, "loss.png"), curves, "iteration", ylabel,
                             f"training curves of {out_dir}")
             saved_iter = iter_num
             eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
             t0, n_timed = time.time(), 0  # evaluation time is not training time
         if done:
-            log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
-                f"loss curve {os.path.join(out_dir, 'loss.png')}")
+            log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint "
+                f"{ckpt_path}, loss curve {os.path.join(out_dir, 'loss.png')}")
             break
 
         # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
@@ -346,16 +351,16 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if iter_num == timed_from[0]:  # the first iteration: a compiled model compiles in it
             timed_from = (iter_num, elapsed)
             if use_compile:
-                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's compile "
-                    "included (it counts in max_time)")
-        budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval, eval_seconds,
-                            log)
+                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
+                    "compile included (it counts in max_time)")
+        budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
+                            eval_seconds, log)
         last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
-        if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as one process would log
+        if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size
         if iter_num % log_interval == 0 and rt.master:
-            lossf = loss_sum.item()  # the mean over the micro-batches; .item() waits for the GPU: only when logging
+            lossf = loss_sum.item()  # the mean over the micro-batches (.item() waits for the GPU: only here)
             check_finite(lossf, "training loss")
             dt = (time.time() - t0) / n_timed
             t0, n_timed = time.time(), 0
@@ -364,8 +369,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             left = (last_iter - iter_num) * dt
             log_metrics(metrics_path, {"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
                                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed": elapsed})
-            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
-                f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
+            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} "
+                f"tokens/s, MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
             if moe:  # is the router spreading the tokens?
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
