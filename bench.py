@@ -36,7 +36,7 @@ from tokenizer import load as load_tokenizer
 
 # -----------------------------------------------------------------------------
 only = ""  # comma-separated sections; "" = all
-out_dir = "out-gutenberg"  # the weights for the generation section (a random model of the same shape if absent)
+out_dir = "out-gutenberg"  # the generation section's weights (absent: a random model of the same shape)
 train_iters = 16  # iterations per training measurement (the first log interval is warm-up, not counted)
 new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so that transformers' GPT-2 fits)
 device = "cpu"
@@ -46,8 +46,8 @@ baseline = "859c13a"  # profile: the commit whose model.py is the old path
 baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (git history)
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
-                 "n_embd": 256, "d_ff": 1024, "moe_every": 0}  # config/gutenberg.py's model
+DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4,
+                 "n_kv_head": 2, "n_embd": 256, "d_ff": 1024, "moe_every": 0}  # config/gutenberg.py's model
 rows: list[tuple[str, str, str, str]] = []  # (stage, what, figure, against the baseline)
 
 
@@ -60,8 +60,9 @@ def run_train(*args: str) -> dict:
     """Runs train.py for a few iterations; returns its median tokens/s and MFU (the first logged
     interval, with its warm-up, left out), its seconds to the first iteration, and its peak RSS."""
     out = tempfile.mkdtemp(prefix="bench-")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out}", f"--max_iters={train_iters}",
-           f"--eval_interval={10 * train_iters}", "--eval_iters=1", "--log_interval=2", f"--device={device}"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out}",
+           f"--max_iters={train_iters}", f"--eval_interval={10 * train_iters}", "--eval_iters=1",
+           "--log_interval=2", f"--device={device}"]
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first, lines = None, []
@@ -77,7 +78,8 @@ def run_train(*args: str) -> dict:
     tok_s = [float(re.search(r"([\d,]+) tokens/s", s)[1].replace(",", "")) for s in logs]
     mfu = [float(re.search(r"MFU ([\d.]+)%", s)[1]) for s in logs]
     rss_gb = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
-    return {"tok_s": float(np.median(tok_s)), "mfu": float(np.median(mfu)), "first_iter_s": first, "rss_gb": rss_gb}
+    return {"tok_s": float(np.median(tok_s)), "mfu": float(np.median(mfu)), "first_iter_s": first,
+            "rss_gb": rss_gb}
 
 
 def bytes_per_token(data_dir: str) -> float:
@@ -108,12 +110,13 @@ def bench_train() -> None:
     ours = run_train("config/gutenberg.py", "--compile=False")
     course = run_train("config/tp_seed.py", "--compile=False")
     b_ours, b_course = bytes_per_token("data/gutenberg_bpe8192"), bytes_per_token("data/gutenberg_gpt2")
-    for name, r, b in (("config/gutenberg.py", ours, b_ours), ("config/tp_seed.py (course)", course, b_course)):
+    runs = (("config/gutenberg.py", ours, b_ours), ("config/tp_seed.py (course)", course, b_course))
+    for name, r, b in runs:
         report("train", f"{name} tokens/s", f"{r['tok_s']:,.0f} ({r['tok_s'] * b / 1e3:,.1f} kB of text/s)")
         report("train", f"{name} MFU", f"{r['mfu']:.0f}% of the measured matmul peak in its dtype")
         report("train", f"{name} peak RSS", f"{r['rss_gb']:.2f} GB")
-    report("train", "text per second, ours / course", f"{ours['tok_s'] * b_ours / (course['tok_s'] * b_course):.1f}x",
-           "bytes of French read per second")
+    ratio = ours["tok_s"] * b_ours / (course["tok_s"] * b_course)
+    report("train", "text per second, ours / course", f"{ratio:.1f}x", "bytes of French read per second")
     report("train", "peak RSS, ours / course", f"{ours['rss_gb'] / course['rss_gb']:.2f}x")
 
 
@@ -146,16 +149,18 @@ def bench_generate() -> None:
     else:
         model = make_model(DEFAULT_SHAPE).to(device).eval()
         source = "random weights, the default shape"
-    n = min(new_tokens, model.config.block_size - 8)  # GPT-2 has no positions beyond block_size, nor our RoPE tables
+    n = min(new_tokens, model.config.block_size - 8)  # no positions past block_size (GPT-2, RoPE tables)
     x = torch.randint(model.config.vocab_size, (1, 8), device=device)
     what = f"batch 1, 8-token prompt, {n} new tokens, top-k 40 ({source})"
     kv = n / timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
     course = n / timed(lambda: course_generate(model, x, n, 40))
     report("generate", f"KV cache, {what}", f"{kv:,.0f} tokens/s")
-    report("generate", "the course's loop (recomputes everything)", f"{course:,.0f} tokens/s", f"KV cache {kv / course:.1f}x faster")
+    report("generate", "the course's loop (recomputes everything)", f"{course:,.0f} tokens/s",
+           f"KV cache {kv / course:.1f}x faster")
     xb = x.repeat(8, 1)
     batch = 8 * n / timed(lambda: list(model.generate(xb, n, temperature=1.0, top_k=40)))
-    report("generate", "KV cache, 8 samples as one batch", f"{batch:,.0f} tokens/s", f"{batch / kv:.1f}x batch 1")
+    report("generate", "KV cache, 8 samples as one batch", f"{batch:,.0f} tokens/s",
+           f"{batch / kv:.1f}x batch 1")
     try:
         import transformers
 
@@ -167,8 +172,8 @@ def bench_generate() -> None:
     eos = hf.config.eos_token_id
     hf_tok_s = n / timed(lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=40,
                                              use_cache=True, pad_token_id=eos))
-    report("generate", f"transformers {transformers.__version__} {type(hf).__name__}.generate(use_cache=True)",
-           f"{hf_tok_s:,.0f} tokens/s", f"ours {kv / hf_tok_s:.1f}x faster")
+    what = f"transformers {transformers.__version__} {type(hf).__name__}.generate(use_cache=True)"
+    report("generate", what, f"{hf_tok_s:,.0f} tokens/s", f"ours {kv / hf_tok_s:.1f}x faster")
 
 
 # --- 4. data -----------------------------------------------------------------------------------------
@@ -192,7 +197,8 @@ class CourseDataset:
             i += 1
         start = (idx - (self.cumulative[i - 1] if i else 0)) * self.stride
         ids = torch.tensor(self.docs[i][start : start + self.seq_length])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.cat([ids[1:], ids[:1]])}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.cat([ids[1:], ids[:1]])}
 
 
 def bench_data() -> None:
@@ -203,7 +209,8 @@ def bench_data() -> None:
     shutil.rmtree(os.path.join(ROOT, "data", "bench_prepare"), ignore_errors=True)
     if p.returncode:
         raise SystemExit(f"error: prepare.py failed:\n{p.stderr[-2000:]}")
-    report("data", "prepare.py, the whole corpus, BPE 8k trained + encoded", f"{dt:.1f} s", f"{30 / dt:.1f}x under the 30 s goal")
+    report("data", "prepare.py, the whole corpus, BPE 8k trained + encoded", f"{dt:.1f} s",
+           f"{30 / dt:.1f}x under the 30 s goal")
     path = os.path.join(ROOT, "data", "gutenberg_bpe8192", "train.bin")
     need_data("bpe", "data/gutenberg_bpe8192")
     data = np.memmap(path, dtype=np.uint16, mode="r")
@@ -227,7 +234,8 @@ def bench_data() -> None:
     course = 20 / timed(course_batches)
     ours = 200 / timed(our_batches)
     report("data", "random batches (32 x 128) from the memmap", f"{ours:,.0f} batches/s")
-    report("data", "the course's Dataset + DataLoader (shuffle)", f"{course:,.1f} batches/s", f"memmap {ours / course:,.0f}x faster")
+    report("data", "the course's Dataset + DataLoader (shuffle)", f"{course:,.1f} batches/s",
+           f"memmap {ours / course:,.0f}x faster")
 
 
 # --- 5. torch.compile --------------------------------------------------------------------------------
@@ -243,7 +251,7 @@ def bench_compile() -> None:
     n = 128
     with torch.no_grad():
         eager_s = timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
-        model.forward = torch.compile(model.forward, dynamic=True)  # the decode step: one position, a growing cache
+        model.forward = torch.compile(model.forward, dynamic=True)  # decode: one position, a growing cache
         t0 = time.perf_counter()
         list(model.generate(x, n, temperature=1.0, top_k=40))
         warm = time.perf_counter() - t0
@@ -275,7 +283,8 @@ def bench_moe() -> None:
     t_dense = timed(lambda: dense_layer(x).sum().backward())
     share = len(model.moe_layers) * max(0.0, t_moe - t_dense) / t_step
     report("moe", "routing + dispatch (MoE layer minus a dense SwiGLU of equal FLOPs)",
-           f"{1000 * (t_moe - t_dense):.0f} ms per layer", f"{100 * share:.0f}% of a {1000 * t_step:.0f} ms forward+backward")
+           f"{1000 * (t_moe - t_dense):.0f} ms per layer",
+           f"{100 * share:.0f}% of a {1000 * t_step:.0f} ms forward+backward")
 
 
 # --- 7. the training step, profiled ------------------------------------------------------------------
@@ -326,7 +335,7 @@ def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float],
     for e in prof.key_averages():
         if e.key.startswith("phase: "):
             continue  # the phases' own ranges: their time is their operators'
-        name = "Inductor's fused C++ kernels" if "CompiledFxGraph" in e.key else e.key  # compiled graphs' code
+        name = "Inductor's fused C++ kernels" if "CompiledFxGraph" in e.key else e.key  # compiled code
         by_op[name] = by_op.get(name, 0.0) + e.self_cpu_time_total
     total = sum(by_op.values())
     return {k: v / total for k, v in by_op.items()}, total / 1000 / steps
@@ -334,7 +343,8 @@ def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float],
 
 def bench_profile() -> None:
     peak = measure_peak_flops(device, getattr(torch, dtype), seconds=1.0)
-    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s", "MFU is relative to it")
+    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s",
+           "MFU is relative to it")
     torch.manual_seed(0)
     old = old_model_module().make_model(DEFAULT_SHAPE).train()
     new = make_model(DEFAULT_SHAPE).train()
@@ -396,7 +406,8 @@ def main(c: dict) -> None:
     chosen = [s.strip() for s in c["only"].split(",") if s.strip()] or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"error: unknown section(s) {', '.join(unknown)}: choose among {', '.join(SECTIONS)}")
+        raise SystemExit(f"error: unknown section(s) {', '.join(unknown)}: choose among "
+                         f"{', '.join(SECTIONS)}")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", flush=True)
     for s in chosen:

@@ -3,14 +3,13 @@ Course part 6: talk with the model, rate its replies, and watch it learn from ea
 
     python chat.py --out_dir=out-gutenberg           # type a prompt, read the reply, rate it from -1 to +1
     python chat.py --pairwise                        # two replies per prompt: pick the better one (1, 2 or =)
-    python chat.py --script=session.txt              # the same lines, read from a file instead of the keyboard
+    python chat.py --script=session.txt              # the same lines, read from a file, not the keyboard
     python chat.py --auto_rate=dialogue < prompts.txt  # a rule rates instead of a person: +1 for dialogue
 
 Each rating is one step of REINFORCE (Williams, 1992), the policy gradient at the heart of RLHF:
     loss = -(rating - baseline) * mean_t log p(reply_t | prompt, reply_<t) + kl_coef * mean_t KL(p || p_ref)
 - The log-probabilities are those of the reply's tokens given the prompt and the reply so far: the
-  model predicted them there. (The course's version lined the reply's tokens up with the prompt's
-  positions, so it taught the model to predict the reply from the wrong context.)
+  model predicted them there.
 - The baseline is a running mean of the ratings: a reply better than usual is reinforced, a worse
   one discouraged, which lowers the variance of the gradient.
 - The KL term keeps the model close to the frozen starting model at the reply's positions, so that
@@ -33,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from common import (
+    SAMPLING,
     check_config,
     claim_out_dir,
     completion_logits,
@@ -43,6 +43,7 @@ from common import (
     log_metrics,
     plot_curves,
     read_metrics,
+    sampling,
     save_checkpoint,
     setup_runtime,
     stream,
@@ -51,16 +52,15 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the starting model: read, never written
-chat_dir = ""  # the tuned model, feedback.jsonl and rewards.png; "" = <out_dir>-chat. An existing one is continued
-fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept and appended to)
+chat_dir = ""  # tuned model, feedback.jsonl, rewards.png; "" = <out_dir>-chat. An existing one is continued
+fresh = False  # start again from out_dir even if chat_dir holds a tuned model (its log is kept, appended to)
 overwrite = False  # let --fresh replace the tuned model already in chat_dir
 script = ""  # read the prompt and rating lines from this file instead of standard input
 pairwise = False  # two replies per prompt, and the choice of the better one
 auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
 max_new_tokens = 60
-temperature = 0.8
-top_k = 40
-learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it away)
+globals().update(SAMPLING)  # temperature, top_k, top_p: common.SAMPLING's defaults, as in sample.py
+learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it)
 kl_coef = 0.1  # weight of the KL penalty to the starting model
 baseline_decay = 0.9  # running mean of the ratings: baseline = decay * baseline + (1 - decay) * rating
 grad_clip = 5.0  # a guard against a rare huge gradient; typical ones are well below
@@ -69,6 +69,22 @@ seed = 1337
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
+config = configure(globals())
+globals().update(config)
+
+check_config(config)  # temperature, top_k, max_new_tokens, learning_rate, save_every...
+if auto_rate not in ("", "dialogue"):
+    raise SystemExit(f"error: --auto_rate={auto_rate} is not a known rule: use dialogue (or leave it empty)")
+if auto_rate and pairwise:
+    raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
+if kl_coef < 0 or not 0 <= baseline_decay < 1:
+    raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
+chat_dir = chat_dir or out_dir.rstrip("/") + "-chat"
+if os.path.abspath(chat_dir) == os.path.abspath(out_dir):
+    raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
+
+
+# --- input: the lines of the keyboard, a pipe or a script --------------------------------------------
 HELP = """Type a prompt; the model continues it. Then rate the reply:
   a number from -1 (bad) to 1 (good)   the model takes one step toward or away from that reply
   s                                    skip: no rating, no update
@@ -115,7 +131,8 @@ def ask(lines, prompt: str) -> str:
 def ask_rating(lines, pairwise: bool):
     """A rating in [-1, 1] (or 1, 2, "=" with --pairwise), "s" or "q"; asks again, saying why, otherwise."""
     while True:
-        answer = ask(lines, "choice [1, 2, =, s, q, ?]> " if pairwise else "rating [-1..1, s, q, ?]> ").strip()
+        question = "choice [1, 2, =, s, q, ?]> " if pairwise else "rating [-1..1, s, q, ?]> "
+        answer = ask(lines, question).strip()
         if answer in ("s", "q"):
             return answer
         if answer == "?":
@@ -124,7 +141,8 @@ def ask_rating(lines, pairwise: bool):
         if pairwise:
             if answer in ("1", "2", "="):
                 return answer
-            print(f"'{answer}' is not a choice: answer 1 or 2 for the better reply, = for a tie, s to skip, q to quit")
+            print(f"'{answer}' is not a choice: answer 1 or 2 for the better reply, = for a tie, s to skip, "
+                  "q to quit")
             continue
         try:
             rating = float(answer)
@@ -136,7 +154,28 @@ def ask_rating(lines, pairwise: bool):
         print(f"{rating} is outside [-1, 1]: rate from -1 (bad) to 1 (good)")
 
 
-def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef: float, grad_clip: float) -> dict:
+interactive = not script and sys.stdin.isatty()  # a person at the keyboard
+if script:
+    try:
+        with open(script, encoding="utf-8") as f:
+            lines = read_lines(f.read().splitlines(), echo=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the script {script}: {e}") from None
+else:
+    lines = read_lines(sys.stdin, echo=not interactive)
+
+# --- setup: device, the frozen reference, chat_dir -------------------------------------------------
+rt = setup_runtime(device, dtype, seed)
+ref_model, tok, ref_ckpt = load_model(out_dir, rt.device)
+for p in ref_model.parameters():
+    p.requires_grad_(False)  # the reference is frozen: no gradient, no change
+# one session per chat_dir, and --fresh never replaces a tuned model unless asked
+lock = claim_out_dir(chat_dir, fresh, overwrite, "continue it without --fresh", "--chat_dir")
+
+
+# --- model: the policy (the tuned model of an earlier session, or out_dir's) and its update ---------
+def reinforce_step(policy, ref_model, optimizer, prompt, replies, advantages, kl_coef: float,
+                   grad_clip: float) -> dict:
     """One policy-gradient step on one or more replies to a prompt, each with its advantage."""
     policy.train()
     loss, kl_total = 0.0, 0.0
@@ -144,9 +183,9 @@ def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef:
         logits, targets = completion_logits(policy, prompt, reply)  # (T, V), (T,)
         logp = F.log_softmax(logits.float(), dim=-1)
         with torch.no_grad():
-            ref_logp = F.log_softmax(completion_logits(ref, prompt, reply)[0].float(), dim=-1)
+            ref_logp = F.log_softmax(completion_logits(ref_model, prompt, reply)[0].float(), dim=-1)
         token_logp = logp.gather(1, targets[:, None]).squeeze(1)  # log p(reply_t | context), (T,)
-        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()  # exact KL over the vocabulary, mean over positions
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()  # exact KL over the vocabulary, mean over T
         loss = loss - adv * token_logp.mean() + kl_coef * kl
         kl_total += kl.item()
     optimizer.zero_grad(set_to_none=True)
@@ -157,122 +196,94 @@ def reinforce_step(policy, ref, optimizer, prompt, replies, advantages, kl_coef:
     return {"loss": loss.item(), "kl": kl_total / len(replies), "grad_norm": grad_norm.item()}
 
 
-def main(c: dict) -> None:
-    check_config(c)  # temperature, top_k, max_new_tokens, learning_rate, save_every...
-    if c["auto_rate"] not in ("", "dialogue"):
-        raise SystemExit(f"error: --auto_rate={c['auto_rate']} is not a known rule: use dialogue (or leave it empty)")
-    if c["auto_rate"] and c["pairwise"]:
-        raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
-    if c["kl_coef"] < 0 or not 0 <= c["baseline_decay"] < 1:
-        raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
-    interactive = not c["script"] and sys.stdin.isatty()  # a person at the keyboard
-    if c["script"]:
-        try:
-            with open(c["script"], encoding="utf-8") as f:
-                lines = read_lines(f.read().splitlines(), echo=True)
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read the script {c['script']}: {e}") from None
-    else:
-        lines = read_lines(sys.stdin, echo=not interactive)
+def save(policy, state: dict, ref_ckpt: dict, config: dict, chat_dir: str, metrics_path: str) -> None:
+    """The tuned model to chat_dir/ckpt.pt (with the reference's model_args and tokenizer), and the
+    plot of the ratings beside it, drawn from metrics.jsonl."""
+    save_checkpoint({**{k: ref_ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
+                     "model": policy.state_dict(), "config": config, "chat": state,
+                     "iter_num": ref_ckpt.get("iter_num", 0)}, os.path.join(chat_dir, "ckpt.pt"))
+    if not state["ratings"]:  # pairwise choices only, or nothing rated yet: no curve to draw
+        return
+    rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
+    plot_curves(os.path.join(chat_dir, "rewards.png"), {"rating": curve(rows, "rating", "update"),
+                "running mean (the baseline)": curve(rows, "baseline", "update")},
+                "update", "rating", f"ratings of {chat_dir}")
 
-    chat_dir = c["chat_dir"] or c["out_dir"].rstrip("/") + "-chat"
-    if os.path.abspath(chat_dir) == os.path.abspath(c["out_dir"]):
-        raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
-    rt = setup_runtime(c["device"], c["dtype"], c["seed"])
-    ref, tok, ckpt = load_model(c["out_dir"], rt.device)
-    for p in ref.parameters():
-        p.requires_grad_(False)  # the reference is frozen: no gradient, no change
-    # one session per chat_dir, and --fresh never replaces a tuned model unless asked; held until main returns
-    _lock = claim_out_dir(chat_dir, c["fresh"], c["overwrite"], "continue it without --fresh", "--chat_dir")
-    start_dir = c["out_dir"]
-    if not c["fresh"] and os.path.exists(os.path.join(chat_dir, "ckpt.pt")):
-        start_dir = chat_dir
-    policy, _, start = load_model(start_dir, rt.device, dropout=0.0)  # as the reference it is compared with
-    state = start.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
-    print(f"policy from {start_dir}/ckpt.pt ({state['updates']} updates so far), reference {c['out_dir']}/ckpt.pt; "
-          f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
-    optimizer = torch.optim.SGD(policy.parameters(), lr=c["learning_rate"])
-    log_path = os.path.join(chat_dir, "feedback.jsonl")  # every exchange, kept across sessions (dpo.py reads it)
-    metrics_path = os.path.join(chat_dir, "metrics.jsonl")  # every update of this tuned model, one JSON line
-    keep_metrics(metrics_path, state["updates"], key="update")  # those the saved model has seen
-    gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
 
-    def save() -> None:
-        save_checkpoint({**{k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
-                         "model": policy.state_dict(), "config": c, "chat": state,
-                         "iter_num": ckpt.get("iter_num", 0)}, os.path.join(chat_dir, "ckpt.pt"))
-        rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
-        if not state["ratings"]:  # pairwise choices only, or nothing rated yet: no curve to draw
-            return
-        plot_curves(os.path.join(chat_dir, "rewards.png"), {"rating": curve(rows, "rating", "update"),
-                    "running mean (the baseline)": curve(rows, "baseline", "update")},
-                    "update", "rating", f"ratings of {chat_dir}")
+policy_dir = chat_dir if not fresh and os.path.exists(os.path.join(chat_dir, "ckpt.pt")) else out_dir
+policy, _, policy_ckpt = load_model(policy_dir, rt.device, dropout=0.0)  # as the reference it is held to
+state = policy_ckpt.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
+del policy_ckpt
+print(f"policy from {policy_dir}/ckpt.pt ({state['updates']} updates so far), reference {out_dir}/ckpt.pt; "
+      f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
+optimizer = torch.optim.SGD(policy.parameters(), lr=learning_rate)
+log_path = os.path.join(chat_dir, "feedback.jsonl")  # every exchange, kept across sessions (dpo.py reads it)
+metrics_path = os.path.join(chat_dir, "metrics.jsonl")  # every update of this tuned model, one JSON line
+keep_metrics(metrics_path, state["updates"], key="update")  # those the saved model has seen
+gen = torch.Generator(device=rt.device).manual_seed(seed)
 
-    def reply(prompt_ids: list[int]) -> list[int]:
-        x = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
-        with torch.no_grad(), rt.autocast():
-            return stream(policy.generate(x, c["max_new_tokens"], temperature=c["temperature"],
-                                          top_k=c["top_k"] or None, eot_id=tok.eot_id, generator=gen), tok)
-
-    if interactive:
-        print(HELP)
-    try:
-        while True:
-            text = ask(lines, "\nprompt> ")
-            if text.strip() == "q":
-                break
-            if text.strip() == "?":
-                print(HELP)
-                continue
-            prompt = [tok.eot_id, *tok.encode(text)]  # as at the start of a document
-            replies = []
-            for k in range(2 if c["pairwise"] else 1):
-                print(f"[{k + 1}] " if c["pairwise"] else "", end="")
-                print(text, end="", flush=True)
-                replies.append(reply(prompt))
-            texts = [tok.decode(r) for r in replies]
-            if c["auto_rate"]:
-                answer = 1.0 if has_dialogue(texts[0]) else -1.0
-                print(f"rating (rule {c['auto_rate']}): {answer:+.0f}")
+# --- the loop: a prompt, the reply (or two), a rating, one update ------------------------------------
+if interactive:
+    print(HELP)
+try:
+    while True:
+        text = ask(lines, "\nprompt> ")
+        if text.strip() == "q":
+            break
+        if text.strip() == "?":
+            print(HELP)
+            continue
+        prompt = [tok.eot_id, *tok.encode(text)]  # as at the start of a document
+        replies = []
+        for k in range(2 if pairwise else 1):
+            print(f"[{k + 1}] " if pairwise else "", end="")
+            print(text, end="", flush=True)
+            x = torch.tensor([prompt], dtype=torch.long, device=rt.device)
+            with torch.no_grad(), rt.autocast():  # the reply streams as it is written
+                steps = policy.generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
+                                        generator=gen)
+                replies.append(stream(steps, tok))
+        texts = [tok.decode(r) for r in replies]
+        if auto_rate:
+            answer = 1.0 if has_dialogue(texts[0]) else -1.0
+            print(f"rating (rule {auto_rate}): {answer:+.0f}")
+        else:
+            answer = ask_rating(lines, pairwise)
+        if answer == "q":
+            break
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompt": text}
+        if pairwise:
+            choice = None if answer == "s" else answer if answer == "=" else int(answer)
+            entry.update(replies=texts, choice=choice)
+        else:
+            entry.update(reply=texts[0], rating=None if answer == "s" else answer)
+        stats = None
+        if answer not in ("s", "=") and all(replies):
+            if pairwise:  # the chosen reply up, the other down, by the same amount
+                advantages = [0.5, -0.5] if answer == "1" else [-0.5, 0.5]
             else:
-                answer = ask_rating(lines, c["pairwise"])
-            if answer == "q":
-                break
-            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompt": text}
-            if c["pairwise"]:
-                entry.update(replies=texts, choice=None if answer == "s" else (answer if answer == "=" else int(answer)))
-            else:
-                entry.update(reply=texts[0], rating=None if answer == "s" else answer)
-            stats = None
-            if answer not in ("s", "=") and all(replies):
-                if c["pairwise"]:  # the chosen reply up, the other down, by the same amount
-                    advantages = [0.5, -0.5] if answer == "1" else [-0.5, 0.5]
-                else:
-                    advantages = [answer - state["baseline"]]
-                    state["baseline"] = c["baseline_decay"] * state["baseline"] + (1 - c["baseline_decay"]) * answer
-                    state["ratings"].append(answer)
-                with rt.autocast():
-                    stats = reinforce_step(policy, ref, optimizer, prompt, replies, advantages, c["kl_coef"],
-                                           c["grad_clip"])
-                state["updates"] += 1
-            entry["update"] = state["updates"]
-            with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if stats:
-                rated = {"choice": int(answer)} if c["pairwise"] else {"rating": answer, "baseline": state["baseline"]}
-                log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],
-                                           "kl": stats["kl"]})
-                print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start {stats['kl']:.4f}")
-                if state["updates"] % c["save_every"] == 0:
-                    save()
-    except (EOFError, KeyboardInterrupt):
-        print()
-    save()
-    plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""
-    print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}{plot}")
-
-
-if __name__ == "__main__":
-    main(configure(globals()))
+                advantages = [answer - state["baseline"]]
+                state["baseline"] = baseline_decay * state["baseline"] + (1 - baseline_decay) * answer
+                state["ratings"].append(answer)
+            with rt.autocast():
+                stats = reinforce_step(policy, ref_model, optimizer, prompt, replies, advantages, kl_coef,
+                                       grad_clip)
+            state["updates"] += 1
+        entry["update"] = state["updates"]
+        with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if stats:
+            rated = {"choice": int(answer)} if pairwise else {"rating": answer, "baseline": state["baseline"]}
+            log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],
+                                       "kl": stats["kl"]})
+            print(f"update {state['updates']}: advantage {advantages[0]:+.2f}, KL to the start "
+                  f"{stats['kl']:.4f}")
+            if state["updates"] % save_every == 0:
+                save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
+except (EOFError, KeyboardInterrupt):
+    print()
+save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
+plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""
+print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}{plot}")

@@ -1,7 +1,11 @@
 """
-What the training scripts share: device and precision setup, DDP, the optimizer and its learning
-rate schedule, checkpoints written atomically and loaded safely, loss-curve plots, and a measure
-of the machine's matmul throughput (for an honest MFU).
+What the scripts share, by what it is:
+  runtime and processes   device and precision, DDP, torch.compile, the machine's matmul speed
+  optimization            AdamW (or Muon), one optimizer step, the learning rate, a max_time budget
+  checkpoints             out_dir claimed, checkpoints written atomically and loaded safely, resume
+  data batches            random training windows, passages inside one document
+  generation and scoring  the sampling settings, continuations, log p(completion | prompt)
+  plots and metrics       metrics.jsonl and the curves drawn from it
 """
 
 import codecs
@@ -15,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import make_model
 from tokenizer import Tokenizer
 
 
-# --- device, precision, processes ------------------------------------------------------------------
+# --- runtime and processes: device, precision, DDP, compile, the machine's speed ------------------
 @dataclass
 class Runtime:
     device: str  # "cpu", "cuda:0", "mps"
@@ -72,7 +77,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
     rank, local_rank, world_size = 0, 0, 1
     ddp = "RANK" in os.environ  # set by torchrun
     if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
             torch.cuda.set_device(device)
@@ -146,25 +152,82 @@ def ddp_guard(rt: Runtime):
         text = str(e)
         if not rt.ddp or not (isinstance(e, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
             raise
-        raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably died "
-                         f"(see its log): {text.splitlines()[0][:200]}") from None
+        raise SystemExit(f"error: rank {rt.rank} lost contact with the other processes, one of them probably "
+                         f"died (see its log): {text.splitlines()[0][:200]}") from None
 
 
-# --- data --------------------------------------------------------------------------------------------
-def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
-                 starts: torch.Tensor | None = None):
-    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
-    targets y (the same windows shifted by one token), both (batch_size, block_size) int64."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
-    ix = (torch.randint(len(data) - block_size, (batch_size,), generator=gen) if starts is None else starts).tolist()
-    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+def rank0_clock(t_start: float, rt: Runtime) -> float:
+    """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
+    learning rate and on when to stop (with its own clock, one could stop while another waits)."""
+    clock = torch.tensor(time.time() - t_start, dtype=torch.float64)
+    if rt.ddp:
+        clock = clock.to(rt.device)
+        torch.distributed.broadcast(clock, src=0)
+    return clock.item()
 
 
-# --- optimizer and schedule ------------------------------------------------------------------------
+def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
+    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
+    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
+    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
+    which the model's compile needs anyway. Otherwise eager, and one line says why."""
+    if compile is not None:
+        return compile
+    if device_type != "cpu":
+        return device_type == "cuda"
+    t0 = time.time()
+    try:
+        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
+        why = "wrong result"
+    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
+        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if works:
+        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); "
+            "the model compiles during its first iterations, counted in max_time; --compile=False trains "
+            "eagerly")
+    else:
+        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
+            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
+            "this check")
+    return works
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:
+    """The model as the training loop calls it: compiled (fused kernels), then under DDP (which
+    averages the gradients across processes during backward). unwrap() gives the plain model back."""
+    if compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers: its state_dict has no
+    'module.' or '_orig_mod.' prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """The machine's matmul throughput (FLOP/s) on square matrices: the ceiling MFU is relative to."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.ones(n, n, device=device, dtype=dtype)  # the values do not matter to the speed
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        sync() if iters % 8 == 0 else None
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
                         optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
@@ -180,7 +243,8 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
     if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is {torch.__version__}")
+        raise SystemExit(f"error: optimizer=muon needs torch >= 2.9 (torch.optim.Muon), this is "
+                         f"{torch.__version__}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
     matrices = in_blocks if optimizer == "muon" else []
@@ -225,6 +289,20 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, lr: float,
+                   grad_clip: float) -> None:
+    """One update from the gradients the micro-steps accumulated: at learning rate lr, the global
+    gradient norm clipped to grad_clip (0 = no clipping), then the gradients cleared."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped if fp16 gradients overflowed (the scale then shrinks)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
     """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
     if it < warmup_iters:
@@ -235,17 +313,40 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def rank0_clock(t_start: float, rt: Runtime) -> float:
-    """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
-    learning rate and on when to stop (with its own clock, one could stop while another waits)."""
-    clock = torch.tensor(time.time() - t_start, dtype=torch.float64)
-    if rt.ddp:
-        clock = clock.to(rt.device)
-        torch.distributed.broadcast(clock, src=0)
-    return clock.item()
+def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
+                    eval_interval: int, eval_seconds: float) -> int:
+    """The iteration at which a run must stop to end within max_time seconds, at the speed measured
+    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
+    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
+    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
+    iterations more or fewer)."""
+    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
+    left = max_time - elapsed - eval_seconds  # the final evaluation
+    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
 
 
-# --- one run per out_dir, and nothing a user made is overwritten ----------------------------------
+def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float],
+               max_time: float, max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
+    """With max_time, how many iterations fit is counted once, 10 iterations after the first
+    (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
+    that, and without max_time."""
+    if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
+        return budget
+    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
+    if n < max_iters:
+        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends "
+            "there")
+    return {"max_time": max_time, "iters": n}
+
+
+def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
+    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
+    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
+    last = min(max_iters, budget["iters"]) if budget else max_iters
+    return last, lr_decay_iters or last
+
+
+# --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------
 def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: str = "--out_dir"):
     """Checks, before any work, that out_dir can take this run: it is a folder (or can be made one)
     that we can write, a fresh run would not replace a trained model there unless overwrite is set
@@ -279,27 +380,6 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     return lock
 
 
-# --- a time budget as a number of iterations -------------------------------------------------------
-def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
-                    eval_interval: int, eval_seconds: float) -> int:
-    """The iteration at which a run must stop to end within max_time seconds, at the speed measured
-    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
-    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
-    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
-    iterations more or fewer)."""
-    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
-    left = max_time - elapsed - eval_seconds  # the final evaluation
-    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
-
-
-def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
-    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
-    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
-    last = min(max_iters, budget["iters"]) if budget else max_iters
-    return last, lr_decay_iters or last
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
     crash at any moment leaves either the old checkpoint or the new one, never half of one."""
@@ -323,10 +403,53 @@ def save_checkpoint(obj: dict, path: str) -> None:
             os.close(fd)
 
 
+def load_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted file
+    cannot run code while it is unpickled. Loaded into CPU memory: load_state_dict copies the
+    weights and optimizer moments to their device, and the random states must stay CPU tensors."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no checkpoint at {path}") from None
+    except Exception as e:
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
+    return ckpt
+
+
+def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropout: float | None = None):
+    """The model (in eval mode), tokenizer and checkpoint saved in out_dir/ckpt.pt. flag: the option
+    that names out_dir, for the error; dropout: replaces the checkpoint's (dpo.py trains without)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py "
+                         f"config/gutenberg.py) or pass {flag}=DIR")
+    ckpt = load_checkpoint(path)
+    model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> dict:
+    """A resumed run keeps these keys of its checkpoint (saved): one set to another value is an
+    error, one left at its default takes the saved value (so the first run's command, or a shorter
+    one, resumes it). Returns the config the run goes on with; what: what the keys decide."""
+    differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
+              if config[k] != saved[k] and config[k] != defaults[k]]
+    if differ:
+        raise SystemExit(f"error: resuming keeps {what}, but you set {', '.join(differ)}: drop these "
+                         "settings, or start anew in another --out_dir")
+    return {**config, **{k: saved[k] for k in keys}}
+
+
 def rng_state(rt: Runtime) -> list[dict]:
     """The random state of every process (dropout masks differ from one to the next), by rank.
     Under DDP all processes must call it together."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+    cuda = torch.cuda.get_rng_state() if rt.device_type == "cuda" else None
+    state = {"torch": torch.get_rng_state(), "cuda": cuda}
     if not rt.ddp:
         return [state]
     states: list = [None] * rt.world_size
@@ -346,36 +469,95 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def load_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, so a crafted file
-    cannot run code while it is unpickled. Loaded into CPU memory: load_state_dict copies the
-    weights and optimizer moments to their device, and the random states must stay CPU tensors."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: no checkpoint at {path}") from None
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
-    return ckpt
+# --- data batches: random windows for training, passages inside one document ----------------------
+def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
+                 starts: torch.Tensor | None = None):
+    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
+    targets y (the same windows shifted by one token), both (batch_size, block_size) int64.
+
+    This is where training batches are drawn. A window may cross the <|endoftext|> between two
+    books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
+    begins after it, as when sample.py starts from it, and every window is full, with no padding."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
+    if starts is None:
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    ix = starts.tolist()
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
-def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropout: float | None = None):
-    """The model (in eval mode), tokenizer and checkpoint saved in out_dir/ckpt.pt. flag: the option
-    that names out_dir, for the error; dropout: replaces the checkpoint's (dpo.py trains without)."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py config/gutenberg.py) "
-                         f"or pass {flag}=DIR")
-    ckpt = load_checkpoint(path)
-    model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:
+    """n random windows of length tokens, each inside one document (no <|endoftext|> in it), the
+    same for the same seed. Gives up with an error after 100·n draws instead of looping forever."""
+    if n > 0 and len(tokens) <= length:
+        raise SystemExit(f"error: the text has {len(tokens)} tokens, too few for passages of {length}")
+    gen = torch.Generator().manual_seed(seed)
+    windows: list[list[int]] = []
+    for _ in range(100 * n):
+        if len(windows) == n:
+            break
+        i = torch.randint(len(tokens) - length, (1,), generator=gen).item()
+        w = [int(t) for t in tokens[i : i + length]]
+        if eot_id not in w:
+            windows.append(w)
+    if len(windows) < n:
+        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for "
+                         f"{n} of them")
+    return windows
 
 
-# --- scoring completions given prompts (chat.py, dpo.py) ----------------------------------------------
+# --- generation and scoring: sampling settings, continuations, log p(completion | prompt) -----------
+# the sampling settings of sample.py, chat.py, eval.py and export.py's generation config: each script
+# takes these keys, with these defaults, as --flags (see its defaults), and passes them to
+# model.generate by name: a new setting is one entry here and one keyword argument of generate
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0}  # temperature 0: greedy; top_k 0, top_p 1: off
+
+
+def sampling(config: dict) -> dict:
+    """The sampling settings of a script's config, as generate's keyword arguments."""
+    return {k: config[k] for k in SAMPLING}
+
+
+@torch.no_grad()
+def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
+                     seed: int, batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
+    """The model's continuation of each prompt (all of one length), batch_size prompts generated
+    together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
+        with rt.autocast():
+            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen)
+            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
+        out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
+        if log:
+            log(f"{len(out)}/{len(prompts)} continuations")
+    return out
+
+
+def stream(steps, tok) -> list[int]:
+    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    ids = []
+    for nxt in steps:
+        if nxt.item() == tok.eot_id:
+            break
+        ids.append(nxt.item())
+        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
+    print(decoder.decode(b"", final=True), flush=True)
+    return ids
+
+
+def has_dialogue(text: str) -> bool:
+    """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
+    return any(mark in text for mark in ("—", "–", "«", "»"))
+
+
 def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[int]:
     """The part of a prompt that fits before a completion in block_size + 1 tokens: the oldest
     tokens go first, one always stays (it predicts the completion's first token)."""
@@ -417,90 +599,7 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
     return logits[0, scored], y[0, scored]
 
 
-# --- passages of the corpus and the model's continuations (eval.py, dpo.py) ---------------------------
-def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:
-    """n random windows of length tokens, each inside one document (no <|endoftext|> in it), the
-    same for the same seed. Gives up with an error after 100·n draws instead of looping forever."""
-    if n > 0 and len(tokens) <= length:
-        raise SystemExit(f"error: the text has {len(tokens)} tokens, too few for passages of {length}")
-    gen = torch.Generator().manual_seed(seed)
-    windows: list[list[int]] = []
-    for _ in range(100 * n):
-        if len(windows) == n:
-            break
-        i = torch.randint(len(tokens) - length, (1,), generator=gen).item()
-        w = [int(t) for t in tokens[i : i + length]]
-        if eot_id not in w:
-            windows.append(w)
-    if len(windows) < n:
-        raise SystemExit(f"error: the text has too few passages of {length} tokens inside one document for {n} of them")
-    return windows
-
-
-@torch.no_grad()
-def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-                     eot_id: int, rt: Runtime, seed: int, batch_size: int = 32, log=None) -> list[list[int]]:
-    """The model's continuation of each prompt (all of one length), batch_size prompts generated
-    together, each cut at its first <|endoftext|>."""
-    gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
-    out: list[list[int]] = []
-    for b in range(0, len(prompts), batch_size):
-        x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
-        with rt.autocast():
-            steps = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, eot_id=eot_id,
-                                   generator=gen)
-            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
-        out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
-        if log:
-            log(f"{len(out)}/{len(prompts)} continuations")
-    return out
-
-
-def stream(steps, tok) -> list[int]:
-    """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    ids = []
-    for nxt in steps:
-        if nxt.item() == tok.eot_id:
-            break
-        ids.append(nxt.item())
-        print(decoder.decode(tok.decode_bytes([ids[-1]])), end="", flush=True)
-    print(decoder.decode(b"", final=True), flush=True)
-    return ids
-
-
-def has_dialogue(text: str) -> bool:
-    """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
-    return any(mark in text for mark in ("—", "–", "«", "»"))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile wrappers: its state_dict has no
-    'module.' or '_orig_mod.' prefixes."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# --- measuring -------------------------------------------------------------------------------------
-def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """The machine's matmul throughput (FLOP/s) on square matrices: the ceiling MFU is relative to."""
-    n = 4096 if device.startswith("cuda") else 1024
-    a = torch.ones(n, n, device=device, dtype=dtype)  # the values do not matter to the speed
-    b = torch.ones(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-        sync() if iters % 8 == 0 else None
-    sync()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-# --- run metrics: one JSON line per logged step and per evaluation -------------------------------------
+# --- plots and metrics: one JSON line per logged step, curves drawn from them ---------------------
 def log_metrics(path: str, row: dict) -> None:
     """Appends one row to a run's metrics.jsonl at once, so that a killed run keeps its history.
     Any tool reads it back: pandas.read_json(path, lines=True)."""
@@ -533,7 +632,8 @@ def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:
     return [a for a, _ in xs_ys], [b for _, b in xs_ys]
 
 
-def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> None:
+def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+                title: str) -> None:
     """One PNG with a line per curve: {label: (xs, ys)}. Written atomically, like checkpoints."""
     import matplotlib
 
@@ -551,29 +651,3 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], xlabel: str, yl
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-# --- torch.compile -----------------------------------------------------------------------------------
-def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
-    """Whether to torch.compile the model: as asked, or with compile=None on CUDA, and on CPU where
-    Inductor can build C++ kernels. That takes a compiler (g++, clang++) and the Python headers: a
-    one-line function compiled and run tells in a few seconds, most of them Inductor's imports,
-    which the model's compile needs anyway. Otherwise eager, and one line says why."""
-    if compile is not None:
-        return compile
-    if device_type != "cpu":
-        return device_type == "cuda"
-    t0 = time.time()
-    try:
-        works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
-        why = "wrong result"
-    except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
-        works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    if works:
-        log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); the "
-            "model compiles during its first iterations, counted in max_time; --compile=False trains eagerly")
-    else:
-        log(f"compile: off, Inductor cannot build C++ kernels here ({why}): install a C++ compiler (g++ or "
-            "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
-            "this check")
-    return works

@@ -35,7 +35,6 @@ import time
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     check_config,
@@ -46,12 +45,14 @@ from common import (
     curve,
     ddp_guard,
     draw_windows,
+    fit_budget,
     fit_prompt,
     get_lr,
-    iters_in_budget,
     keep_metrics,
+    keep_resumed,
     load_model,
     log_metrics,
+    optimizer_step,
     pack,
     plot_curves,
     rank0_clock,
@@ -62,17 +63,18 @@ from common import (
     schedule_end,
     setup_runtime,
     unwrap,
+    wrap_model,
 )
-from configurator import configure
+from configurator import config_keys, configure
 
 # -----------------------------------------------------------------------------
 init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
 out_dir = "out-gutenberg-dpo"
 resume = False  # continue the run in out_dir (from its ckpt.pt), on the pairs it began with
 overwrite = False  # let a fresh run replace a model already in out_dir
-pairs = ""  # JSONL, JSON, parquet or a Hub dataset with prompt / chosen / rejected, or chat.py's feedback.jsonl
+pairs = ""  # JSONL, JSON, parquet or a Hub dataset of prompt / chosen / rejected; or chat.py's feedback.jsonl
 val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
-make_pairs = 0  # build this many self-play pairs (and a tenth as many held out), write them, then train on them
+make_pairs = 0  # build this many self-play pairs (and a tenth as many held out), write them, train on them
 prompt_tokens = 64  # self-play: length of the prompt passage, in tokens
 completion_tokens = 48  # self-play: length of the true and the sampled continuations
 beta = 0.1
@@ -82,7 +84,7 @@ batch_size = 8  # pairs per micro-step
 gradient_accumulation_steps = 1
 learning_rate = 1e-4
 max_iters = 300
-max_time = 0.0  # seconds of training: the steps that fit are counted early on, as in train.py; 0 = no limit
+max_time = 0.0  # seconds of training (the steps that fit are counted early on, as in train.py); 0 = no limit
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -101,7 +103,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 COLUMNS = ("prompt", "chosen", "rejected")
 # what a resumed run keeps from its checkpoint: the reference, the pairs, their split and their scoring
-RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens", "loss_type", "seed")
+RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens",
+            "loss_type", "seed")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -120,7 +123,8 @@ def read_rows(path: str) -> list[dict]:
             try:
                 rows.append(json.loads(line.decode("utf-8")))
             except UnicodeDecodeError as e:
-                raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte {e.start})") from None
+                raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte "
+                                 f"{e.start})") from None
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}, row {i}: not JSON ({e.msg})") from None
             if not isinstance(rows[-1], dict):
@@ -165,7 +169,8 @@ def load_pairs(path: str, log=print) -> list[dict]:
     for i, r in enumerate(rows, 1):
         for col in COLUMNS:
             if not isinstance(r.get(col), str):
-                raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs {', '.join(COLUMNS)})")
+                raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs "
+                                 f"{', '.join(COLUMNS)})")
         for col in ("chosen", "rejected"):
             if not r[col].strip():
                 raise SystemExit(f"error: {path}, row {i}: the {col} completion is empty")
@@ -173,13 +178,15 @@ def load_pairs(path: str, log=print) -> list[dict]:
     if len(kept) < len(rows):
         log(f"{path}: dropped {len(rows) - len(kept)} pair(s) whose chosen equals rejected")
     if not kept:
-        raise SystemExit(f"error: {path} holds no preference pairs" + (" (every chosen equals its rejected)" if rows else ""))
+        why = " (every chosen equals its rejected)" if rows else ""
+        raise SystemExit(f"error: {path} holds no preference pairs{why}")
     return kept
 
 
 def digest(rows: list[dict]) -> str:
     """A fingerprint of the pairs' text: a resumed run checks that its files still hold the same pairs."""
-    return hashlib.sha256(json.dumps([[r[k] for k in COLUMNS] for r in rows], ensure_ascii=False).encode()).hexdigest()
+    text = json.dumps([[r[k] for k in COLUMNS] for r in rows], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -189,16 +196,17 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def self_play_pairs(model, tok, data_dir: str, split: str, n: int, c: dict, rt) -> list[dict]:
+def self_play_pairs(model, tok, data_dir: str, split: str, n: int, prompt_tokens: int, completion_tokens: int,
+                    seed: int, rt) -> list[dict]:
     """n pairs from random passages of data_dir/<split>.bin (inside one document each): the passage's
-    start, its true continuation, and the model's own continuation of that start."""
+    start, its true continuation, and the model's own continuation of that start (sampled as it is,
+    at temperature 1, no top-k)."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    p = c["prompt_tokens"]
-    windows = draw_windows(data, n, p + c["completion_tokens"], tok.eot_id, c["seed"] + (split == "val"))
-    sampled = continue_prompts(model, [w[:p] for w in windows], c["completion_tokens"], 1.0, None, tok.eot_id, rt,
-                               c["seed"], log=lambda msg: print(f"  {split}: {msg}", flush=True))
-    out = [{"prompt": tok.decode(w[:p]), "chosen": tok.decode(w[p:]), "rejected": tok.decode(s)}
-           for w, s in zip(windows, sampled, strict=True)]
+    windows = draw_windows(data, n, prompt_tokens + completion_tokens, tok.eot_id, seed + (split == "val"))
+    sampled = continue_prompts(model, [w[:prompt_tokens] for w in windows], completion_tokens, tok.eot_id, rt,
+                               seed, log=lambda msg: print(f"  {split}: {msg}", flush=True), temperature=1.0)
+    out = [{"prompt": tok.decode(w[:prompt_tokens]), "chosen": tok.decode(w[prompt_tokens:]),
+            "rejected": tok.decode(s)} for w, s in zip(windows, sampled, strict=True)]
     return [pair for pair in out if pair["rejected"].strip()]
 
 
@@ -208,7 +216,10 @@ def tokenize(rows: list[dict], tok, block_size: int) -> tuple[list[tuple], int]:
     completions their last ones. Returns the pairs and how many were cut."""
     out, cut = [], 0
     for r in rows:
-        p = [tok.eot_id, *tok.encode(r["prompt"])]  # a prompt starts like a document
+        # a prompt is read as the start of a document, after <|endoftext|>, as chat.py's are. Self-play
+        # prompts are passages from mid-book, sampled without it: the prefix shifts their log-probs a
+        # little, but policy and reference score the same tokens (DPO needs no on-policy samples)
+        p = [tok.eot_id, *tok.encode(r["prompt"])]
         cw, cl = tok.encode(r["chosen"]), tok.encode(r["rejected"])
         kept = fit_prompt(p, min(block_size, max(len(cw), len(cl))), block_size)
         cut += len(kept) < len(p) or max(len(cw), len(cl)) > block_size
@@ -229,6 +240,16 @@ def batch_logps(model, batch: list[tuple], block_size: int, device, mean: bool):
     return logps.chunk(2)
 
 
+@torch.no_grad()
+def all_logps(model, data: list[tuple], block_size: int, rt, mean: bool) -> list[torch.Tensor]:
+    """log p(chosen|prompt) and log p(rejected|prompt) of every pair, 32 pairs at a time, in the
+    training's precision (the reference and the held-out evaluations compare like with like)."""
+    with rt.autocast():
+        chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean)
+                  for i in range(0, len(data), 32)]
+    return [torch.cat(t) for t in zip(*chunks, strict=True)]
+
+
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, label_smoothing: float):
     """The loss (mean over pairs) and the metrics TRL logs, under TRL's names."""
     h = (pi_c - ref_c) - (pi_r - ref_r)
@@ -237,241 +258,227 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, label_smooth
     else:
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     r_c, r_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()  # the implicit rewards
-    metrics = {"loss": losses.mean().item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-               "rewards/accuracies": (r_c > r_r).float().mean().item(), "rewards/margins": (r_c - r_r).mean().item(),
-               "logps/chosen": pi_c.detach().mean().item(), "logps/rejected": pi_r.detach().mean().item()}
+    metrics = {"loss": losses.mean().item(), "rewards/chosen": r_c.mean().item(),
+               "rewards/rejected": r_r.mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
+               "rewards/margins": (r_c - r_r).mean().item(), "logps/chosen": pi_c.detach().mean().item(),
+               "logps/rejected": pi_r.detach().mean().item()}
     return losses.mean(), metrics
 
 
-def resumed_config(c: dict, saved: dict) -> dict:
-    """A resumed run keeps RUN_KEYS from its checkpoint: one set to another value is an error, one
-    left at its default takes the checkpoint's value (so the first run's command, or a shorter one,
-    resumes it)."""
-    defaults = {k: globals()[k] for k in RUN_KEYS}
-    differ = [f"{k}={c[k]!r} (checkpoint: {saved[k]!r})" for k in RUN_KEYS if c[k] != saved[k] and c[k] != defaults[k]]
-    if differ:
-        raise SystemExit(f"error: resuming keeps the reference and the pairs the run began with, but you set "
-                         f"{', '.join(differ)}: drop these settings, or start a fresh run in another --out_dir")
-    return {**c, **{k: saved[k] for k in RUN_KEYS}}
 
+# -----------------------------------------------------------------------------
+# The run. Under this guard so that the tests can import the functions above without running it.
+if __name__ == "__main__":
+    defaults = {k: globals()[k] for k in config_keys(globals())}
+    config = configure(globals())
+    globals().update(config)
 
-def main(c: dict) -> None:
-    check_config(c)
-    if c["loss_type"] not in ("sigmoid", "ipo"):
-        raise SystemExit(f"error: loss_type must be sigmoid or ipo, got {c['loss_type']!r}")
-    if c["beta"] <= 0 or not 0 <= c["label_smoothing"] < 0.5:
+    check_config(config)  # impossible values fail here, before any model is loaded
+    if loss_type not in ("sigmoid", "ipo"):
+        raise SystemExit(f"error: loss_type must be sigmoid or ipo, got {loss_type!r}")
+    if beta <= 0 or not 0 <= label_smoothing < 0.5:
         raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
-    if c["loss_type"] == "ipo" and c["label_smoothing"]:
-        raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has no labels to smooth")
-    if os.path.abspath(c["out_dir"]) == os.path.abspath(c["init_from"]):
-        raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never overwritten")
-    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    if c["resume"] and not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without --resume=True, "
-                         "or pass the --out_dir it wrote to")
-    rt = setup_runtime(c["device"], c["dtype"], c["seed"], c["backend"], c["ddp_timeout"])
+    if loss_type == "ipo" and label_smoothing:
+        raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has "
+                         "no labels to smooth")
+    if os.path.abspath(out_dir) == os.path.abspath(init_from):
+        raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never "
+                         "overwritten")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if resume and not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without "
+                         "--resume=True, or pass the --out_dir it wrote to")
+    min_lr = min_lr or learning_rate / 10
+
+    # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
+    rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
+    budget = None  # {"max_time", "iters"}: how many steps fit in max_time, fixed once (see fit_budget)
     # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
     # with it the policy would differ from the reference before the first step (rewards not 0)
-    if c["resume"]:  # the model so far, and all the run needs to go on as if it had never stopped
-        model, tok, start = load_model(c["out_dir"], rt.device, dropout=0.0)
-        run = start.get("dpo")
+    if resume:  # the model so far; the run's state is restored below
+        model, tok, ckpt = load_model(out_dir, rt.device, dropout=0.0)
+        run = ckpt.get("dpo")
         if run is None:
-            raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or an older "
-                             "dpo.py): start a fresh run in another --out_dir")
-        c = resumed_config(c, start["config"])
-        budget = run["budget"] if run["budget"] and run["budget"]["max_time"] == c["max_time"] else None
-        if start["iter_num"] >= schedule_end(c["max_iters"], c["lr_decay_iters"], budget)[0] or 0 < c["max_time"] <= run["elapsed"]:
-            raise SystemExit(f"{ckpt_path} is at step {start['iter_num']}: its run has ended (raise --max_iters or "
-                             "--max_time to train on)")
+            raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or "
+                             "an older dpo.py): start a fresh run in another --out_dir")
+        config = keep_resumed(config, defaults, ckpt["config"], RUN_KEYS,
+                              "the reference and the pairs the run began with")
+        globals().update({k: config[k] for k in RUN_KEYS})
+        if run["budget"] and run["budget"]["max_time"] == max_time:
+            budget = run["budget"]
+        last_iter = schedule_end(max_iters, lr_decay_iters, budget)[0]
+        if ckpt["iter_num"] >= last_iter or 0 < max_time <= run["elapsed"]:
+            raise SystemExit(f"{ckpt_path} is at step {ckpt['iter_num']}: its run has ended (raise "
+                             "--max_iters or --max_time to train on)")
     else:
-        model, tok, start = load_model(c["init_from"], rt.device, "--init_from", dropout=0.0)
-        budget = None  # {"max_time", "iters"}: how many steps fit in max_time, fixed once (see iters_in_budget)
-    if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model; held until main returns
-        _lock = claim_out_dir(c["out_dir"], not c["resume"], c["overwrite"], "continue it with --resume=True")
+        model, tok, ckpt = load_model(init_from, rt.device, "--init_from", dropout=0.0)
+    if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model
+        lock = claim_out_dir(out_dir, not resume, overwrite, "continue it with --resume=True")
     block_size = model.config.block_size
 
-    # --- the pairs ---------------------------------------------------------------------------------
-    train_path, val_path = c["pairs"], c["val_pairs"]
-    if c["resume"]:  # the files the run began with, never made again
+    # --- data: the pairs --------------------------------------------------------------------------
+    train_path, val_path = pairs, val_pairs
+    if resume:  # the files the run began with, never made again
         train_path, val_path = run["pairs"]["train"][0], run["pairs"]["val"][0]
-    elif c["make_pairs"]:
+    elif make_pairs:
         t0 = time.time()
-        log(f"making {c['make_pairs']} self-play pairs from {start['data_dir']} with {c['init_from']}...")
-        train_path, val_path = (os.path.join(c["out_dir"], f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
+        log(f"making {make_pairs} self-play pairs from {ckpt['data_dir']} with {init_from}...")
+        train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
-            write_jsonl(train_path, self_play_pairs(model, tok, start["data_dir"], "train", c["make_pairs"], c, rt))
-            write_jsonl(val_path, self_play_pairs(model, tok, start["data_dir"], "val", max(10, c["make_pairs"] // 10), c, rt))
+            n_val = max(10, make_pairs // 10)
+            for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", n_val)):
+                write_jsonl(path, self_play_pairs(model, tok, ckpt["data_dir"], split, n, prompt_tokens,
+                                                  completion_tokens, seed, rt))
         if rt.ddp:
             torch.distributed.barrier()
         log(f"wrote {train_path} and {val_path} in {time.time() - t0:.0f}s")
     if not train_path:  # the pairs an earlier --make_pairs run wrote
-        train_path = os.path.join(c["out_dir"], "pairs.jsonl")
+        train_path = os.path.join(out_dir, "pairs.jsonl")
         if not os.path.exists(train_path):
-            raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or --make_pairs=N")
-        if not val_path and os.path.exists(os.path.join(c["out_dir"], "pairs_val.jsonl")):
-            val_path = os.path.join(c["out_dir"], "pairs_val.jsonl")
-    rows = load_pairs(train_path, log)
+            raise SystemExit("error: no pairs: pass --pairs=FILE (prompt, chosen, rejected) or "
+                             "--make_pairs=N")
+        if not val_path and os.path.exists(os.path.join(out_dir, "pairs_val.jsonl")):
+            val_path = os.path.join(out_dir, "pairs_val.jsonl")
+    train_rows = load_pairs(train_path, log)
     val_rows = load_pairs(val_path, log) if val_path else []
     # the files and a fingerprint of their pairs: a resumed run must train on the same ones
-    sources = {"train": [train_path, digest(rows)], "val": [val_path, digest(val_rows)]}
+    sources = {"train": [train_path, digest(train_rows)], "val": [val_path, digest(val_rows)]}
     for split, (path, fingerprint) in sources.items():
-        if c["resume"] and fingerprint != run["pairs"][split][1]:
-            raise SystemExit(f"error: the pairs of {path} changed since the run in {c['out_dir']} began (its reference "
-                             "log-probs are theirs): restore the file, or start a fresh run in another --out_dir")
+        if resume and fingerprint != run["pairs"][split][1]:
+            raise SystemExit(f"error: the pairs of {path} changed since the run in {out_dir} began (its "
+                             "reference log-probs are theirs): restore the file, or start a fresh run in "
+                             "another --out_dir")
     if not val_path:  # hold out a tenth, the same every time
-        n_val = max(1, len(rows) // 10)
-        if len(rows) <= n_val:
-            raise SystemExit(f"error: {train_path} holds {len(rows)} usable pair(s): too few to hold out a tenth and "
-                             "train on the rest; add pairs, or pass --val_pairs=FILE")
-        order = np.random.default_rng(c["seed"]).permutation(len(rows))
-        val_rows, rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
-    train, cut = tokenize(rows, tok, block_size)
-    val, val_cut = tokenize(val_rows, tok, block_size)
-    log(f"{len(train)} training pairs ({cut} cut to fit block_size={block_size}), {len(val)} held-out ({val_cut} cut)")
+        n_val = max(1, len(train_rows) // 10)
+        if len(train_rows) <= n_val:
+            raise SystemExit(f"error: {train_path} holds {len(train_rows)} usable pair(s): too few to hold "
+                             "out a tenth and train on the rest; add pairs, or pass --val_pairs=FILE")
+        order = np.random.default_rng(seed).permutation(len(train_rows))
+        val_rows, train_rows = [train_rows[i] for i in order[:n_val]], [train_rows[i] for i in order[n_val:]]
+    train_data, cut = tokenize(train_rows, tok, block_size)
+    val_data, val_cut = tokenize(val_rows, tok, block_size)
+    log(f"{len(train_data)} training pairs ({cut} cut to fit block_size={block_size}), {len(val_data)} "
+        f"held-out ({val_cut} cut)")
 
     # --- the reference: its log-probs once per pair, then it is no longer needed -------------------
-    mean = c["loss_type"] == "ipo"
-
-    @torch.no_grad()
-    def all_logps(model, data: list[tuple]) -> list[torch.Tensor]:
-        """log p(chosen|prompt) and log p(rejected|prompt) of every pair, 32 pairs at a time, in the
-        training's precision (the reference and the held-out evaluations must compare like with like)."""
-        with rt.autocast():
-            chunks = [batch_logps(model, data[i : i + 32], block_size, rt.device, mean) for i in range(0, len(data), 32)]
-        return [torch.cat(t) for t in zip(*chunks, strict=True)]
-
-    if c["resume"]:  # saved by the run's start: the same numbers, and no pass to repeat
-        ref = run["ref"]
+    mean = loss_type == "ipo"
+    if resume:  # saved by the run's start: the same numbers, and no pass to repeat
+        ref_logps = run["ref"]
     else:
         t0 = time.time()
-        log(f"the reference's log-probabilities of {len(train) + len(val)} pairs...")
-        ref = {"train": all_logps(model, train), "val": all_logps(model, val)}
+        log(f"the reference's log-probabilities of {len(train_data) + len(val_data)} pairs...")
+        ref_logps = {"train": all_logps(model, train_data, block_size, rt, mean),
+                     "val": all_logps(model, val_data, block_size, rt, mean)}
         log(f"  done in {time.time() - t0:.0f}s")
 
-    optimizer = configure_optimizer(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), rt.device_type)
+    # --- model: the policy, its optimizer and the run's state -------------------------------------
+    optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
     # every process draws the global batch from one generator and keeps its share: one state to save
-    gen = torch.Generator().manual_seed(c["seed"])
+    batch_gen = torch.Generator().manual_seed(seed)
     iter_num, elapsed = 0, 0.0
-    if c["resume"]:  # everything but the random states, restored last (see below)
-        optimizer.load_state_dict(start["optimizer"])
+    if resume:  # all the run's state, random states included: nothing below draws from them
+        optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(run["scaler"])
-        iter_num, elapsed = start["iter_num"], run["elapsed"]
-        log(f"resuming {ckpt_path} at step {iter_num}")
-    raw = model
-    if rt.device_type == "cuda" if c["compile"] is None else c["compile"]:
-        model = torch.compile(model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    min_lr = c["min_lr"] or c["learning_rate"] / 10
-    last_iter, lr_decay_iters = schedule_end(c["max_iters"], c["lr_decay_iters"], budget)
-
-    metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")  # every logged step and evaluation, one JSON line
-    if rt.master:
-        keep_metrics(metrics_path, iter_num if c["resume"] else -1)  # the steps after the checkpoint are redone
-
-    def record(prefix: str, it: int, metrics: dict) -> None:
-        if rt.master:
-            log_metrics(metrics_path, {"iter": it, **{prefix + k: v for k, v in metrics.items()}})
-
-    @torch.no_grad()
-    def evaluate(it: int) -> dict:
-        model.eval()
-        pi = all_logps(model, val)
-        model.train()
-        _, m = dpo_loss(pi[0], pi[1], ref["val"][0], ref["val"][1], c["beta"], c["loss_type"], c["label_smoothing"])
-        # the rewards are 0 at step 0 (the policy is the reference): this says where the model itself stands
-        m["logps/accuracies"] = (pi[0] > pi[1]).float().mean().item()
-        record("eval/", it, m)
-        log(f"eval at step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-        return m
-
-    def save(it: int) -> None:
-        rng = rng_state(rt)  # every process's (under DDP, all of them take part)
-        if not rt.master:
-            return
-        save_checkpoint({**{k: start[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")},
-                         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it,
-                         "config": c, "init_from": c["init_from"],
-                         # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
-                         "dpo": {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget, "ref": ref,
-                                 "pairs": sources, "gen": gen.get_state(), "rng": rng}},
-                        ckpt_path)
-        rows = read_metrics(metrics_path)  # the plots are drawn from the same file a user reads
-        for name in ("loss", "rewards/accuracies", "rewards/margins"):
-            key = name.replace("/", "_")
-            plot_curves(os.path.join(c["out_dir"], f"dpo_{key}.png"),
-                        {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
-                        "step", name, f"DPO on {c['init_from']}: {name}")
-
-    t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
-    eval_seconds = 0.0  # how long an evaluation and a save take: the budget counts those to come
-    if c["resume"]:  # restored last, so that nothing above draws from them
-        gen.set_state(run["gen"])
+        iter_num, elapsed = ckpt["iter_num"], run["elapsed"]
+        batch_gen.set_state(run["gen"])
         restore_rng_state(run["rng"], rt, log)
-    else:
-        evaluate(0)
-        eval_seconds = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
+        log(f"resuming {ckpt_path} at step {iter_num}")
+    ckpt_meta = {k: ckpt[k] for k in ("model_args", "tokenizer", "data_dir", "bytes_per_token")}  # to save
+    del ckpt
+    raw_model = model
+    # compiled on CUDA only by default: the batches change length every step, which recompiles on CPU
+    model = wrap_model(model, rt, rt.device_type == "cuda" if compile is None else compile)
+
+    # --- training loop ----------------------------------------------------------------------------
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line
+    if rt.master:
+        keep_metrics(metrics_path, iter_num if resume else -1)  # the steps after the checkpoint are redone
+    last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
     model.train()
-    t0 = time.time()
-    last_saved = iter_num if c["resume"] else 0  # the step of the last checkpoint (0: none yet)
-    timed_from = (iter_num + 1, 0.0)  # the speed is measured from the end of the first step (warm-up)
+    t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
+    t0, n_timed = time.time(), 0
+    iter_start, saved_iter, eval_seconds = iter_num, (iter_num if resume else None), 0.0
+    timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first step (warm-up)
     with ddp_guard(rt):
-        for it in range(iter_num + 1, c["max_iters"] + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(it - 1, c["learning_rate"], c["warmup_iters"], lr_decay_iters, min_lr)
-            for micro in range(c["gradient_accumulation_steps"]):
-                if rt.ddp:
-                    model.require_backward_grad_sync = micro == c["gradient_accumulation_steps"] - 1
-                idx = torch.randint(len(train), (rt.world_size, c["batch_size"]), generator=gen)[rt.rank]
-                with rt.autocast():
-                    pi_c, pi_r = batch_logps(model, [train[i] for i in idx], block_size, rt.device, mean)
-                    loss, metrics = dpo_loss(pi_c, pi_r, ref["train"][0][idx], ref["train"][1][idx], c["beta"],
-                                             c["loss_type"], c["label_smoothing"])
-                    if getattr(raw, "moe_layers", None):  # MoE: keep the routers balanced, as in pretraining
-                        loss = loss + raw.router_loss()
-                if not torch.isfinite(loss):  # stop before the bad step touches the weights
-                    kept = (f"{ckpt_path} keeps step {last_saved}" if last_saved
-                            else f"nothing was saved, {c['init_from']} is unchanged")
-                    raise SystemExit(f"error: the loss is {loss.item()} at step {it}: stopped; {kept} (try a lower learning_rate)")
-                scaler.scale(loss / c["gradient_accumulation_steps"]).backward()
-            if c["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if it % c["log_interval"] == 0:
-                record("", it, metrics)
-                dt = (time.time() - t0) / c["log_interval"]
-                t0 = time.time()
-                log(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f", {dt * 1000:.0f} ms/step")
-            elapsed = rank0_clock(t_start, rt)
-            if it == timed_from[0]:
-                timed_from = (it, elapsed)
-            if budget is None and c["max_time"] > 0 and it == timed_from[0] + 10:  # fixed once, then saved
-                n = iters_in_budget(it, elapsed, timed_from, c["max_time"], c["eval_interval"], eval_seconds)
-                budget = {"max_time": c["max_time"], "iters": n}
-                last_iter, lr_decay_iters = schedule_end(c["max_iters"], c["lr_decay_iters"], budget)
-                if n < c["max_iters"]:
-                    log(f"max_time={c['max_time']:.0f}s: {n} of the max_iters={c['max_iters']} steps fit; the schedule "
-                        "ends there")
-            out_of_time = c["max_time"] > 0 and elapsed >= c["max_time"]  # a safety net for a machine that slowed down
-            if it % c["eval_interval"] == 0 or it >= last_iter or out_of_time:
+        while True:
+            # the run ends at its last step; max_time itself is a safety net for a machine that slowed down
+            out_of_time = max_time > 0 and elapsed >= max_time and iter_num > iter_start
+            done = iter_num >= last_iter or out_of_time
+            if out_of_time and iter_num < last_iter:
+                log(f"max_time={max_time:.0f}s reached at step {iter_num}, before the {last_iter} planned")
+
+            # evaluate on the held-out pairs (at step 0 too), every eval_interval steps and at the end,
+            # and save after each but step 0's (the model is then init_from's)
+            if done or (iter_num % eval_interval == 0 and (iter_num > iter_start or not resume)):
                 t = rank0_clock(t_start, rt)
-                evaluate(it)
-                save(it)
-                last_saved, eval_seconds = it, rank0_clock(t_start, rt) - t
-            if it >= last_iter or out_of_time:
-                if it < last_iter:
-                    log(f"max_time={c['max_time']:.0f}s reached at step {it}, before the {last_iter} planned")
+                model.eval()
+                pi_c, pi_r = all_logps(model, val_data, block_size, rt, mean)
+                model.train()
+                _, m = dpo_loss(pi_c, pi_r, *ref_logps["val"], beta, loss_type, label_smoothing)
+                # the rewards are 0 at step 0 (the policy is the reference): this says where the model stands
+                m["logps/accuracies"] = (pi_c > pi_r).float().mean().item()
+                if rt.master:
+                    log_metrics(metrics_path, {"iter": iter_num, **{"eval/" + k: v for k, v in m.items()}})
+                log(f"eval at step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+                if iter_num > 0:
+                    # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
+                    run = {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget,
+                           "ref": ref_logps, "pairs": sources, "gen": batch_gen.get_state(),
+                           "rng": rng_state(rt)}  # every process's random state: all ranks take part
+                    if rt.master:
+                        save_checkpoint({**ckpt_meta, "model": unwrap(model).state_dict(),
+                                         "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+                                         "config": config, "init_from": init_from, "dpo": run}, ckpt_path)
+                        rows = read_metrics(metrics_path)  # the plots are drawn from the file a user reads
+                        for name in ("loss", "rewards/accuracies", "rewards/margins"):
+                            plot_curves(os.path.join(out_dir, f"dpo_{name.replace('/', '_')}.png"),
+                                        {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
+                                        "step", name, f"DPO on {init_from}: {name}")
+                    saved_iter = iter_num
+                eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
+                t0, n_timed = time.time(), 0  # evaluation time is not training time
+            if done:
                 break
+
+            # one step: gradient_accumulation_steps micro-batches of batch_size pairs, one optimizer step
+            lr = get_lr(iter_num, learning_rate, warmup_iters, decay_end, min_lr)
+            for micro_step in range(gradient_accumulation_steps):
+                if rt.ddp:  # all-reduce the gradients on the last micro-step only (see train.py)
+                    model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+                idx = torch.randint(len(train_data), (rt.world_size, batch_size), generator=batch_gen)
+                idx = idx[rt.rank]  # this process's share of the global batch
+                with rt.autocast():
+                    pi_c, pi_r = batch_logps(model, [train_data[i] for i in idx], block_size, rt.device, mean)
+                    ref_c, ref_r = ref_logps["train"][0][idx], ref_logps["train"][1][idx]
+                    loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing)
+                    if getattr(raw_model, "moe_layers", None):  # MoE: balanced routers, as in pretraining
+                        loss = loss + raw_model.router_loss()
+                if not torch.isfinite(loss):  # stop before the bad step touches the weights
+                    kept = (f"{ckpt_path} keeps step {saved_iter}" if saved_iter
+                            else f"nothing was saved, {init_from} is unchanged")
+                    raise SystemExit(f"error: the loss is {loss.item()} at step {iter_num + 1}: stopped; "
+                                     f"{kept} (try a lower learning_rate)")
+                scaler.scale(loss / gradient_accumulation_steps).backward()
+            optimizer_step(model, optimizer, scaler, lr, grad_clip)
+
+            iter_num += 1
+            n_timed += 1
+            elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
+            if iter_num == timed_from[0]:
+                timed_from = (iter_num, elapsed)
+            budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
+                                eval_seconds, log)
+            last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+            if iter_num % log_interval == 0:  # the metrics of the last micro-batch
+                dt = (time.time() - t0) / n_timed
+                t0, n_timed = time.time(), 0
+                if rt.master:
+                    log_metrics(metrics_path, {"iter": iter_num, **metrics})
+                log(f"step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    + f", {dt * 1000:.0f} ms/step")
     log(f"done in {(time.time() - t_start) / 60:.1f} min: {ckpt_path} (works with sample.py and eval.py), "
-        f"curves {c['out_dir']}/dpo_*.png")
+        f"curves {out_dir}/dpo_*.png")
     if rt.ddp:
         torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(configure(globals()))

@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from common import (
+    SAMPLING,
     check_config,
     completion_logps,
     continue_prompts,
@@ -37,6 +38,7 @@ from common import (
     has_dialogue,
     load_model,
     pack,
+    sampling,
     setup_runtime,
 )
 from configurator import configure
@@ -52,8 +54,7 @@ dtype = "auto"
 num_samples = 0  # > 0: also continue this many prompts drawn from the text, and measure the samples
 prompt_tokens = 16  # length of each prompt
 max_new_tokens = 128
-temperature = 0.8  # as sample.py
-top_k = 40
+globals().update(SAMPLING)  # temperature, top_k, top_p: common.SAMPLING's defaults, as in sample.py
 seed = 1337  # the same prompts and random draws every time: before/after comparisons are paired
 # -----------------------------------------------------------------------------
 
@@ -107,8 +108,8 @@ def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     """Continues num_samples prompts of prompt_tokens drawn from tokens (never across a document's
     end), all in one batch, and measures the continuations with text_stats."""
     prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
-    rows = continue_prompts(model, prompts, c["max_new_tokens"], c["temperature"], c["top_k"] or None, tok.eot_id,
-                            rt, c["seed"], batch_size=c["num_samples"])
+    rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"],
+                            batch_size=c["num_samples"], **sampling(c))
     return text_stats([tok.decode(r) for r in rows])
 
 

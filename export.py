@@ -8,7 +8,7 @@ Exports a checkpoint to a Hugging Face folder that the usual tools load as they 
 hf_dir then holds
     config.json, model.safetensors            the network: AutoModelForCausalLM gives our logits (to 1e-4)
     tokenizer.json, tokenizer_config.json     the tokenizer, `tokenizers` format: AutoTokenizer gives our ids
-    generation_config.json                    temperature 0.8, top-k 40 (sample.py's defaults; --temperature, --top_k)
+    generation_config.json                    sample.py's defaults: temperature 0.8, top-k 40 (--temperature...)
     README.md                                 a model card: the Hub's metadata, this checkpoint's figures
     tokenizer.tiktoken, tokenizer_meta.json   the same tokenizer for tiktoken and tokenizer.load
 so that, with transformers installed,
@@ -25,7 +25,7 @@ import shutil
 
 import torch
 
-from common import load_model
+from common import SAMPLING, load_model, sampling
 from configurator import configure
 from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 
@@ -33,8 +33,7 @@ from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
 overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
-temperature = 0.8  # generation_config.json samples as sample.py does by default
-top_k = 40
+globals().update(SAMPLING)  # temperature, top_k, top_p: generation_config.json samples as sample.py does
 license = "other"  # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
 # -----------------------------------------------------------------------------
 
@@ -129,14 +128,14 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
     return fast
 
 
-def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int):
-    """How generate() and pipelines sample by default (temperature, top_k: sample.py's defaults).
+def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int, top_p: float):
+    """How generate() and pipelines sample by default (temperature, top_k, top_p: sample.py's defaults).
     max_length keeps prompt and reply within the context when the caller does not say how much to
     write (a pipeline would write 256 tokens): transformers does not slide the context past
     block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k,
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                             max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
 
 
@@ -214,10 +213,10 @@ The training texts are in the public domain. The license tag above is `{license_
 """
 
 
-def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, sampling: tuple[float, int]) -> str:
+def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, settings: dict) -> str:
     """Every file of the export into folder d; returns the transformers class."""
     hf_model = to_transformers(model)
-    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size, *sampling)
+    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size, **settings)
     hf_model.save_pretrained(d)
     with open(os.path.join(d, "tokenizer_meta.json"), "w") as f:
         json.dump(tok.save(d), f, indent=2)  # as meta.json's "tokenizer": tokenizer.load reads both
@@ -249,7 +248,7 @@ def main(c: dict) -> str:
             from None
     try:
         hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"],
-                                (c["temperature"], c["top_k"]))
+                                sampling(c))
         written = sorted(os.listdir(tmp))
         if not os.path.exists(hf_dir):
             os.rename(tmp, hf_dir)  # all files appear at once

@@ -30,8 +30,8 @@ import urllib.parse
 import numpy as np
 from tqdm import tqdm
 
-import tokenizer as tok
 from configurator import configure
+from tokenizer import DEFAULT_GPT2_RANKS, TOKENIZER_FILE, Tokenizer, gpt2, read_meta, train_bpe, train_char
 
 HUB_DATASET = "rayml/french_gutenberg"
 LOCAL_MIRROR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "french_gutenberg"))
@@ -42,7 +42,7 @@ dataset = ""  # "" = the Hub's rayml/french_gutenberg (local mirror when offline
 text_column = "content"  # the column that holds each document's text (.txt files: one document per file)
 tokenizer = "bpe"  # bpe | gpt2 | char
 vocab_size = 8192  # for bpe, <|endoftext|> included
-gpt2_ranks = tok.DEFAULT_GPT2_RANKS  # the GPT-2 ranks file, for --tokenizer=gpt2 offline
+gpt2_ranks = DEFAULT_GPT2_RANKS  # the GPT-2 ranks file, for --tokenizer=gpt2 offline
 name = ""  # output folder data/<name>; default: gutenberg_bpe8192, gutenberg_gpt2, gutenberg_char
 val_fraction = 0.05  # share of documents (whole books) held out for validation, at least one
 seed = 1337  # which documents go to validation
@@ -186,11 +186,11 @@ def reusable(data_dir: str, recipe: dict) -> bool:
     if not os.path.exists(meta_path):
         return False
     try:
-        old = tok.read_meta(meta_path)
+        old = read_meta(meta_path)
     except ValueError as e:
         print(f"{meta_path} {e}: rebuilding {data_dir}")
         return False
-    paths = {f: os.path.join(data_dir, f) for f in ("train.bin", "val.bin", tok.TOKENIZER_FILE)}
+    paths = {f: os.path.join(data_dir, f) for f in ("train.bin", "val.bin", TOKENIZER_FILE)}
     if not all(os.path.isfile(p) for p in paths.values()) or any(
             os.path.getsize(paths[f"{split}.bin"]) != 2 * old[split]["tokens"] for split in ("train", "val")):
         print(f"{data_dir} is incomplete (a file is missing or truncated): rebuilding it")
@@ -220,13 +220,13 @@ def publish(staging: str, data_dir: str) -> None:
     try:
         if os.path.exists(os.path.join(data_dir, "meta.json")):
             os.remove(os.path.join(data_dir, "meta.json"))
-        for f in (tok.TOKENIZER_FILE, "train.bin", "val.bin", "meta.json"):
+        for f in (TOKENIZER_FILE, "train.bin", "val.bin", "meta.json"):
             os.replace(os.path.join(staging, f), os.path.join(data_dir, f))
     finally:
         signal.signal(signal.SIGINT, handler)
 
 
-def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: str) -> dict:
+def build(c: dict, spec: str, recipe: dict, tok: Tokenizer | None, staging: str) -> dict:
     """Loads the documents, splits them, trains the tokenizer and writes every file into staging.
     Returns meta.json's content."""
     t0 = time.time()
@@ -234,7 +234,9 @@ def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: 
     if len(docs) < 2:
         raise SystemExit(f"error: {source} holds {len(docs)} non-empty document(s); whole documents are held out "
                          "for validation, so at least 2 are needed")
-    # whole documents to validation: a seeded permutation, so the split is the same on every machine
+    # whole books to validation, drawn by a seeded permutation (the same split on every machine): the
+    # val loss then measures books the model never read, from across the corpus. The tail of the
+    # token stream would hold a few books only, and one of them cut in two, half of it trained on
     n_val = max(1, round(len(docs) * c["val_fraction"]))
     val_ids = set(np.random.default_rng(c["seed"]).permutation(len(docs))[:n_val].tolist())
     splits = {"train": [d for i, d in enumerate(docs) if i not in val_ids],
@@ -245,25 +247,25 @@ def build(c: dict, spec: str, recipe: dict, enc: tok.Tokenizer | None, staging: 
     t1 = time.time()
     if c["tokenizer"] == "bpe":
         print(f"training a byte-level BPE of {c['vocab_size']} tokens on the training split...", flush=True)
-        enc = tok.train_bpe(splits["train"], c["vocab_size"])
+        tok = train_bpe(splits["train"], c["vocab_size"])
     elif c["tokenizer"] == "char":
-        enc = tok.train_char(splits["train"])
-        if enc.vocab_size > 65536:
-            raise SystemExit(f"error: {enc.vocab_size} distinct characters do not fit uint16 token ids")
-    print(f"tokenizer {enc.kind}: {enc.vocab_size} tokens ({time.time() - t1:.1f}s)", flush=True)
+        tok = train_char(splits["train"])
+        if tok.vocab_size > 65536:
+            raise SystemExit(f"error: {tok.vocab_size} distinct characters do not fit uint16 token ids")
+    print(f"tokenizer {tok.kind}: {tok.vocab_size} tokens ({time.time() - t1:.1f}s)", flush=True)
 
     hub = HUB_DATASET if c["dataset"] == "" else spec if source.startswith("the Hub dataset") else None
     meta = {"recipe": recipe, "source": source, "hub_dataset": hub,  # the Hub's name for it, for model cards
-            "tokenizer": enc.save(staging), "vocab_size": enc.vocab_size}
+            "tokenizer": tok.save(staging), "vocab_size": tok.vocab_size}
     batch = 8  # documents per encode_batch call: large enough for the threads, small enough for the bar
     for split, texts in splits.items():
         ids = []
         with tqdm(total=len(texts), desc=f"encoding {split}", unit="doc") as bar:
             for i in range(0, len(texts), batch):
-                ids += enc.encode_batch(texts[i : i + batch], num_threads=c["num_threads"])
+                ids += tok.encode_batch(texts[i : i + batch], num_threads=c["num_threads"])
                 bar.update(len(ids) - bar.n)
-        n_tokens = write_bin(os.path.join(staging, f"{split}.bin"), ids, enc.eot_id)
-        n_bytes = sum(len(enc.normalize(t).encode("utf-8")) for t in texts)
+        n_tokens = write_bin(os.path.join(staging, f"{split}.bin"), ids, tok.eot_id)
+        n_bytes = sum(len(tok.normalize(t).encode("utf-8")) for t in texts)
         meta[split] = {"documents": len(texts), "tokens": n_tokens, "bytes": n_bytes,
                        "bytes_per_token": n_bytes / n_tokens}
     with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as f:
@@ -286,7 +288,7 @@ def main(config: dict) -> str:
         raise SystemExit(f"error: --seed={c['seed']} must be zero or positive")
     name = c["name"] or "gutenberg_" + (f"bpe{c['vocab_size']}" if c["tokenizer"] == "bpe" else c["tokenizer"])
     data_dir = os.path.join("data", name)
-    enc = tok.gpt2(c["gpt2_ranks"]) if c["tokenizer"] == "gpt2" else None  # a missing file fails at once
+    tok = gpt2(c["gpt2_ranks"]) if c["tokenizer"] == "gpt2" else None  # a missing file fails at once
 
     # what defines this preparation: if meta.json records the same, the files can be reused
     spec = resolve_dataset(c["dataset"])
@@ -309,7 +311,7 @@ def main(config: dict) -> str:
     except OSError as e:  # data/<name> is a file, or a folder we may not write in
         raise SystemExit(f"error: cannot write in {data_dir}: {e.strerror}: pass another --name") from None
     try:
-        meta = build(c, spec, recipe, enc, staging)
+        meta = build(c, spec, recipe, tok, staging)
         publish(staging, data_dir)
     except KeyboardInterrupt:
         kept = f"{data_dir} was not created" if created else f"{data_dir} is as it was before this run"

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import check_config, load_model, setup_runtime, stream
+from common import SAMPLING, check_config, load_model, sampling, setup_runtime, stream
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -24,9 +24,7 @@ out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
 start = ""  # the prompt, or FILE:path to read it from a file; "" starts from <|endoftext|>
 num_samples = 1  # several samples are generated together, as one batch
 max_new_tokens = 200
-temperature = 0.8
-top_k = 40  # 0 = no top-k filtering
-top_p = 1.0  # 1.0 = no nucleus filtering
+globals().update(SAMPLING)  # temperature, top_k (0 = no filter), top_p (1.0 = no filter): see common.py
 greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
@@ -124,10 +122,9 @@ def main(c: dict) -> None:
         return
 
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
-    temperature = 0.0 if c["greedy"] else c["temperature"]
+    settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
     x = x.repeat(c["num_samples"], 1)
-    steps = model.generate(x, c["max_new_tokens"], temperature=temperature, top_k=c["top_k"] or None,
-                           top_p=c["top_p"], eot_id=tok.eot_id, generator=gen)
+    steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen)
     if c["num_samples"] == 1:  # stream the text as it comes
         print(c["start"], end="", flush=True)
         with rt.autocast():

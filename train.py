@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     check_config,
@@ -28,12 +27,14 @@ from common import (
     configure_optimizer,
     curve,
     ddp_guard,
+    fit_budget,
     get_lr,
-    iters_in_budget,
     keep_metrics,
+    keep_resumed,
     load_checkpoint,
     log_metrics,
     measure_peak_flops,
+    optimizer_step,
     plot_curves,
     random_batch,
     rank0_clock,
@@ -45,6 +46,7 @@ from common import (
     schedule_end,
     setup_runtime,
     unwrap,
+    wrap_model,
 )
 from configurator import config_keys, configure
 from model import GPTConfig, LlamaConfig, make_model
@@ -62,7 +64,7 @@ eval_iters = 20  # batches per split per evaluation
 log_interval = 10
 eval_only = False  # evaluate once and exit
 # model
-arch = "gpt"  # gpt | llama (the Llama-4-style decoder: RMSNorm, RoPE, grouped-query attention, experts)
+arch = "gpt"  # gpt | llama (Llama-4-style decoder: RMSNorm, RoPE, grouped-query attention, experts)
 n_layer = 6
 n_head = 6
 n_embd = 384
@@ -87,7 +89,7 @@ batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
 learning_rate = 1e-3
 max_iters = 5000
-max_time = 0.0  # seconds the run may take: the iterations that fit are counted early on (see below); 0 = no limit
+max_time = 0.0  # seconds the run may take (the iterations that fit are counted early on); 0 = no limit
 optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
 weight_decay = 0.1
 beta1 = 0.9
@@ -113,6 +115,7 @@ if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
 min_lr = min_lr or learning_rate / 10
 
+# --- setup: device, processes, out_dir ------------------------------------------------------------
 rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
 if gradient_accumulation_steps % rt.world_size != 0:
     raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is shared among "
@@ -133,12 +136,12 @@ for split in ("train", "val"):  # a missing, truncated or foreign .bin is an err
         raise SystemExit(f"error: {path} is missing or damaged ({size} bytes where meta.json says "
                          f"{meta[split]['tokens']} uint16 tokens): rerun python prepare.py --force")
     if meta[split]["tokens"] <= block_size:
-        raise SystemExit(f"error: {path} holds {meta[split]['tokens']} tokens, not more than block_size={block_size}: "
-                         "lower --block_size or prepare more text")
+        raise SystemExit(f"error: {path} holds {meta[split]['tokens']} tokens, not more than "
+                         f"block_size={block_size}: lower --block_size or prepare more text")
     if np.memmap(path, dtype=np.uint16, mode="r").max() >= meta["vocab_size"]:
         raise SystemExit(f"error: {path} holds token ids beyond the vocabulary of {meta['vocab_size']}: "
                          "rerun python prepare.py --force")
-tokenizer = load_tokenizer(data_dir, meta)
+tok = load_tokenizer(data_dir, meta)
 bytes_per_token = meta["val"]["bytes_per_token"]
 
 # batches come from their own generator, so that a resumed run draws the same batches as an
@@ -149,49 +152,46 @@ batch_gen = torch.Generator().manual_seed(seed)
 
 
 def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = None):
-    return random_batch(os.path.join(data_dir, f"{split}.bin"), batch_size, block_size, gen, rt.device, starts)
+    """Inputs and targets (batch_size, block_size): windows of split.bin (see common.random_batch)."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    return random_batch(path, batch_size, block_size, gen, rt.device, starts)
 
 
 def iteration_windows() -> torch.Tensor:
     """Where this process's windows of the next iteration start: (micro-steps, batch_size)."""
     n_train_windows = meta["train"]["tokens"] - block_size  # block_size: a resume takes its checkpoint's
-    ix = torch.randint(n_train_windows, (rt.world_size * gradient_accumulation_steps, batch_size), generator=batch_gen)
+    n_windows = rt.world_size * gradient_accumulation_steps
+    ix = torch.randint(n_train_windows, (n_windows, batch_size), generator=batch_gen)
     return ix.view(rt.world_size, gradient_accumulation_steps, batch_size)[rt.rank]
 
 
-# --- model, optimizer, state -------------------------------------------------------------------
-fields = {f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else LlamaConfig)}
-model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vocab_size": tokenizer.vocab_size}
+# --- model: a new one, or the checkpoint's to resume ---------------------------------------------
+# model_args: the config keys that are fields of the architecture's config dataclass go to the
+# model and into the checkpoint (a key that is no field of it, such as bias for the Llama, does not)
+fields = [f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else LlamaConfig)]
+model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vocab_size": tok.vocab_size}
 if arch == "llama":
     model_args["n_kv_head"] = n_kv_head or n_head
-iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
-budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see iters_in_budget)
-if init_from == "resume":
+if init_from == "resume":  # the checkpoint decides the model; the run's state is restored below
     ckpt = load_checkpoint(ckpt_path)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
         raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
-                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
-    if ckpt["tokenizer"] != tokenizer.state():  # the same ids must mean the same strings
-        raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained with "
-                         f"(that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same tokenizer")
-    # the architecture comes from the checkpoint: a model key set to another value is an error, one
-    # left at its default takes the checkpoint's value, and the log and saved config say so
-    differ = [f"{k}={config[k]!r} (checkpoint: {v!r})" for k, v in ckpt["model_args"].items()
-              if k in config and k != "dropout" and config[k] != v and config[k] != defaults[k]]
-    if differ:
-        raise SystemExit(f"error: resuming keeps the checkpoint's model, but you set {', '.join(differ)}: drop "
-                         "these settings, or train anew in another --out_dir")
+                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another "
+                         "out_dir")
+    if ckpt["tokenizer"] != tok.state():  # the same ids must mean the same strings
+        raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained "
+                         f"with (that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same "
+                         "tokenizer")
+    # a model key set to another value than the checkpoint's is an error, one left at its default
+    # takes the checkpoint's value (the log and saved config say so); dropout may change
+    model_keys = [k for k in config if k in ckpt["model_args"] and k != "dropout"]
+    config = keep_resumed(config, defaults, ckpt["model_args"], model_keys, "the checkpoint's model")
     if ckpt["config"].get("optimizer", "adamw") != optimizer:  # its state holds another optimizer's moments
-        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={ckpt['config'].get('optimizer', 'adamw')}: "
-                         "resume with it, or train anew in another --out_dir")
+        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer="
+                         f"{ckpt['config'].get('optimizer', 'adamw')}: resume with it, or train anew in "
+                         "another --out_dir")
     model_args = {**ckpt["model_args"], "dropout": dropout}
-    config.update({k: v for k, v in model_args.items() if k in config})
     block_size = model_args["block_size"]
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
-    if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
-        budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
-    log(f"resuming from {ckpt_path} at iteration {iter_num}")
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
     f"micro-steps x {batch_size} sequences x {block_size} tokens)")
@@ -200,30 +200,36 @@ optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta
                                 config["optimizer"])
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
-if init_from == "resume":  # everything but the random states, restored last (see below)
+iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
+budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see fit_budget)
+if init_from == "resume":  # all the run's state, random states included: nothing below draws from them
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
-    resume_rng = ckpt["rng"]
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
+    if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
+        budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
+    batch_gen.set_state(ckpt["rng"]["batch"])  # the same batches, and below the same dropout masks
+    restore_rng_state(ckpt["rng"].get("ranks") or [ckpt["rng"]], rt, log)  # (older checkpoints: one state)
+    log(f"resuming from {ckpt_path} at iteration {iter_num}")
     del ckpt
 raw_model = model
-moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the routers' balancing losses
-use_compile = resolve_compile(compile, rt.device_type, log)  # after the checks of the inputs: it takes seconds
-log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M without "
-    f"embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, {rt.ptdtype}, "
-    f"compile {use_compile}")
-if use_compile:
-    model = torch.compile(model)
-if rt.ddp:
-    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the routers' losses
+use_compile = resolve_compile(compile, rt.device_type, log)  # after the inputs' checks: it takes seconds
+log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M "
+    f"without embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, "
+    f"{rt.ptdtype}, compile {use_compile}")
+model = wrap_model(model, rt, use_compile)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
-log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative to it")
+log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
+    "to it")
 if rt.device_type == "cpu" and rt.ptdtype != torch.float32:  # CPUs without bf16 units emulate it, slowly
     fp32_flops = measure_peak_flops(rt.device, torch.float32)
     if fp32_flops > peak_flops:
-        log(f"warning: {rt.ptdtype} matmuls are slower than float32 on this CPU ({peak_flops / 1e9:.0f} against "
-            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 will train faster")
+        log(f"warning: {rt.ptdtype} matmuls are slower than float32 on this CPU ({peak_flops / 1e9:.0f} "
+            f"against {fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 will train faster")
 
 
 @torch.no_grad()
@@ -244,97 +250,92 @@ def estimate_loss() -> dict[str, float]:
     return out
 
 
-def evaluate() -> dict[str, float]:
-    losses = estimate_loss()
-    log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-        f"val {losses['val'] / np.log(2) / bytes_per_token:.3f} bits/byte")  # nats/token -> bits/byte
-    return losses
-
-
 def check_finite(loss: float, what: str) -> None:
     """A NaN or inf loss means the weights are ruined: stop, and keep the last good checkpoint."""
     if not math.isfinite(loss):
-        raise SystemExit(f"error: the {what} is {loss} at iteration {iter_num}: stopping; the last good checkpoint "
-                         f"{ckpt_path} is kept (resume from it with a lower --learning_rate or --grad_clip)")
-
-
-def evaluate_and_save() -> None:
-    global best_val_loss, eval_seconds, saved_iter
-    t = rank0_clock(t_start, rt)
-    losses = evaluate()
-    check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
-    best_val_loss = min(best_val_loss, losses["val"])
-    rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # every process's own dropout state
-    if rt.master:
-        save_checkpoint({
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "model_args": model_args, "iter_num": iter_num, "val_loss": losses["val"], "best_val_loss": best_val_loss,
-            "elapsed": elapsed,
-            "budget": budget, "config": config, "tokenizer": tokenizer.state(),
-            "data_dir": data_dir, "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
-        log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                   "val_bpb": losses["val"] / math.log(2) / bytes_per_token, "elapsed": elapsed})
-        rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
-        plot_curves(os.path.join(out_dir, "loss.png"),
-                    {"train (per iteration)": curve(rows, "loss"), "train (eval)": curve(rows, "train_loss"),
-                     "val (held-out books)": curve(rows, "val_loss")},
-                    "iteration", "cross-entropy (nats/token)" + (", training: + router losses" if moe else ""),
-                    f"training curves of {out_dir}")
-    saved_iter = iter_num
-    eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
+        raise SystemExit(f"error: the {what} is {loss} at iteration {iter_num}: stopping; the last good "
+                         f"checkpoint {ckpt_path} is kept (resume from it with a lower --learning_rate or "
+                         "--grad_clip)")
 
 
 def interrupted(signum, frame):
     """Ctrl-C: one line saying what is kept, instead of a traceback."""
-    kept = f"{ckpt_path} keeps iteration {saved_iter}" if saved_iter is not None else "no checkpoint was written"
+    kept = "no checkpoint was written" if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
     raise SystemExit(f"interrupted at iteration {iter_num}: {kept} (continue with --init_from=resume)")
 
 
-def set_budget() -> None:
-    """With max_time, the number of iterations that fit is fixed once, early on, and the schedule
-    ends there: a resumed run then repeats the uninterrupted one exactly (see iters_in_budget)."""
-    global budget, lr_decay_iters, last_iter
-    if budget is None and max_time > 0 and iter_num == timed_from[0] + 10:
-        n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
-        budget = {"max_time": max_time, "iters": n}
-        if n < max_iters:
-            log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends there")
-    last_iter, lr_decay_iters = schedule_end(max_iters, config["lr_decay_iters"], budget)
-
-
-if eval_only:
-    evaluate()
-    raise SystemExit(0)
+# --- training loop ---------------------------------------------------------------------------------
 metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line each
-if rt.master:
+if rt.master and not eval_only:
     log("config: " + json.dumps(config))
-    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after the checkpoint are redone
-if init_from == "resume":  # restored last, so that nothing above draws from them: same batches, same dropout
-    batch_gen.set_state(resume_rng["batch"])
-    restore_rng_state(resume_rng.get("ranks") or [resume_rng], rt, log)  # (older checkpoints: one state)
+    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after it are done again
+# the last iteration and the end of the cosine decay: max_iters (or lr_decay_iters), or fewer when
+# they do not fit in max_time (the budget, counted once, early on: see fit_budget)
+last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+if iter_num >= last_iter and not eval_only:
+    raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
+                     "on)")
+signal.signal(signal.SIGINT, interrupted)
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
 t0, n_timed = time.time(), 0
 iter_start, saved_iter, eval_seconds = iter_num, (iter_num if init_from == "resume" else None), 0.0
 timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
 elapsed_at_start = elapsed
-set_budget()  # last_iter and lr_decay_iters: max_iters, or fewer when they do not fit in max_time
-if iter_num >= last_iter:
-    raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train on)")
-signal.signal(signal.SIGINT, interrupted)
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
-            evaluate_and_save()
+        # the run ends at its last iteration; max_time itself is a safety net for a machine that slowed down
+        out_of_time = max_time > 0 and elapsed >= max_time and iter_num > iter_start
+        done = iter_num >= last_iter or out_of_time
+        if out_of_time and iter_num < last_iter:
+            log(f"max_time={max_time:.0f}s reached at iteration {iter_num}, before the {last_iter} planned")
+
+        # evaluate and save: every eval_interval iterations (not again at the one resumed from), at the end
+        due = iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")
+        if due or done or eval_only:
+            t = rank0_clock(t_start, rt)
+            losses = estimate_loss()
+            val_bpb = losses["val"] / math.log(2) / bytes_per_token  # nats/token -> bits/byte
+            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                f"val {val_bpb:.3f} bits/byte")
+            if eval_only:
+                break
+            check_finite(losses["val"], "val loss")  # never overwrite a good checkpoint with a broken model
+            best_val_loss = min(best_val_loss, losses["val"])
+            rng = {"batch": batch_gen.get_state(), "ranks": rng_state(rt)}  # each process's dropout state
+            if rt.master:
+                save_checkpoint({
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                    "val_loss": losses["val"], "best_val_loss": best_val_loss, "elapsed": elapsed,
+                    "budget": budget, "config": config, "tokenizer": tok.state(), "data_dir": data_dir,
+                    "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
+                log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
+                                           "val_loss": losses["val"], "val_bpb": val_bpb, "elapsed": elapsed})
+                rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads
+                # per iteration, a MoE model's training loss is the cross-entropy plus the router losses
+                # (balancing and z-loss); the evaluations measure the cross-entropy alone
+                curves = {"train (per iteration)": curve(rows, "loss"),
+                          "train (eval)": curve(rows, "train_loss"),
+                          "val (held-out books)": curve(rows, "val_loss")}
+                ylabel = "cross-entropy (nats/token)" + (", training: + router losses" if moe else "")
+                plot_curves(os.path.join(out_dir, "loss.png"), curves, "iteration", ylabel,
+                            f"training curves of {out_dir}")
+            saved_iter = iter_num
+            eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
             t0, n_timed = time.time(), 0  # evaluation time is not training time
+        if done:
+            log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint "
+                f"{ckpt_path}, loss curve {os.path.join(out_dir, 'loss.png')}")
+            break
 
         # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
+        lr = get_lr(iter_num, learning_rate, warmup_iters, decay_end, min_lr)
         windows, loss_sum = iteration_windows(), torch.zeros((), device=rt.device)
         for micro_step in range(gradient_accumulation_steps):
-            if rt.ddp:  # all-reduce the gradients on the last micro-step only
+            if rt.ddp:
+                # all-reduce the gradients on the last micro-step only: syncing on every one would send
+                # the whole gradient (4 bytes per parameter) gradient_accumulation_steps times per iteration
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             x, y = get_batch("train", batch_gen, windows[micro_step])
             with rt.autocast():
@@ -342,12 +343,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, lr, grad_clip)
 
         iter_num += 1
         n_timed += 1
@@ -355,14 +351,16 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if iter_num == timed_from[0]:  # the first iteration: a compiled model compiles in it
             timed_from = (iter_num, elapsed)
             if use_compile:
-                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's compile "
-                    "included (it counts in max_time)")
-        set_budget()
-        if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as one process would log
+                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
+                    "compile included (it counts in max_time)")
+        budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
+                            eval_seconds, log)
+        last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+        if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size
         if iter_num % log_interval == 0 and rt.master:
-            lossf = loss_sum.item()  # the mean over the micro-batches; .item() waits for the GPU: only when logging
+            lossf = loss_sum.item()  # the mean over the micro-batches (.item() waits for the GPU: only here)
             check_finite(lossf, "training loss")
             dt = (time.time() - t0) / n_timed
             t0, n_timed = time.time(), 0
@@ -371,19 +369,11 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             left = (last_iter - iter_num) * dt
             log_metrics(metrics_path, {"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
                                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed": elapsed})
-            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tokens/s, "
-                f"MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
+            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} "
+                f"tokens/s, MFU {mfu * 100:.1f}%, ETA {left / 60:.1f} min")
             if moe:  # is the router spreading the tokens?
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
-        # stop at the last iteration; max_time itself is a safety net for a machine that slowed down
-        if iter_num >= last_iter or (max_time > 0 and elapsed >= max_time):
-            if iter_num < last_iter:
-                log(f"max_time={max_time:.0f}s reached at iteration {iter_num}, before the {last_iter} planned")
-            evaluate_and_save()
-            log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
-                f"loss curve {os.path.join(out_dir, 'loss.png')}")
-            break
 
 if rt.ddp:
     torch.distributed.destroy_process_group()

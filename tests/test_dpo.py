@@ -4,16 +4,18 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run
+from conftest import ROOT, TINY, run
 
+import common
 import dpo
 from common import completion_logps, curve, draw_windows, load_checkpoint, load_model, pack, read_metrics
-from configurator import configure
 
 
 def test_loss_and_metrics_match_a_hand_computation():
@@ -178,12 +180,18 @@ def metric_lines(stdout: str) -> dict[str, str]:
                                                         stdout, re.M)}
 
 
+def run_dpo_here(monkeypatch, *args: str) -> None:
+    """python dpo.py ARGS, run in this process: the test can replace common's functions."""
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *args])
+    runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+
+
 def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys):
     """A run killed after its checkpoint at step 12 (its max_time budget fixed at step 11) and resumed
     gives the uninterrupted run's metrics and weights, without making pairs or a reference pass again."""
     monkeypatch.chdir(trained)
-    monkeypatch.setattr(dpo, "iters_in_budget", lambda *a: 16)  # the steps that "fit" in max_time: no timing here
-    save = dpo.save_checkpoint
+    monkeypatch.setattr(common, "iters_in_budget", lambda *a: 16)  # the steps that "fit" in max_time: no timing here
+    save = common.save_checkpoint
 
     def save_and_keep_step_12(obj, path):  # the state a kill -9 right after the step-12 checkpoint leaves
         save(obj, path)
@@ -192,11 +200,11 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
             save(obj, os.path.join("out-dpo-cut", "ckpt.pt"))
             shutil.copy(os.path.join("out-dpo-whole", "metrics.jsonl"), "out-dpo-cut")  # and the log so far
 
-    monkeypatch.setattr(dpo, "save_checkpoint", save_and_keep_step_12)
+    monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step_12)
     args = ["--init_from=out-tiny", "--make_pairs=16", "--prompt_tokens=12", "--completion_tokens=10",
             "--max_iters=1000000", "--max_time=60", "--eval_interval=12", "--log_interval=1", "--warmup_iters=2",
             "--learning_rate=3e-3", "--device=cpu"]
-    dpo.main(configure(vars(dpo), ["--out_dir=out-dpo-whole", *args]))
+    run_dpo_here(monkeypatch, "--out_dir=out-dpo-whole", *args)
     whole = metric_lines(capsys.readouterr().out)
     assert "step 16" in whole and "step 17" not in whole  # the budget ended the schedule and the run
 
@@ -216,7 +224,7 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
     # refuses other pairs: settings that would make or split them anew, or a changed file
     def refused(*more: str) -> str:
         with pytest.raises(SystemExit) as e:
-            dpo.main(configure(vars(dpo), ["--out_dir=out-dpo-cut", *args, *more]))
+            run_dpo_here(monkeypatch, "--out_dir=out-dpo-cut", *args, *more)
         return str(e.value)
 
     assert "--resume=True, pass another --out_dir, or --overwrite=True" in refused()
