@@ -3,7 +3,7 @@ import torch
 from test_model import full_recompute_greedy
 
 from common import configure_optimizer, resolve_compile
-from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
+from model import KVCache, Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
 
 
 def tiny(**kw) -> Llama:
@@ -118,7 +118,7 @@ def test_kv_cache_with_gqa_equals_full_recompute(prompt_len, new):
     idx = torch.randint(0, 50, (2, prompt_len))
     cached = torch.cat([idx, *m.generate(idx, new, temperature=0.0)], dim=1)
     assert torch.equal(cached, full_recompute_greedy(m, idx, new))
-    assert m.new_cache(2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
+    assert KVCache(m, 2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
 
 
 def test_active_flops_count_one_expert_of_four():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
 
 
 def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
@@ -65,7 +65,7 @@ def test_kv_cache_logits_match_full_forward():
     m = tiny(block_size=16)
     x = torch.randint(0, 50, (2, 12))
     full, _ = m(x, x)
-    cache = m.new_cache(2)
+    cache = KVCache(m, 2)
     m(x[:, :5], cache=cache)
     for t in range(5, 12):
         step, _ = m(x[:, t : t + 1], cache=cache)
