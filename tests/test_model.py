@@ -93,14 +93,24 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two
 
 
-def test_sampling_draws_from_the_softmax_and_respects_top_k():
+@pytest.mark.parametrize("inverse_cdf", [False, True])
+def test_sampling_draws_from_the_softmax_and_respects_top_k(inverse_cdf):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)
-    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g).view(20_000, 2)  # 20k draws per row
+    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g, inverse_cdf=inverse_cdf).view(20_000, 2)
     freq = torch.stack([torch.bincount(picks[:, r], minlength=5) for r in range(2)]).float() / 20_000
     assert (freq - torch.softmax(logits / 0.8, -1)).abs().max() < 0.015  # about 4 standard errors
-    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g)
+    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g, inverse_cdf=inverse_cdf)
     assert set(top2.view(-1).tolist()) == {0, 1}  # both of the two likeliest, never another
+
+
+def test_the_default_draw_is_torch_multinomial():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    ours = sample_next(logits, 0.7, top_k=20, generator=torch.Generator().manual_seed(1))
+    kept = logits / 0.7
+    kept = kept.masked_fill(kept < kept.topk(20).values[:, [-1]], float("-inf"))
+    theirs = torch.multinomial(kept.softmax(-1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours, theirs)
 
 
 def test_weight_tying_counting_and_init():
