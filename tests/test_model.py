@@ -138,3 +138,15 @@ def test_tiny_model_overfits_a_tiny_batch():
 def test_config_rejects_heads_that_do_not_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"n_head": 0}, "n_head must be positive, got 0"),
+    ({"d_ff": -1}, "d_ff must be zero or positive, got -1"),
+    ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+])
+def test_config_rejects_an_impossible_value_in_one_line(kw, message):
+    with pytest.raises(ValueError) as e:
+        GPTConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert GPTConfig(n_embd=32, n_head=2).d_ff == 128  # 0 = 4 * n_embd, resolved by the config itself
