@@ -45,13 +45,15 @@ from torch.nn import functional as F
 # ==================================================================================================
 
 
-def check_sizes(config, non_negative: tuple[str, ...]) -> None:
-    """What both configs require. ValueError, worded to be printed as one line ("error: ...")."""
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if not getattr(config, name) > 0:
+def check_ranges(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """What both configs require: finite, positive sizes (and the fields named), every head a whole
+    number of dimensions, dropout a probability below 1. ValueError, worded to be printed as one
+    line ("error: ...")."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", *positive):
+        if not 0 < getattr(config, name) < math.inf:  # nan fails every comparison
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
     for name in non_negative:
-        if not getattr(config, name) >= 0:
+        if not 0 <= getattr(config, name) < math.inf:
             raise ValueError(f"{name} must be zero or positive, got {getattr(config, name)}")
     if config.n_embd % config.n_head != 0:
         raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}: each "
@@ -72,7 +74,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm layers: GPT-2 had them, they help little
 
     def __post_init__(self):
-        check_sizes(self, non_negative=("d_ff",))
+        check_ranges(self, non_negative=("d_ff",))
         self.d_ff = self.d_ff or 4 * self.n_embd
 
 
@@ -283,11 +285,9 @@ class LlamaConfig:
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
 
     def __post_init__(self):
-        check_sizes(self, non_negative=("d_ff", "n_kv_head", "d_expert", "moe_every", "no_rope_interval",
-                                        "aux_loss_coef", "z_loss_coef"))
-        for name in ("rope_theta", "norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("rope_theta", "norm_eps"),
+                     non_negative=("d_ff", "n_kv_head", "d_expert", "n_expert", "moe_every", "no_rope_interval",
+                                   "aux_loss_coef", "z_loss_coef"))
         self.n_kv_head = self.n_kv_head or self.n_head
         self.d_ff = self.d_ff or 4 * self.n_embd
         self.d_expert = self.d_expert or 2 * self.n_embd
