@@ -28,6 +28,11 @@ The file, in reading order:
     3. settings to checkpoints and back: model_args_from, make_model
     4. generation, shared by both: KVCache, generate (prefill, then one token at a time),
        sample_next (temperature, top-k, top-p)
+
+Under bf16 autocast (--dtype=bfloat16, the default on GPUs that have it) the matmuls run in bf16
+on bf16 copies of the weights. The weights themselves stay float32 (the optimizer's small updates
+would round away in bf16), and so do the residual stream, the norms, the MoE router, the loss and
+sampling: each of these places says why.
 """
 
 from __future__ import annotations  # annotations may name classes defined further down (KVCache)
@@ -45,6 +50,22 @@ from torch.nn import functional as F
 # ==================================================================================================
 
 
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    block_size: int = 256  # the longest context the model sees (learned positions 0..block_size-1)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    d_ff: int = 0  # hidden width of the MLP; 0 means the usual 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers: GPT-2 had them, they help little
+
+    def __post_init__(self):
+        check_ranges(self, non_negative=("d_ff",))
+        self.d_ff = self.d_ff or 4 * self.n_embd
+
+
 def check_ranges(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
     """What both configs require: finite, positive sizes (and the fields named), every head a whole
     number of dimensions, dropout a probability below 1. ValueError, worded to be printed as one
@@ -60,22 +81,6 @@ def check_ranges(config, positive: tuple[str, ...] = (), non_negative: tuple[str
                          "head gets n_embd/n_head dimensions; change n_embd or n_head")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 8192
-    block_size: int = 256  # the longest context the model sees (learned positions 0..block_size-1)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    d_ff: int = 0  # hidden width of the MLP; 0 means the usual 4 * n_embd
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linear and LayerNorm layers: GPT-2 had them, they help little
-
-    def __post_init__(self):
-        check_ranges(self, non_negative=("d_ff",))
-        self.d_ff = self.d_ff or 4 * self.n_embd
 
 
 def causal_mask(T: int, S: int, device) -> torch.Tensor:
@@ -101,7 +106,7 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None):
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
     att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    att = F.softmax(att.float(), dim=-1).type_as(q)  # in float32: a bf16 exp loses the small scores
+    att = F.softmax(att.float(), dim=-1).type_as(q)  # float32: bf16 sums S terms to 3 digits
     attn_maps.append(att.detach())
     att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hd)
@@ -149,9 +154,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, attn_maps=None):
-        # residual: the block adds to x, never replaces it. Under bf16 autocast the branches return
-        # bf16 but x stays float32 (embeddings are not autocast, and bf16 + float32 is float32), so
-        # the small corrections of many layers are not rounded away
+        # residual: the block adds to x, never replaces it. Under bf16 autocast x stays float32
+        # (embeddings are not autocast; bf16 + float32 is float32): the layers' small corrections
+        # are not rounded away, and ln_1, ln_2 take their mean and variance in float32
         x = x + self.attn(self.ln_1(x), cache, attn_maps)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -160,10 +165,9 @@ class Block(nn.Module):
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean cross-entropy of logits (B, T, V) against targets (B, T), -1 ignored: the objective
     of both models, in training and evaluation alike (a training-only change, such as label
-    smoothing, would test model.training, as the Llama's router losses do). In float32 whatever the
-    autocast dtype: in bf16 (8 significant bits) a loss near 3 moves in steps of 1/64, coarser than
-    the differences the logs compare, and the gradient, softmax - one-hot, would lose the tiny
-    probabilities of most of the V tokens."""
+    smoothing, would test model.training, as the Llama's router losses do). In float32 whatever
+    dtype the model ran in: in bf16 (8 significant bits) a loss near 3 would move in steps of 1/64,
+    coarser than the differences between runs that the logs compare."""
     logits = logits.float().view(-1, logits.size(-1))  # (B*T, V)
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
 
@@ -286,8 +290,8 @@ class LlamaConfig:
 
     def __post_init__(self):
         check_ranges(self, positive=("rope_theta", "norm_eps"),
-                     non_negative=("d_ff", "n_kv_head", "d_expert", "n_expert", "moe_every", "no_rope_interval",
-                                   "aux_loss_coef", "z_loss_coef"))
+                     non_negative=("d_ff", "n_kv_head", "d_expert", "n_expert", "moe_every",
+                                   "no_rope_interval", "aux_loss_coef", "z_loss_coef"))
         self.n_kv_head = self.n_kv_head or self.n_head
         self.d_ff = self.d_ff or 4 * self.n_embd
         self.d_expert = self.d_expert or 2 * self.n_embd
@@ -419,7 +423,9 @@ class MoE(nn.Module):
         x = x.view(-1, D)  # (N, D): tokens are routed one by one
         logits = self.router(x)  # (N, E)
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # (N, k): on the raw scores
-        scores = torch.sigmoid(top_logits.float()).type_as(x)  # the router's arithmetic in float32
+        # the router's sigmoid, softmax and logsumexp in float32: the losses below average them
+        # over all N tokens, where bf16's 3 significant digits would swamp small differences
+        scores = torch.sigmoid(top_logits.float()).type_as(x)
         # dispatch without a loop over tokens: sort the N*k (token, expert) assignments by expert,
         # so that each expert's tokens are one contiguous slice, run each expert once on its slice
         flat_experts = top_experts.view(-1)
@@ -528,7 +534,7 @@ def model_args_from(settings: dict) -> dict:
     d_expert), ranges checked (ValueError). Only those fields reach a checkpoint: a setting that is
     no field of the dataclass is left out without a word (bias, a GPTConfig field, for the Llama;
     n_kv_head or n_expert for the GPT). A new model setting is a new field there (and its default
-    in train.py), nothing more."""
+    in train.py), nothing more. vocab_size, the tokenizer's, comes with the settings or after."""
     arch = settings.get("arch", "gpt")
     if arch not in ("gpt", "llama"):
         raise ValueError(f"arch must be gpt or llama, got {arch!r}")
@@ -616,7 +622,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     here: a new one (min-p, ...) is one more `if` below, plus its flag in the scripts."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature  # < 1 sharpens the distribution, > 1 flattens it
+    # in float32, even from bf16 logits: the filters and the draw compare small probabilities.
+    # temperature < 1 sharpens the distribution, > 1 flattens it
+    logits = logits.float() / temperature
     if top_k is not None and top_k > 0:  # keep the k likeliest tokens
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
