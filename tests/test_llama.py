@@ -3,7 +3,17 @@ import torch
 from test_model import full_recompute_greedy
 
 from common import configure_optimizer, resolve_compile
-from model import Llama, LlamaConfig, MoE, RMSNorm, apply_rotary_emb, rope_tables
+from model import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    MoE,
+    RMSNorm,
+    apply_rotary_emb,
+    make_model,
+    model_args_from,
+    rope_tables,
+)
 
 
 def tiny(**kw) -> Llama:
@@ -118,7 +128,7 @@ def test_kv_cache_with_gqa_equals_full_recompute(prompt_len, new):
     idx = torch.randint(0, 50, (2, prompt_len))
     cached = torch.cat([idx, *m.generate(idx, new, temperature=0.0)], dim=1)
     assert torch.equal(cached, full_recompute_greedy(m, idx, new))
-    assert m.new_cache(2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
+    assert KVCache(m, 2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
 
 
 def test_active_flops_count_one_expert_of_four():
@@ -126,6 +136,33 @@ def test_active_flops_count_one_expert_of_four():
     # each MoE layer: the shared expert + 1 of 4 experts of width 64 = a dense SwiGLU of width 128
     # (plus the router's 32 x 4 weights)
     assert moe.flops_per_token() - dense.flops_per_token() == 6 * 4 * 32 * 4
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"n_head": 4, "n_kv_head": 3}, "n_head=4 must be divisible by n_kv_head=3"),
+    ({"n_embd": 30, "n_head": 2}, "head dimension n_embd/n_head = 15 must be even"),
+    ({"n_expert": 2, "n_expert_per_token": 3}, "n_expert_per_token=3 must be between 1 and n_expert=2"),
+    ({"rope_theta": 0.0}, "rope_theta must be positive, got 0.0"),
+    ({"moe_every": -1}, "moe_every must be zero or positive, got -1"),
+])
+def test_config_rejects_an_impossible_value_in_one_line(kw, message):
+    with pytest.raises(ValueError) as e:
+        LlamaConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_resolves_its_zero_defaults_and_model_args_keep_its_fields_only():
+    c = LlamaConfig(n_head=4, n_kv_head=0, n_embd=32, d_ff=0, d_expert=0)
+    assert (c.n_kv_head, c.d_ff, c.d_expert) == (4, 128, 64)
+    settings = {"arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 0, "n_embd": 32, "bias": True,
+                "batch_size": 8, "learning_rate": 1e-3}
+    args = model_args_from(settings)
+    assert args["n_kv_head"] == 4 and "bias" not in args and "batch_size" not in args  # bias: GPT only
+    assert make_model(args).config == LlamaConfig(**{k: v for k, v in args.items() if k != "arch"})
+    gpt = model_args_from({**settings, "arch": "gpt"})
+    assert gpt["bias"] is True and gpt["d_ff"] == 128 and "n_kv_head" not in gpt
+    with pytest.raises(ValueError, match="arch must be gpt or llama"):
+        model_args_from({"arch": "mamba"})
 
 
 def test_compiled_model_trains_like_the_eager_one():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
 
 
 def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
@@ -65,7 +65,7 @@ def test_kv_cache_logits_match_full_forward():
     m = tiny(block_size=16)
     x = torch.randint(0, 50, (2, 12))
     full, _ = m(x, x)
-    cache = m.new_cache(2)
+    cache = KVCache(m, 2)
     m(x[:, :5], cache=cache)
     for t in range(5, 12):
         step, _ = m(x[:, t : t + 1], cache=cache)
@@ -93,14 +93,24 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two
 
 
-def test_sampling_draws_from_the_softmax_and_respects_top_k():
+@pytest.mark.parametrize("inverse_cdf", [False, True])
+def test_sampling_draws_from_the_softmax_and_respects_top_k(inverse_cdf):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)
-    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g).view(20_000, 2)  # 20k draws per row
+    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g, inverse_cdf=inverse_cdf).view(20_000, 2)
     freq = torch.stack([torch.bincount(picks[:, r], minlength=5) for r in range(2)]).float() / 20_000
     assert (freq - torch.softmax(logits / 0.8, -1)).abs().max() < 0.015  # about 4 standard errors
-    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g)
+    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g, inverse_cdf=inverse_cdf)
     assert set(top2.view(-1).tolist()) == {0, 1}  # both of the two likeliest, never another
+
+
+def test_the_default_draw_is_torch_multinomial():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    ours = sample_next(logits, 0.7, top_k=20, generator=torch.Generator().manual_seed(1))
+    kept = logits / 0.7
+    kept = kept.masked_fill(kept < kept.topk(20).values[:, [-1]], float("-inf"))
+    theirs = torch.multinomial(kept.softmax(-1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours, theirs)
 
 
 def test_weight_tying_counting_and_init():
@@ -128,3 +138,15 @@ def test_tiny_model_overfits_a_tiny_batch():
 def test_config_rejects_heads_that_do_not_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"n_head": 0}, "n_head must be positive, got 0"),
+    ({"d_ff": -1}, "d_ff must be zero or positive, got -1"),
+    ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+])
+def test_config_rejects_an_impossible_value_in_one_line(kw, message):
+    with pytest.raises(ValueError) as e:
+        GPTConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert GPTConfig(n_embd=32, n_head=2).d_ff == 128  # 0 = 4 * n_embd, resolved by the config itself
