@@ -167,7 +167,7 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
 # --- optimizer and schedule ------------------------------------------------------------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
-                        optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
+                        optimizer: str = "adamw", embedding_lr: float = 0.0) -> "torch.optim.AdamW | Optimizers":
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
     norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
     instead of a dozen) exists on CUDA and on CPUs.
@@ -185,8 +185,12 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
     matrices = in_blocks if optimizer == "muon" else []
     rest = [p for n, p in named if all(p is not m for m in matrices)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+    wte = model.transformer.wte.weight
+    own = embedding_lr > 0 and wte is not model.lm_head.weight  # an untied embedding's own rate
+    groups = [{"params": [p for p in rest if p.dim() >= 2 and not (own and p is wte)], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if own:  # lr_scale: the schedule's learning rate times this
+        groups.append({"params": [wte], "weight_decay": 0.0, "lr_scale": embedding_lr / learning_rate})
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not matrices:
         return adamw

@@ -82,6 +82,10 @@ qk_norm = True
 norm_eps = 1e-5
 aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
+tie_embeddings = True  # the output layer reuses the token embedding
+mlp = "swiglu"  # swiglu | relu2
+logit_softcap = 0.0  # 0 = off
+zero_init = False  # residual branches' last projections start at zero
 # optimization
 batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -89,6 +93,7 @@ learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds the run may take: the iterations that fit are counted early on (see below); 0 = no limit
 optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+embedding_lr = 0.0  # learning rate of an untied token embedding (AdamW); 0 = learning_rate
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -197,7 +202,7 @@ log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {
     f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
-                                config["optimizer"])
+                                config["optimizer"], embedding_lr)
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
 if init_from == "resume":  # everything but the random states, restored last (see below)
@@ -326,7 +331,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch"):
             evaluate_and_save()
             t0, n_timed = time.time(), 0  # evaluation time is not training time
