@@ -66,9 +66,6 @@ def llama4_state(model) -> tuple[dict, dict]:
     from transformers import Llama4TextConfig
 
     c = model.config
-    if c.mlp != "swiglu" or c.logit_softcap:
-        raise SystemExit(f"error: transformers' Llama 4 has no mlp={c.mlp!r} or logit_softcap: this model "
-                         "cannot be exported (train with --mlp=swiglu --logit_softcap=0)")
     config = Llama4TextConfig(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
         num_key_value_heads=c.n_kv_head, head_dim=c.n_embd // c.n_head, hidden_act="silu",

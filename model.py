@@ -281,11 +281,7 @@ class LlamaConfig:
     dropout: float = 0.0
     aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
-    # recipe choices measured for the 10-minute run (nanochat / modded-nanogpt make them)
-    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head
-    mlp: str = "swiglu"  # dense layers: swiglu | relu2 (relu(x @ W1)^2 @ W2, 2 matrices instead of 3)
-    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap), kept within +-cap; 0 = off
-    zero_init: bool = False  # residual branches' last projections (and an untied lm_head) start at 0
+    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (as nanochat)
 
     def __post_init__(self):
         self.d_ff = self.d_ff or 4 * self.n_embd
@@ -293,8 +289,6 @@ class LlamaConfig:
         if self.n_embd % self.n_head != 0 or self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}, "
                              f"and n_head by n_kv_head={self.n_kv_head}")
-        if self.mlp not in ("swiglu", "relu2"):
-            raise ValueError(f"mlp must be swiglu or relu2, got {self.mlp!r}")
         if self.moe_every and not 1 <= self.n_expert_per_token <= self.n_expert:
             raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be between 1 and n_expert={self.n_expert}")
 
@@ -382,18 +376,6 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class ReLU2(nn.Module):
-    """down(relu(up(x))^2): the squared ReLU of Primer and nanochat, 2 matrices where SwiGLU has 3."""
-
-    def __init__(self, n_embd: int, hidden: int):
-        super().__init__()
-        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.relu(self.up_proj(x)).square())
-
-
 class MoE(nn.Module):
     """Mixture of Experts, Llama 4 style: a router scores each token for every expert, keeps the
     top n_expert_per_token scores, and the sigmoid of each kept score multiplies the token on its
@@ -449,8 +431,7 @@ class LlamaBlock(nn.Module):
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = LlamaAttention(config, layer)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        dense = SwiGLU if config.mlp == "swiglu" else ReLU2
-        self.mlp = MoE(config) if config.is_moe(layer) else dense(config.n_embd, config.d_ff)
+        self.mlp = MoE(config) if config.is_moe(layer) else SwiGLU(config.n_embd, config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, cache=None, attn_maps=None):
@@ -468,14 +449,12 @@ class Llama(LanguageModel):
             "ln_f": RMSNorm(config.n_embd, config.norm_eps),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight  # tied, as in the GPT
+        if config.tie_embeddings:  # as in the GPT; untied, the input and output tables learn apart
+            self.transformer.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():
             if p.dim() >= 2:  # residual branches' last projections start smaller, as in GPT-2
                 last = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if last else 0.02)
-                if config.zero_init and (last or name == "lm_head.weight"):
-                    torch.nn.init.zeros_(p)  # each block starts as the identity; gradients still reach it
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
         # RoPE's cos and sin for every position, shared by all layers; buffers follow .to(device)
         # but are not saved (persistent=False): checkpoints hold weights only
@@ -498,16 +477,12 @@ class Llama(LanguageModel):
         if cache is not None:
             cache.pos += T
         if targets is None:
-            return self.softcap(self.lm_head(x[:, [-1], :])), None
-        logits = self.softcap(self.lm_head(x))
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if self.training and self.moe_layers:
             loss = loss + self.router_loss()
         return logits, loss
-
-    def softcap(self, logits):
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def router_loss(self) -> torch.Tensor:
         """The router loss: each MoE layer's balancing loss (MoE.aux_loss) and z-loss, weighted by

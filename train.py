@@ -83,9 +83,6 @@ norm_eps = 1e-5
 aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
 tie_embeddings = True  # the output layer reuses the token embedding
-mlp = "swiglu"  # swiglu | relu2
-logit_softcap = 0.0  # 0 = off
-zero_init = False  # residual branches' last projections start at zero
 # optimization
 batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -224,11 +221,13 @@ if rt.ddp:
     model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative to it")
-if rt.device_type == "cpu" and rt.ptdtype != torch.float32:  # CPUs without bf16 units emulate it, slowly
+# autocast and Muon's orthogonalisation compute in bf16: CPUs without bf16 units emulate it, slowly
+if rt.device_type == "cpu" and (rt.ptdtype != torch.float32 or config["optimizer"] == "muon"):
+    half = peak_flops if rt.ptdtype != torch.float32 else measure_peak_flops(rt.device, torch.bfloat16)
     fp32_flops = measure_peak_flops(rt.device, torch.float32)
-    if fp32_flops > peak_flops:
-        log(f"warning: {rt.ptdtype} matmuls are slower than float32 on this CPU ({peak_flops / 1e9:.0f} against "
-            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 will train faster")
+    if fp32_flops > half:
+        log(f"warning: 16-bit matmuls are slower than float32 on this CPU ({half / 1e9:.0f} against "
+            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 --optimizer=adamw will train faster")
 
 
 @torch.no_grad()

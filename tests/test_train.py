@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT, TINY, run
 
@@ -145,3 +146,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
             cwd=workdir, check=False)  # later arguments win: the huge learning rate blows the weights up
     assert p.returncode == 1 and re.search(r"is (nan|inf) at iteration \d+", p.stderr), p.stderr
     assert open(ckpt, "rb").read() == good
+
+
+def test_an_untied_embedding_gets_its_own_learning_rate_and_no_flops():
+    """--tie_embeddings=False --embedding_lr=X: the token table (a lookup) trains at X without weight
+    decay, every other group follows the schedule; the FLOP count (MFU) is the tied model's."""
+    from common import configure_optimizer
+    from model import make_model
+
+    args = {"arch": "llama", "vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_kv_head": 1,
+            "n_embd": 32, "moe_every": 0}
+    tied, untied = make_model(args), make_model({**args, "tie_embeddings": False})
+    assert untied.flops_per_token() == tied.flops_per_token()
+    assert untied.num_params() == tied.num_params() + 64 * 32
+    for optimizer in ("adamw", "muon"):
+        opt = configure_optimizer(untied, 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer, embedding_lr=2e-2)
+        wte = [g for g in opt.param_groups if any(p is untied.transformer.wte.weight for p in g["params"])]
+        assert len(wte) == 1 and len(wte[0]["params"]) == 1
+        assert wte[0]["lr_scale"] == pytest.approx(20.0) and wte[0]["weight_decay"] == 0.0
+        assert all("lr_scale" not in g for g in opt.param_groups if g is not wte[0])
+    opt = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.95), "cpu", "adamw", embedding_lr=2e-2)
+    assert all("lr_scale" not in g for g in opt.param_groups)  # tied: the table is the output layer
