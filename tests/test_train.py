@@ -56,6 +56,23 @@ def test_resumed_run_continues_with_the_same_losses(workdir):
     assert all(a[i] == b[i] for i in b), (a, b)
 
 
+def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
+    """config/gutenberg.py's recipe (Muon + AdamW, an untied token table at its own learning rate),
+    scaled down: the learning-rate scale of the table survives the checkpoint."""
+    config = os.path.join(ROOT, "config", "gutenberg.py")  # first: what follows overrides it
+    common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=float32"]
+    full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", *common, cwd=workdir)
+    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", *common, cwd=workdir)
+    resumed = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=12", "--init_from=resume", *common,
+                  cwd=workdir)
+    a, b = losses(full.stdout), losses(resumed.stdout)
+    assert sorted(b) == list(range(7, 13)) and all(a[i] == b[i] for i in b), (a, b)
+    ckpt = load_checkpoint(os.path.join(workdir, "out-recipe-half", "ckpt.pt"))
+    assert ckpt["config"]["optimizer"] == "muon" and not ckpt["model_args"]["tie_embeddings"]
+    scales = [g.get("lr_scale") for o in ckpt["optimizer"]["optimizers"] for g in o["param_groups"]]
+    assert scales.count(None) == len(scales) - 1 and 2e-2 / 3e-3 in scales  # TINY's learning rate is 3e-3
+
+
 def test_config_errors_come_before_reading_data(tmp_path):
     p = run("train.py", "--n_embd=30", "--n_head=4", "--data_dir=nowhere", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "divisible" in p.stderr and "Traceback" not in p.stderr
