@@ -230,7 +230,7 @@ def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3) ->
 # --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
-                        optimizer: str = "adamw") -> "torch.optim.AdamW | Optimizers":
+                        optimizer: str = "adamw", embedding_lr: float = 0.0) -> "torch.optim.Optimizer":
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
     norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
     instead of a dozen) exists on CUDA and on CPUs.
@@ -239,7 +239,11 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     the output layer tied to them, norm gains, experts' 3-D weights), as modded-nanogpt does. Muon
     replaces each matrix's momentum by the nearest orthogonal matrix (5 Newton-Schulz iterations),
     so that every direction of the update moves as much; made for hidden layers, not for lookups.
-    adjust_lr_fn="match_rms_adamw" scales its steps to AdamW's size: one learning rate serves both."""
+    adjust_lr_fn="match_rms_adamw" scales its steps to AdamW's size: one learning rate serves both.
+
+    embedding_lr: the rate of an untied token table (tied, it is the output layer and trains as
+    one), without weight decay. Each row of a lookup table gets a gradient only when its token
+    occurs, so it learns from far fewer steps than a matrix every token goes through."""
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be adamw or muon, got {optimizer!r}")
     if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
@@ -249,8 +253,13 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     in_blocks = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
     matrices = in_blocks if optimizer == "muon" else []
     rest = [p for n, p in named if all(p is not m for m in matrices)]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+    wte = model.transformer.wte.weight
+    own = embedding_lr > 0 and wte is not model.lm_head.weight
+    groups = [{"params": [p for p in rest if p.dim() >= 2 and not (own and p is wte)],
+               "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if own:  # lr_scale: the schedule's learning rate times this (see optimizer_step)
+        groups.append({"params": [wte], "weight_decay": 0.0, "lr_scale": embedding_lr / learning_rate})
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not matrices:
         return adamw
@@ -294,7 +303,7 @@ def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScal
     """One update from the gradients the micro-steps accumulated: at learning rate lr, the global
     gradient norm clipped to grad_clip (0 = no clipping), then the gradients cleared."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: a group with a rate of its own
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

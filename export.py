@@ -73,7 +73,8 @@ def llama4_state(model) -> tuple[dict, dict]:
         moe_layers=[i for i in range(c.n_layer) if c.is_moe(i)],
         no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)],  # 1 = this layer uses RoPE
         use_qk_norm=c.qk_norm, attn_temperature_tuning=False, attention_chunk_size=c.block_size,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_embeddings,
         attention_bias=False, attention_dropout=0.0, router_aux_loss_coef=c.aux_loss_coef,
         bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, pad_token_id=None)
     top = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight"}

@@ -192,9 +192,9 @@ class LanguageModel(nn.Module):
         lm_head, the (n_embd -> vocab_size) output matmul. Of a mixture of experts, only the
         n_expert_per_token experts a token goes to count."""
         cfg, T = self.config, T or self.config.block_size
-        matmul = 0.0
-        for name, p in self.named_parameters():  # a tied parameter is listed once
-            if p.dim() == 2 and name != "transformer.wpe.weight":
+        matmul = float(self.lm_head.weight.numel())  # the output layer (the tied wte is that same matrix)
+        for p in self.transformer.h.parameters():
+            if p.dim() == 2:
                 matmul += p.numel()
             elif p.dim() == 3:  # the experts' (n_expert, in, out) weights (the Llama's MoE)
                 matmul += p.numel() * cfg.n_expert_per_token / cfg.n_expert
@@ -287,6 +287,7 @@ class LlamaConfig:
     dropout: float = 0.0
     aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
+    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (as nanochat)
 
     def __post_init__(self):
         check_ranges(self, positive=("rope_theta", "norm_eps"),
@@ -475,7 +476,8 @@ class Llama(LanguageModel):
             "ln_f": RMSNorm(config.n_embd, config.norm_eps),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in the GPT
+        if config.tie_embeddings:  # as in the GPT; untied, the input and output tables learn apart
+            self.transformer.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():
             if p.dim() >= 2:  # residual branches' last projections start smaller, as in GPT-2
                 last = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))

@@ -84,6 +84,7 @@ qk_norm = True
 norm_eps = 1e-5
 aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
+tie_embeddings = True  # the output layer reuses the token embedding
 # optimization
 batch_size = 16  # sequences per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -91,6 +92,7 @@ learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds the run may take (the iterations that fit are counted early on); 0 = no limit
 optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+embedding_lr = 0.0  # learning rate of an untied token embedding (AdamW); 0 = learning_rate
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -197,7 +199,7 @@ log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {
     f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 model = make_model(model_args).to(rt.device)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
-                                config["optimizer"])
+                                config["optimizer"], embedding_lr)
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
 iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
@@ -225,11 +227,13 @@ model = wrap_model(model, rt, use_compile)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
     "to it")
-if rt.device_type == "cpu" and rt.ptdtype != torch.float32:  # CPUs without bf16 units emulate it, slowly
+# autocast and Muon's orthogonalisation compute in bf16: CPUs without bf16 units emulate it, slowly
+if rt.device_type == "cpu" and (rt.ptdtype != torch.float32 or config["optimizer"] == "muon"):
+    half = peak_flops if rt.ptdtype != torch.float32 else measure_peak_flops(rt.device, torch.bfloat16)
     fp32_flops = measure_peak_flops(rt.device, torch.float32)
-    if fp32_flops > peak_flops:
-        log(f"warning: {rt.ptdtype} matmuls are slower than float32 on this CPU ({peak_flops / 1e9:.0f} "
-            f"against {fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 will train faster")
+    if fp32_flops > half:
+        log(f"warning: 16-bit matmuls are slower than float32 on this CPU ({half / 1e9:.0f} against "
+            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 --optimizer=adamw will train faster")
 
 
 @torch.no_grad()

@@ -136,16 +136,20 @@ def test_export_to_a_file_is_a_one_line_error(trained, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and path.read_text() == "not a folder"
 
 
-def test_the_default_dense_llama_exports_with_our_logits():
-    """config/gutenberg.py's shape of model (a Llama without experts), untrained, scaled down."""
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_default_dense_llama_exports_with_our_logits(tie):
+    """config/gutenberg.py's shape of model (a Llama without experts, its output layer untied from
+    the token embedding), untrained, scaled down."""
     from export import to_transformers
     from model import make_model
 
     torch.manual_seed(0)
     ours = make_model({"arch": "llama", "vocab_size": 64, "block_size": 16, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
-                       "n_embd": 32, "d_ff": 64, "moe_every": 0}).eval()
+                       "n_embd": 32, "d_ff": 64, "moe_every": 0, "tie_embeddings": tie}).eval()
     hf = to_transformers(ours).eval()
     assert not ours.moe_layers and hf.config.moe_layers == []
+    assert (ours.transformer.wte.weight is ours.lm_head.weight) == tie
+    assert torch.equal(hf.get_input_embeddings().weight, ours.transformer.wte.weight)
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         assert (ours(x, x)[0] - hf(x).logits).abs().max().item() < 1e-4

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT, TINY, run
 
@@ -53,6 +54,23 @@ def test_resumed_run_continues_with_the_same_losses(workdir):
     a, b = losses(full.stdout), losses(resumed.stdout)
     assert sorted(b) == list(range(11, 21))
     assert all(a[i] == b[i] for i in b), (a, b)
+
+
+def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
+    """config/gutenberg.py's recipe (Muon + AdamW, an untied token table at its own learning rate),
+    scaled down: the learning-rate scale of the table survives the checkpoint."""
+    config = os.path.join(ROOT, "config", "gutenberg.py")  # first: what follows overrides it
+    common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=float32"]
+    full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", *common, cwd=workdir)
+    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", *common, cwd=workdir)
+    resumed = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=12", "--init_from=resume", *common,
+                  cwd=workdir)
+    a, b = losses(full.stdout), losses(resumed.stdout)
+    assert sorted(b) == list(range(7, 13)) and all(a[i] == b[i] for i in b), (a, b)
+    ckpt = load_checkpoint(os.path.join(workdir, "out-recipe-half", "ckpt.pt"))
+    assert ckpt["config"]["optimizer"] == "muon" and not ckpt["model_args"]["tie_embeddings"]
+    scales = [g.get("lr_scale") for o in ckpt["optimizer"]["optimizers"] for g in o["param_groups"]]
+    assert scales.count(None) == len(scales) - 1 and 2e-2 / 3e-3 in scales  # TINY's learning rate is 3e-3
 
 
 def test_config_errors_come_before_reading_data(tmp_path):
@@ -145,3 +163,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
             cwd=workdir, check=False)  # later arguments win: the huge learning rate blows the weights up
     assert p.returncode == 1 and re.search(r"is (nan|inf) at iteration \d+", p.stderr), p.stderr
     assert open(ckpt, "rb").read() == good
+
+
+def test_an_untied_embedding_gets_its_own_learning_rate_and_no_flops():
+    """--tie_embeddings=False --embedding_lr=X: the token table (a lookup) trains at X without weight
+    decay, every other group follows the schedule; the FLOP count (MFU) is the tied model's."""
+    from common import configure_optimizer
+    from model import make_model
+
+    args = {"arch": "llama", "vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_kv_head": 1,
+            "n_embd": 32, "moe_every": 0}
+    tied, untied = make_model(args), make_model({**args, "tie_embeddings": False})
+    assert untied.flops_per_token() == tied.flops_per_token()
+    assert untied.num_params() == tied.num_params() + 64 * 32
+    for optimizer in ("adamw", "muon"):
+        opt = configure_optimizer(untied, 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer, embedding_lr=2e-2)
+        wte = [g for g in opt.param_groups if any(p is untied.transformer.wte.weight for p in g["params"])]
+        assert len(wte) == 1 and len(wte[0]["params"]) == 1
+        assert wte[0]["lr_scale"] == pytest.approx(20.0) and wte[0]["weight_decay"] == 0.0
+        assert all("lr_scale" not in g for g in opt.param_groups if g is not wte[0])
+    opt = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.95), "cpu", "adamw", embedding_lr=2e-2)
+    assert all("lr_scale" not in g for g in opt.param_groups)  # tied: the table is the output layer
