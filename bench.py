@@ -91,7 +91,8 @@ def need_data(tokenizer: str, data_dir: str) -> None:
     if not os.path.exists(os.path.join(ROOT, data_dir, "meta.json")):
         print(f"preparing {data_dir}...", flush=True)
         if subprocess.run([sys.executable, "prepare.py", f"--tokenizer={tokenizer}"], cwd=ROOT).returncode:
-            raise SystemExit(f"error: python prepare.py --tokenizer={tokenizer} failed (above): bench.py needs {data_dir}")
+            raise SystemExit(f"error: python prepare.py --tokenizer={tokenizer} failed (above): bench.py "
+                             f"needs {data_dir}")
 
 
 # --- 1. the limit ------------------------------------------------------------------------------------

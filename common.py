@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import make_model
+from model import make_model, model_args_from
 from tokenizer import Tokenizer
 
 
@@ -103,40 +103,26 @@ def check_config(c: dict) -> None:
     for k, v in c.items():
         if isinstance(v, float):
             need(math.isfinite(v), f"{k} must be a finite number, got {v}")
-    for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "eval_interval", "eval_iters",
-              "log_interval", "gradient_accumulation_steps", "ddp_timeout", "prompt_tokens", "completion_tokens",
-              "save_every"):
+    for k in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "save_every",
+              "gradient_accumulation_steps", "ddp_timeout", "prompt_tokens", "completion_tokens"):
         if k in c:
             need(c[k] > 0, f"{k} must be positive, got {c[k]}")
-    for k in ("d_ff", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time",
-              "make_pairs", "temperature", "top_k", "num_samples", "max_new_tokens"):
+    for k in ("warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time",
+              "make_pairs", "temperature", "top_k", "num_samples", "max_new_tokens", "embedding_lr"):
         if k in c:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
-    if "n_embd" in c and "n_head" in c:
-        need(c["n_embd"] % c["n_head"] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
-    if c.get("n_kv_head"):
-        need(c["n_head"] % c["n_kv_head"] == 0, f"n_head={c['n_head']} must be divisible by n_kv_head={c['n_kv_head']}")
+    if c.get("temperature"):  # below this, logits / temperature overflow: 0 is greedy
+        need(c["temperature"] >= 1e-3, f"temperature must be 0 (greedy) or at least 0.001, got "
+                                        f"{c['temperature']}")
     if "top_p" in c:
         need(0 < c["top_p"] <= 1, f"top_p must be in (0, 1], got {c['top_p']}")
-    if "arch" in c:
-        need(c["arch"] in ("gpt", "llama"), f"arch must be gpt or llama, got {c['arch']!r}")
-    if c.get("arch") == "llama" and c["n_embd"] % c["n_head"] == 0:
-        head_dim = c["n_embd"] // c["n_head"]
-        need(head_dim % 2 == 0, f"the Llama's head dimension n_embd/n_head = {head_dim} must be even (RoPE rotates "
-                                "pairs of dimensions): change n_embd or n_head")
-    for k in ("n_kv_head", "d_expert", "moe_every", "no_rope_interval", "aux_loss_coef", "z_loss_coef"):
-        if k in c:
-            need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
-    if c.get("arch") == "llama" and c.get("moe_every"):
-        need(1 <= c["n_expert_per_token"] <= c["n_expert"],
-             f"n_expert_per_token={c['n_expert_per_token']} must be between 1 and n_expert={c['n_expert']}")
-    for k in ("rope_theta", "norm_eps"):
-        if k in c:
-            need(c[k] > 0, f"{k} must be positive, got {c[k]}")
+    if "arch" in c:  # the model's settings: its config dataclass checks them (model.py)
+        try:
+            model_args_from(c)
+        except ValueError as e:
+            need(False, str(e))
     if "learning_rate" in c:
         need(c["learning_rate"] > 0, f"learning_rate must be positive, got {c['learning_rate']}")
-    if "dropout" in c:
-        need(0 <= c["dropout"] < 1, f"dropout must be in [0, 1), got {c['dropout']}")
     for k in ("beta1", "beta2"):
         if k in c:
             need(0 <= c[k] < 1, f"{k} must be in [0, 1), got {c[k]}")

@@ -1,13 +1,17 @@
 """
-The sweep behind config/gutenberg.py: a few shapes and settings, each trained by train.py for the
-same wall-clock budget on the same machine, each measured by eval.py on all the held-out books.
+The sweep behind config/gutenberg.py: a few shapes and settings, each trained by train.py on the
+same machine, each measured by eval.py on all the held-out books.
 
-    python sweep.py                     # every run below: about 11 minutes each on 2 CPU cores
-    python sweep.py --runs=default,lr3e-3 --max_time=300   # some of them, on a smaller budget
+    python sweep.py                     # every run for the same 10 minutes (schedules fitted by max_time)
+    python sweep.py --runs=default,adamw --max_time=300   # some of them, on a smaller budget
+    python sweep.py --fixed_compute=True --device=cuda    # every run for the same FLOPs, on a GPU
 
-Each run's max_iters is chosen so that its cosine schedule ends within the budget on a 2-core
-CPU (from its measured ms/iter); max_time stops it anyway on a slower machine, and the table then
-says so. Results go to out-sweep/<run>/ and, as a table, to out-sweep/sweep.md.
+With a wall-clock budget, train.py counts the iterations that fit and ends each run's schedule
+there. With fixed_compute, each run trains the iterations written beside it: 1,400 of 4,096 tokens
+for the default shape (what fits in 10 minutes on a 2-core CPU with AMX), and for another shape the
+iterations of the same FLOPs. At a fixed number of tokens the loss does not depend on the
+hardware, so a GPU can sweep what a CPU trains. Results go to out-sweep/<run>/ and, as a table, to
+out-sweep/sweep.md.
 """
 
 import os
@@ -20,17 +24,23 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 runs = ""  # comma-separated names from RUNS; "" = all
-max_time = 600.0  # the budget of every run, in seconds
+max_time = 600.0  # the budget of every run, in seconds (without fixed_compute)
+fixed_compute = False  # train each run for its iterations of RUNS (the same FLOPs) instead of max_time
+device = ""  # passed to train.py and eval.py; "" = their default
 # -----------------------------------------------------------------------------
-RUNS = {  # name: overrides of config/gutenberg.py
-    "default": [],  # a dense Llama of 4 x 256, bf16 autocast, 1000 iterations
-    "lr3e-3": ["--learning_rate=3e-3"],
-    # a smaller vocabulary: a cheaper output layer, fewer bytes per token (python prepare.py --vocab_size=4096)
-    "bpe4096": ["--data_dir=data/gutenberg_bpe4096", "--max_iters=1050"],
-    "compile": ["--compile=True", "--max_iters=1150"],
-    "gpt": ["--arch=gpt", "--max_iters=1100"],  # the course's GPT (learned positions, LayerNorm, GELU)
-    "gpt-fp32": ["--arch=gpt", "--dtype=float32", "--max_iters=500"],  # float32: half the speed here
-    "gpt-6x256": ["--arch=gpt", "--n_layer=6", "--max_iters=950"],
+TIED = ["--tie_embeddings=True", "--embedding_lr=0"]
+RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOPs as 1,400 of the default)
+    "default": ([], 1400),  # a dense Llama of 4 x 256, bf16, Muon, an untied token table at 2e-2
+    "tied": (TIED, 1400),
+    "adamw": (["--optimizer=adamw", *TIED], 1400),  # the earlier default
+    "muon4e-3": (["--learning_rate=4e-3"], 1400),
+    "3-layers": (["--n_layer=3"], 1687),
+    "width192": (["--n_embd=192", "--n_head=3", "--n_kv_head=3", "--d_ff=768"], 2121),
+    "6-layers": (["--n_layer=6"], 1045),
+    # a smaller vocabulary: a cheaper output layer, fewer bytes per token
+    # (python prepare.py --vocab_size=4096 first)
+    "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 1667),
+    "gpt": (["--arch=gpt", "--optimizer=adamw"], 1400),  # the course's GPT: learned positions, GELU
 }
 
 
@@ -40,16 +50,23 @@ def main(c: dict) -> None:
     if unknown:
         raise SystemExit(f"error: unknown run(s) {', '.join(unknown)}: choose among {', '.join(RUNS)}")
     os.makedirs("out-sweep", exist_ok=True)
-    table = ["| run | overrides of config/gutenberg.py | iterations | wall | tokens/s | val bits/byte (eval.py) |",
+    table = ["| run | overrides of config/gutenberg.py | iterations | wall | tokens/s | "
+             "val bits/byte (eval.py) |",
              "|---|---|---|---|---|---|"]
     rows = {}  # the rows of earlier sweeps stay in the table until their run is redone
     if os.path.exists("out-sweep/sweep.md"):
         with open("out-sweep/sweep.md") as f:
-            rows = {line.split("|")[1].strip(): line.rstrip("\n") for line in f.readlines()[2:] if line.startswith("| ")}
+            rows = {line.split("|")[1].strip(): line.rstrip("\n") for line in f.readlines()[2:]
+                    if line.startswith("| ")}
     for name in names:
         out = os.path.join("out-sweep", name)
-        cmd = [sys.executable, "train.py", "config/gutenberg.py", *RUNS[name], f"--out_dir={out}",
-               f"--max_time={c['max_time']}", "--overwrite=True"]  # a run redone replaces its own out_dir
+        overrides, iters = RUNS[name]
+        budget = [f"--max_time={c['max_time']}"]  # train.py fits the schedule in it
+        if c["fixed_compute"]:
+            budget = [f"--max_iters={iters}", "--max_time=0"]
+        dev = [f"--device={c['device']}"] if c["device"] else []
+        cmd = [sys.executable, "train.py", "config/gutenberg.py", *overrides, *budget, *dev,
+               f"--out_dir={out}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         log = subprocess.run(cmd, capture_output=True, text=True)
@@ -61,12 +78,13 @@ def main(c: dict) -> None:
         fitted = re.search(r"(\d+) of the max_iters=\d+ iterations fit", log.stdout)
         stopped = f" ({fitted.group(1)} fitted in max_time)" if fitted else ""
         stopped = " (stopped by max_time)" if "reached at iteration" in log.stdout else stopped
-        ev = subprocess.run([sys.executable, "eval.py", f"--out_dir={out}"], capture_output=True, text=True)
+        ev = subprocess.run([sys.executable, "eval.py", f"--out_dir={out}", *dev], capture_output=True,
+                            text=True)
         if ev.returncode:
             raise SystemExit(f"error: eval.py on run {name} failed:\n{ev.stderr[-2000:]}")
         bpb = float(re.search(r"([\d.]+) bits per byte", ev.stdout)[1])
         speed = f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "?"  # the median of the logged rates
-        row = (f"| {name} | {' '.join(RUNS[name]) or '(none)'} | {done[1] if done else '?'}{stopped} | "
+        row = (f"| {name} | {' '.join(overrides) or '(none)'} | {done[1] if done else '?'}{stopped} | "
                f"{wall / 60:.1f} min | {speed} | {bpb:.4f} |")
         print(row, flush=True)
         rows[name] = row

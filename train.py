@@ -10,7 +10,6 @@ Every eval_interval it measures train and val loss (and val bits per byte, compa
 tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -49,7 +48,7 @@ from common import (
     wrap_model,
 )
 from configurator import config_keys, configure
-from model import GPTConfig, LlamaConfig, make_model
+from model import make_model, model_args_from
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
 
@@ -170,10 +169,7 @@ def iteration_windows() -> torch.Tensor:
 # --- model: a new one, or the checkpoint's to resume ---------------------------------------------
 # model_args: the config keys that are fields of the architecture's config dataclass go to the
 # model and into the checkpoint (a key that is no field of it, such as bias for the Llama, does not)
-fields = [f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else LlamaConfig)]
-model_args = {"arch": arch, **{k: config[k] for k in fields if k in config}, "vocab_size": tok.vocab_size}
-if arch == "llama":
-    model_args["n_kv_head"] = n_kv_head or n_head
+model_args = model_args_from({**config, "vocab_size": tok.vocab_size})
 if init_from == "resume":  # the checkpoint decides the model; the run's state is restored below
     ckpt = load_checkpoint(ckpt_path)
     if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state

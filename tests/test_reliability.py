@@ -443,6 +443,7 @@ def test_sample_attention_map_names_the_file_it_wrote_and_refuses_a_huge_figure(
     *((script, "--top_k=-3", "top_k must be zero or positive") for script in ("sample.py", "eval.py", "chat.py")),
     *((script, "--temperature=-1", "temperature must be zero or positive") for script in ("sample.py", "chat.py")),
     ("sample.py", "--top_p=0", "top_p must be in (0, 1]"),
+    ("sample.py", "--temperature=1e-30", "temperature must be 0 (greedy) or at least 0.001"),  # logits overflow
     ("eval.py", "--batch_size=0", "batch_size must be positive"),
 ])
 def test_sampling_settings_out_of_range_are_one_line(trained, script, arg, message):
