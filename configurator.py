@@ -34,13 +34,15 @@ def _check_type(key: str, value, default, where: str):
     if default is None:
         if value is None or type(value) is bool:
             return value
-        raise SystemExit(f"error: {key} must be True, False or None (the script decides), got {value!r} ({where})")
+        raise SystemExit(f"error: {key} must be True, False or None (the script decides), "
+                         f"got {value!r} ({where})")
     if type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
     want, got = type(default).__name__, type(value).__name__
-    raise SystemExit(f"error: {key} must be a {want} (default {default!r}), got {value!r} of type {got} ({where})")
+    raise SystemExit(f"error: {key} must be a {want} (default {default!r}), "
+                     f"got {value!r} of type {got} ({where})")
 
 
 def _parse_value(key: str, raw: str, default, where: str):
@@ -84,7 +86,8 @@ def configure(namespace: dict, argv: list[str] | None = None) -> dict:
             try:
                 exec(compile(source, arg, "exec"), file_ns)
             except Exception as e:
-                line = getattr(e, "lineno", None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
+                line = getattr(e, "lineno", None) or (
+                    e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
                 raise SystemExit(f"error: config file {arg}, line {line}: {type(e).__name__}: {e}") from None
             for k in config_keys(file_ns):
                 if k not in defaults:

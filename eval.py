@@ -72,14 +72,16 @@ def score(model, tokens: np.ndarray, batch_size: int, rt, stride: int = 0) -> tu
     for b in range(0, len(starts), batch_size):
         chunk = starts[b : b + batch_size]
         x = torch.from_numpy(np.stack([tokens[s : s + n] for s in chunk]).astype(np.int64)).to(rt.device)
-        y = torch.from_numpy(np.stack([tokens[s + 1 : s + 1 + n] for s in chunk]).astype(np.int64)).to(rt.device)
+        y = torch.from_numpy(
+            np.stack([tokens[s + 1 : s + 1 + n] for s in chunk]).astype(np.int64)).to(rt.device)
         for i, s in enumerate(chunk):
             k = b + i
             if k > 0:  # targets up to the previous window's end are already scored
                 y[i, : starts[k - 1] + n - s] = -1
         with rt.autocast():
             logits, _ = model(x, y)
-        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
+        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                              reduction="sum")
         total += nll.item()
         count += int((y != -1).sum())
     return total, count
@@ -121,10 +123,11 @@ def read_text(path: str) -> str:
     except FileNotFoundError:
         raise SystemExit(f"error: no such file: {path}") from None
     except IsADirectoryError:
-        raise SystemExit(f"error: {path} is a folder: pass one text file (cat {path}/*.txt > all.txt joins them)") \
-            from None
+        raise SystemExit(f"error: {path} is a folder: pass one text file "
+                         f"(cat {path}/*.txt > all.txt joins them)") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): convert it first, e.g. with iconv") from None
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): "
+                         "convert it first, e.g. with iconv") from None
     except OSError as e:
         raise SystemExit(f"error: cannot read {path}: {e.strerror}") from None
 
@@ -139,9 +142,11 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
             row = json.loads(line)
             rows.append((row["sentence_good"], row["sentence_bad"]))
         except (ValueError, TypeError, KeyError):
-            raise SystemExit(f"error: {path}, line {i}: not a JSON object with sentence_good and sentence_bad") from None
+            raise SystemExit(f"error: {path}, line {i}: "
+                             "not a JSON object with sentence_good and sentence_bad") from None
         if not all(isinstance(x, str) and x for x in rows[-1]):
-            raise SystemExit(f"error: {path}, line {i}: sentence_good and sentence_bad must be non-empty strings")
+            raise SystemExit(f"error: {path}, line {i}: "
+                             "sentence_good and sentence_bad must be non-empty strings")
     if not rows:
         raise SystemExit(f"error: {path} holds no pairs")
     return rows
@@ -154,8 +159,8 @@ def sentence_logps(model, tok, sentences: list[str], batch_size: int, rt) -> lis
     ids = [tok.encode(s) for s in sentences]
     block_size = model.config.block_size
     if too_long := [s for s, t in zip(sentences, ids, strict=True) if len(t) > block_size]:
-        raise SystemExit(f"error: {len(too_long)} sentence(s) hold more than the model's {block_size} tokens of "
-                         f"context, e.g. {too_long[0][:60]!r}: shorten them")
+        raise SystemExit(f"error: {len(too_long)} sentence(s) hold more than the model's "
+                         f"{block_size} tokens of context, e.g. {too_long[0][:60]!r}: shorten them")
     out = []
     for b in range(0, len(ids), batch_size):
         chunk = ids[b : b + batch_size]
@@ -186,7 +191,8 @@ def main(c: dict) -> dict:
     rt = setup_runtime(c["device"], c["dtype"])
     model, tok, ckpt = load_model(c["out_dir"], rt.device)
     if not 0 <= c["stride"] <= model.config.block_size:
-        raise SystemExit(f"error: --stride={c['stride']} must lie between 0 and block_size={model.config.block_size}")
+        raise SystemExit(f"error: --stride={c['stride']} must lie between 0 and "
+                         f"block_size={model.config.block_size}")
     if rows:
         return score_pairs(model, tok, c["pairs"], rows, c["batch_size"], rt)
     if raw is not None:
@@ -217,9 +223,10 @@ def main(c: dict) -> dict:
           f"{res['bits_per_byte']:.4f} bits per byte")
     if c["num_samples"] > 0:
         res |= sample_stats(model, tok, tokens, c, rt)
-        print(f"{c['num_samples']} samples of {c['max_new_tokens']} tokens after {c['prompt_tokens']}-token prompts "
-              f"(temperature {c['temperature']}, top-k {c['top_k']}, seed {c['seed']}): repeated 4-grams "
-              f"{100 * res['rep_4']:.1f}%, distinct-2 {res['distinct_2']:.3f}, with dialogue {100 * res['dialogue']:.0f}%")
+        print(f"{c['num_samples']} samples of {c['max_new_tokens']} tokens after "
+              f"{c['prompt_tokens']}-token prompts (temperature {c['temperature']}, top-k {c['top_k']}, "
+              f"seed {c['seed']}): repeated 4-grams {100 * res['rep_4']:.1f}%, "
+              f"distinct-2 {res['distinct_2']:.3f}, with dialogue {100 * res['dialogue']:.0f}%")
     return res
 
 

@@ -34,7 +34,8 @@ out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
 overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
 globals().update(SAMPLING)  # temperature, top_k, top_p: generation_config.json samples as sample.py does
-license = "other"  # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
+# the model card's license tag, e.g. mit (the project states none; the novels are public domain)
+license = "other"
 # -----------------------------------------------------------------------------
 
 
@@ -44,16 +45,19 @@ def gpt2_state(model) -> tuple[dict, dict]:
     from transformers import GPT2Config
 
     c = model.config
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                        n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu",  # exact GELU, as nn.GELU()
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.d_ff,
+                        activation_function="gelu",  # exact GELU, as nn.GELU()
                         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, tie_word_embeddings=True)
+                        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
+                        tie_word_embeddings=True)
     sd = {}
     for name, p in model.state_dict().items():
         if any(name.endswith(w) for w in ("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             p = p.t()
         sd[name] = p
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight",
+                          "c_attn.weight", "c_proj.weight", "c_fc.weight")):
             bias = name[: -len("weight")] + "bias"
             if bias not in model.state_dict():
                 sd[bias] = torch.zeros(p.size(0) if "ln" in name else p.size(1))
@@ -66,8 +70,9 @@ def llama4_state(model) -> tuple[dict, dict]:
 
     c = model.config
     config = Llama4TextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_kv_head, head_dim=c.n_embd // c.n_head, hidden_act="silu",
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.n_embd // c.n_head, hidden_act="silu",
         intermediate_size=c.d_expert, intermediate_size_mlp=c.d_ff, max_position_embeddings=c.block_size,
         rms_norm_eps=c.norm_eps, num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
         moe_layers=[i for i in range(c.n_layer) if c.is_moe(i)],
@@ -77,13 +82,16 @@ def llama4_state(model) -> tuple[dict, dict]:
         tie_word_embeddings=c.tie_embeddings,
         attention_bias=False, attention_dropout=0.0, router_aux_loss_coef=c.aux_loss_coef,
         bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, pad_token_id=None)
-    top = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight"}
+    top = {"transformer.wte.weight": "model.embed_tokens.weight",
+           "transformer.ln_f.weight": "model.norm.weight"}
     sd = {}
     for name, p in model.state_dict().items():
         new = top.get(name, name.replace("transformer.h.", "model.layers.").replace(".attn.", ".self_attn.")
-                      .replace(".attn_norm.", ".input_layernorm.").replace(".mlp_norm.", ".post_attention_layernorm.")
+                      .replace(".attn_norm.", ".input_layernorm.")
+                      .replace(".mlp_norm.", ".post_attention_layernorm.")
                       .replace(".mlp.", ".feed_forward."))
-        if new.endswith(("feed_forward.gate_up_proj", "feed_forward.down_proj")):  # the experts' stacked weights
+        # the experts' stacked weights
+        if new.endswith(("feed_forward.gate_up_proj", "feed_forward.down_proj")):
             new = new.replace("feed_forward.", "feed_forward.experts.")
         sd[new] = p
     return config, sd
@@ -119,13 +127,15 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     pattern = ONIGURUMA_PATTERNS.get(tok.pattern, tok.pattern)
-    backend = TikTokenConverter(vocab_file=ranks_file, pattern=pattern, extra_special_tokens=[EOT]).converted()
+    backend = TikTokenConverter(vocab_file=ranks_file, pattern=pattern,
+                                extra_special_tokens=[EOT]).converted()
     if tok.nfc:
         backend.normalizer = normalizers.NFC()
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, model_max_length=block_size,
                                    clean_up_tokenization_spaces=False,  # keeps the space of French " !", " ?"
                                    split_special_tokens=True)
-    assert fast.eos_token_id == tok.eot_id, "<|endoftext|> must come right after the ranks, as in tokenizer.py"
+    assert fast.eos_token_id == tok.eot_id, (
+        "<|endoftext|> must come right after the ranks, as in tokenizer.py")
     return fast
 
 
@@ -137,7 +147,8 @@ def generation_config(eot_id: int, block_size: int, temperature: float, top_k: i
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                            max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+                            max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id,
+                            pad_token_id=eot_id)
 
 
 def training_data(ckpt: dict) -> tuple[str | None, str]:
@@ -248,8 +259,8 @@ def main(c: dict) -> str:
         raise SystemExit(f"error: cannot write beside {hf_dir} ({e.strerror}): pass another --hf_dir") \
             from None
     try:
-        hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)), c["license"],
-                                sampling(c))
+        hf_class = write_export(tmp, model, tok, ckpt, os.path.basename(os.path.abspath(hf_dir)),
+                                c["license"], sampling(c))
         written = sorted(os.listdir(tmp))
         if not os.path.exists(hf_dir):
             os.rename(tmp, hf_dir)  # all files appear at once

@@ -34,11 +34,13 @@ from configurator import configure
 from tokenizer import DEFAULT_GPT2_RANKS, TOKENIZER_FILE, Tokenizer, gpt2, read_meta, train_bpe, train_char
 
 HUB_DATASET = "rayml/french_gutenberg"
-LOCAL_MIRROR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "french_gutenberg"))
+LOCAL_MIRROR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                            "french_gutenberg"))
 LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 
 # -----------------------------------------------------------------------------
-dataset = ""  # "" = the Hub's rayml/french_gutenberg (local mirror when offline); or a Hub name, folder or glob
+# "" = the Hub's rayml/french_gutenberg (local mirror when offline); or a Hub name, folder or glob
+dataset = ""
 text_column = "content"  # the column that holds each document's text (.txt files: one document per file)
 tokenizer = "bpe"  # bpe | gpt2 | char
 vocab_size = 8192  # for bpe, <|endoftext|> included
@@ -128,16 +130,19 @@ def load_documents(spec: str, column: str, revision: str | None = None) -> tuple
     if files:
         kinds = {LOADERS.get(os.path.splitext(f)[1]) for f in files}
         if None in kinds or len(kinds) > 1:
-            raise SystemExit(f"error: --dataset={spec} must name files of one kind among {', '.join(LOADERS)}, got "
+            raise SystemExit(f"error: --dataset={spec} must name files of one kind among "
+                             f"{', '.join(LOADERS)}, got "
                              + ", ".join(sorted({os.path.splitext(f)[1] or f for f in files})))
         kind = kinds.pop()
         extra = {"sample_by": "document"} if kind == "text" else {}
         if kind in ("text", "json"):
-            extra["encoding_errors"] = "replace"  # bytes that are not UTF-8 become U+FFFD, and are counted below
+            # bytes that are not UTF-8 become U+FFFD, and are counted below
+            extra["encoding_errors"] = "replace"
         try:
             # download_mode: datasets caches local files by their modification time only; the reuse check
             # (fingerprint) reads their content, so that cache must not answer with an older version
-            ds = load_dataset(kind, data_files=files, split="train", download_mode="force_redownload", **extra)
+            ds = load_dataset(kind, data_files=files, split="train", download_mode="force_redownload",
+                              **extra)
         except Exception as e:  # the loaders raise many kinds of errors on malformed files
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise SystemExit(f"error: cannot read --dataset={spec} as {kind} files: {msg}") from None
@@ -160,7 +165,8 @@ def load_documents(spec: str, column: str, revision: str | None = None) -> tuple
     if len(docs) < len(ds):
         print(f"skipped {len(ds) - len(docs)} empty or missing documents")
     if n_bad := sum("\ufffd" in d for d in docs):
-        print(f"{n_bad} documents hold bytes that are not UTF-8 (or U+FFFD itself): kept, those bytes read as U+FFFD")
+        print(f"{n_bad} documents hold bytes that are not UTF-8 (or U+FFFD itself): "
+              "kept, those bytes read as U+FFFD")
     return docs, source
 
 
@@ -199,7 +205,8 @@ def reusable(data_dir: str, recipe: dict) -> bool:
         return True
     before = old["recipe"] if isinstance(old.get("recipe"), dict) else {}
     if recipe["data"] is None:
-        print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): rebuilding {data_dir}")
+        print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): "
+              f"rebuilding {data_dir}")
     elif isinstance(before.get("data"), dict) and {**before, "data": 0} == {**recipe, "data": 0}:
         a, b, counts = before["data"].get("files"), recipe["data"].get("files"), ""
         if a is not None and b is not None:  # files before and now: which ones
@@ -208,8 +215,9 @@ def reusable(data_dir: str, recipe: dict) -> bool:
         print(f"the data changed since {data_dir} was prepared{counts}: rebuilding it")
     else:  # a preparation a model may have been trained on: replaced only when asked
         changed = [f"{k}={before.get(k)!r}" for k in recipe if k != "data" and before.get(k) != recipe[k]]
-        raise SystemExit(f"error: {data_dir} holds a preparation with other arguments ({', '.join(changed)}): "
-                         "pass another --name to keep both, or --force to replace it")
+        raise SystemExit(f"error: {data_dir} holds a preparation with other arguments "
+                         f"({', '.join(changed)}): pass another --name to keep both, "
+                         "or --force to replace it")
     return False
 
 
@@ -232,8 +240,8 @@ def build(c: dict, spec: str, recipe: dict, tok: Tokenizer | None, staging: str)
     t0 = time.time()
     docs, source = load_documents(spec, c["text_column"], (recipe["data"] or {}).get("revision"))
     if len(docs) < 2:
-        raise SystemExit(f"error: {source} holds {len(docs)} non-empty document(s); whole documents are held out "
-                         "for validation, so at least 2 are needed")
+        raise SystemExit(f"error: {source} holds {len(docs)} non-empty document(s); "
+                         "whole documents are held out for validation, so at least 2 are needed")
     # whole books to validation, drawn by a seeded permutation (the same split on every machine): the
     # val loss then measures books the model never read, from across the corpus. The tail of the
     # token stream would hold a few books only, and one of them cut in two, half of it trained on
@@ -277,7 +285,8 @@ def main(config: dict) -> str:
     c = config
     if c["tokenizer"] not in ("bpe", "gpt2", "char"):
         raise SystemExit(f"error: --tokenizer={c['tokenizer']} is not one of bpe, gpt2, char")
-    if c["tokenizer"] == "bpe" and not 257 <= c["vocab_size"] <= 65536:  # 256 bytes + <|endoftext|>; uint16 ids
+    # 256 bytes + <|endoftext|>; uint16 ids
+    if c["tokenizer"] == "bpe" and not 257 <= c["vocab_size"] <= 65536:
         raise SystemExit(f"error: --vocab_size={c['vocab_size']} must be between 257 (the 256 bytes and "
                          "<|endoftext|>) and 65536 (token ids of the uint16 .bin files)")
     if not 0.0 < c["val_fraction"] < 1.0:
@@ -286,7 +295,8 @@ def main(config: dict) -> str:
         raise SystemExit(f"error: --num_threads={c['num_threads']} must be at least 1")
     if c["seed"] < 0:
         raise SystemExit(f"error: --seed={c['seed']} must be zero or positive")
-    name = c["name"] or "gutenberg_" + (f"bpe{c['vocab_size']}" if c["tokenizer"] == "bpe" else c["tokenizer"])
+    name = c["name"] or "gutenberg_" + (f"bpe{c['vocab_size']}" if c["tokenizer"] == "bpe"
+                                        else c["tokenizer"])
     data_dir = os.path.join("data", name)
     tok = gpt2(c["gpt2_ranks"]) if c["tokenizer"] == "gpt2" else None  # a missing file fails at once
 
@@ -321,8 +331,9 @@ def main(config: dict) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not os.listdir(data_dir):
             os.rmdir(data_dir)
-    print(f"wrote {data_dir}: train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens, "
-          f"{meta['train']['bytes_per_token']:.2f} bytes/token, in {time.time() - t0:.1f}s")
+    print(f"wrote {data_dir}: train {meta['train']['tokens']:,} tokens, "
+          f"val {meta['val']['tokens']:,} tokens, {meta['train']['bytes_per_token']:.2f} bytes/token, "
+          f"in {time.time() - t0:.1f}s")
     return data_dir
 
 

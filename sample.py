@@ -99,7 +99,8 @@ def main(c: dict) -> None:
 
     ids = tok.encode(c["start"]) if c["start"] else [tok.eot_id]
     if len(ids) > block_size:
-        print(f"note: the prompt has {len(ids)} tokens; the model sees its last {block_size} (block_size)", file=sys.stderr)
+        print(f"note: the prompt has {len(ids)} tokens; the model sees its last {block_size} (block_size)",
+              file=sys.stderr)
         ids = ids[-block_size:]
     x = torch.tensor([ids], dtype=torch.long, device=rt.device)
 
@@ -107,9 +108,9 @@ def main(c: dict) -> None:
         # one heatmap per layer and head, one row per token: past 1,024 rows in all, minutes and GBs to draw
         n_maps = model.config.n_layer * model.config.n_head
         if len(ids) * n_maps > 1024:
-            raise SystemExit(f"error: --attention_map draws {model.config.n_layer} x {model.config.n_head} heatmaps "
-                             f"of one row per token: use a prompt of at most {max(1, 1024 // n_maps)} tokens with this "
-                             f"model (this one has {len(ids)})")
+            raise SystemExit(f"error: --attention_map draws {model.config.n_layer} x {model.config.n_head} "
+                             f"heatmaps of one row per token: use a prompt of at most "
+                             f"{max(1, 1024 // n_maps)} tokens with this model (this one has {len(ids)})")
         maps: list[torch.Tensor] = []
         with torch.no_grad(), rt.autocast():
             model(x, attn_maps=maps)
@@ -118,7 +119,8 @@ def main(c: dict) -> None:
             plot_attention(maps, labels, c["attention_map"])
         except OSError as e:  # a folder that refuses writes even to root (/proc), a full disk
             raise SystemExit(f"error: cannot write {c['attention_map']}: {e.strerror or e}") from None
-        print(f"wrote {os.path.abspath(c['attention_map'])}: {len(maps)} layers x {maps[0].size(1)} heads over {len(ids)} tokens")
+        print(f"wrote {os.path.abspath(c['attention_map'])}: {len(maps)} layers x {maps[0].size(1)} heads "
+              f"over {len(ids)} tokens")
         return
 
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
@@ -131,7 +133,8 @@ def main(c: dict) -> None:
             stream(steps, tok)
         return
     with rt.autocast():
-        out = torch.cat([torch.empty(x.size(0), 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
+        out = torch.cat([torch.empty(x.size(0), 0, dtype=torch.long, device=rt.device), *steps],
+                        dim=1).tolist()
     for i, row in enumerate(out):
         row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
         print(f"--- sample {i + 1} ---\n{c['start']}{tok.decode(row)}")

@@ -28,7 +28,8 @@ import tiktoken.load
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.tiktoken"
-DEFAULT_GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tokenizers", "gpt2.tiktoken")
+DEFAULT_GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tokenizers",
+                                  "gpt2.tiktoken")
 
 # GPT-4's split pattern, taught French: elisions (l', d', qu', jusqu'...) become their own piece,
 # so " l'homme" splits as " l'" + "homme" and the BPE learns one token for " l'" instead of
@@ -51,7 +52,8 @@ class Tokenizer:
         self.kind, self.ranks, self.pattern, self.nfc = kind, ranks, pattern, nfc
         self.eot_id = len(ranks)  # the special token comes right after the ranks
         self.vocab_size = len(ranks) + 1
-        self.enc = tiktoken.Encoding(kind, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: self.eot_id})
+        self.enc = tiktoken.Encoding(kind, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens={EOT: self.eot_id})
 
     def normalize(self, text: str) -> str:
         # NFC: "é" typed as e + combining accent becomes the single character the model knows
@@ -115,7 +117,8 @@ def load_meta(data_dir: str) -> dict:
     """data_dir/meta.json, checked: a missing, truncated or incomplete file is a one-line error."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise SystemExit(f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)")
+        raise SystemExit(f"error: no prepared data in {data_dir}: "
+                         "run python prepare.py first (or pass --data_dir=DIR)")
     try:
         return read_meta(path)
     except ValueError as e:
@@ -164,7 +167,8 @@ def load(data_dir: str, meta: dict) -> Tokenizer:
 def gpt2(ranks_path: str = DEFAULT_GPT2_RANKS) -> Tokenizer:
     """GPT-2's BPE, identical to tiktoken.get_encoding("gpt2") but read from a local file, offline."""
     if not os.path.exists(ranks_path):
-        raise SystemExit(f"error: GPT-2 ranks not found at {ranks_path}: pass --gpt2_ranks=PATH to a gpt2.tiktoken file")
+        raise SystemExit(f"error: GPT-2 ranks not found at {ranks_path}: "
+                         "pass --gpt2_ranks=PATH to a gpt2.tiktoken file")
     return Tokenizer("gpt2", tiktoken.load.load_tiktoken_bpe(ranks_path), GPT2_PATTERN, nfc=False)
 
 
@@ -173,9 +177,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     import rustbpe
 
     if vocab_size < 257:
-        raise SystemExit(f"error: --vocab_size={vocab_size} is too small for a byte-level BPE: use at least 257")
+        raise SystemExit(f"error: --vocab_size={vocab_size} is too small for a byte-level BPE: "
+                         "use at least 257")
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator((unicodedata.normalize("NFC", t) for t in texts), vocab_size - 1, pattern=FRENCH_PATTERN)
+    bpe.train_from_iterator((unicodedata.normalize("NFC", t) for t in texts), vocab_size - 1,
+                            pattern=FRENCH_PATTERN)
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
     return Tokenizer("bpe", ranks, bpe.get_pattern(), nfc=True)
 
