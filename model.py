@@ -20,6 +20,7 @@ The Llama (Llama 4's design, checked against Hugging Face's Llama4ForCausalLM by
 same skeleton with RMSNorm instead of LayerNorm, no position embedding but rotary embeddings
 (RoPE) applied to queries and keys, grouped-query attention (GQA: fewer key/value heads than
 query heads), SwiGLU feed-forward layers and, every moe_every-th layer, a Mixture of Experts (MoE).
+Its output layer may be untied from the token table (tie_embeddings=False: the default run's).
 
 The file, in reading order:
     1. the GPT: GPTConfig, attention, CausalSelfAttention, MLP, Block, GPT
