@@ -48,6 +48,9 @@ baseline_model = ""  # profile: the old path's model.py; "" = `git show {baselin
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4,
                  "n_kv_head": 2, "n_embd": 256, "d_ff": 1024, "moe_every": 0}  # config/gutenberg.py's model
+# and its recipe, which the old path (model.py of the baseline commit) does not know
+DEFAULT_MODEL = {**DEFAULT_SHAPE, "tie_embeddings": False}
+DEFAULT_OPTIMIZER = {"optimizer": "muon", "embedding_lr": 2e-2}
 rows: list[tuple[str, str, str, str]] = []  # (stage, what, figure, against the baseline)
 
 
@@ -148,7 +151,7 @@ def bench_generate() -> None:
         model, _, _ = load_model(os.path.join(ROOT, out_dir), device)
         source = out_dir
     else:
-        model = make_model(DEFAULT_SHAPE).to(device).eval()
+        model = make_model(DEFAULT_MODEL).to(device).eval()
         source = "random weights, the default shape"
     n = min(new_tokens, model.config.block_size - 8)  # no positions past block_size (GPT-2, RoPE tables)
     x = torch.randint(model.config.vocab_size, (1, 8), device=device)
@@ -247,7 +250,7 @@ def bench_compile() -> None:
     report("compile", "train, torch.compile", f"{compiled['tok_s']:,.0f} tokens/s",
            f"{compiled['tok_s'] / eager['tok_s']:.2f}x eager; first iteration after "
            f"{compiled['first_iter_s']:.0f} s against {eager['first_iter_s']:.0f} s")
-    model = make_model(DEFAULT_SHAPE).eval()
+    model = make_model(DEFAULT_MODEL).eval()
     x = torch.randint(8192, (1, 8))
     n = 128
     with torch.no_grad():
@@ -348,15 +351,16 @@ def bench_profile() -> None:
            "MFU is relative to it")
     torch.manual_seed(0)
     old = old_model_module().make_model(DEFAULT_SHAPE).train()
-    new = make_model(DEFAULT_SHAPE).train()
+    new = make_model(DEFAULT_MODEL).train()
     paths = {  # name: (model, optimizer)
         "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # its default on CPU
-        "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device)),
+        "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device, **DEFAULT_OPTIMIZER)),
     }
     compile_s = None
     if resolve_compile(None, device.split(":")[0], log=lambda line: print("  " + line, flush=True)):
-        model = make_model(DEFAULT_SHAPE).train()
-        paths["compiled"] = (torch.compile(model), configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device))
+        model = make_model(DEFAULT_MODEL).train()
+        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device, **DEFAULT_OPTIMIZER)
+        paths["compiled"] = (torch.compile(model), opt)
     x, y = torch.randint(8192, (2, 16, 256), device=device)  # config/gutenberg.py's batch: 16 x 256 tokens
     phases: dict[str, dict] = {name: {} for name in paths}
     for name, (model, opt) in paths.items():
@@ -387,7 +391,8 @@ def bench_profile() -> None:
     for name in paths:
         split = " + ".join(f"{k} {1000 * v / profile_steps:,.0f}" for k, v in phases[name].items())
         report("profile", f"step, {name} path: forward + backward + optimizer", f"{split} ms")
-    labels = {"old": f"old path (model.py of {baseline}, AdamW's for-loop, eager)", "new": "new path, eager",
+    labels = {"old": f"old path (model.py of {baseline}, AdamW's for-loop, eager)",
+              "new": "new path (the default's model and Muon + AdamW), eager",
               "compiled": "new path, torch.compile (the default where it works)"}
     for name in paths:
         mfu = new.flops_per_token() * tok_s[name] / peak
