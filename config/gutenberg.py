@@ -23,7 +23,7 @@ dropout = 0.0  # one pass over a fraction of the corpus: nothing to regularise
 
 # bf16 autocast (float32 weights and optimizer): matmuls about 4x faster than float32 on CPUs with
 # bf16 instructions (AVX512-BF16, AMX), training about 1.9x, for the same loss per step. Where the CPU
-# lacks them train.py says so: use --dtype=float32 --optimizer=adamw --max_iters=500 there.
+# lacks them train.py says so: use --dtype=float32 --optimizer=adamw there (max_time fits the schedule).
 dtype = "bfloat16"
 
 # Muon for the blocks' matrices, AdamW for the rest: 0.05 bits per byte better than AdamW alone for
