@@ -225,8 +225,9 @@ log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.p
     "to it")
 # autocast and Muon's orthogonalisation compute in bf16: CPUs without bf16 units emulate it, slowly
 if rt.device_type == "cpu" and (rt.ptdtype != torch.float32 or config["optimizer"] == "muon"):
-    half = peak_flops if rt.ptdtype != torch.float32 else measure_peak_flops(rt.device, torch.bfloat16)
-    fp32_flops = measure_peak_flops(rt.device, torch.float32)
+    fp32 = rt.ptdtype == torch.float32  # then peak_flops is float32's, and bf16's is measured
+    half = measure_peak_flops(rt.device, torch.bfloat16) if fp32 else peak_flops
+    fp32_flops = peak_flops if fp32 else measure_peak_flops(rt.device, torch.float32)
     if fp32_flops > half:
         log(f"warning: 16-bit matmuls are slower than float32 on this CPU ({half / 1e9:.0f} against "
             f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 --optimizer=adamw will train faster")
