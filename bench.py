@@ -15,6 +15,7 @@ Training figures come from real train.py runs (a few iterations each, in a subpr
 peak memory is that run's own); the rest is timed here.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from common import configure_optimizer, measure_peak_flops, random_batch, resolve_compile
 from configurator import configure
-from model import MoE, SwiGLU, make_model
+from model import MoE, SwiGLU, make_model, model_args_from
 from tokenizer import load as load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -46,12 +47,21 @@ baseline = "859c13a"  # profile: the commit whose model.py is the old path
 baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (git history)
 # -----------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SHAPE = {"arch": "llama", "vocab_size": 8192, "block_size": 256, "n_layer": 4, "n_head": 4,
-                 "n_kv_head": 2, "n_embd": 256, "d_ff": 1024, "moe_every": 0}  # config/gutenberg.py's model
-# and its recipe, which the old path (model.py of the baseline commit) does not know
-DEFAULT_MODEL = {**DEFAULT_SHAPE, "tie_embeddings": False}
-DEFAULT_OPTIMIZER = {"optimizer": "muon", "embedding_lr": 2e-2}
 rows: list[tuple[str, str, str, str]] = []  # (stage, what, figure, against the baseline)
+
+
+def default_run() -> tuple[dict, dict]:
+    """config/gutenberg.py's model_args (with its data's vocabulary of 8,192 tokens) and optimizer
+    settings, read from the file: the figures follow the default when it changes."""
+    settings: dict = {}
+    with open(os.path.join(ROOT, "config", "gutenberg.py")) as f:
+        exec(f.read(), settings)
+    model_args = model_args_from({**settings, "vocab_size": 8192})
+    return model_args, {"optimizer": settings.get("optimizer", "adamw"),
+                        "embedding_lr": settings.get("embedding_lr", 0.0)}
+
+
+DEFAULT_MODEL, DEFAULT_OPTIMIZER = default_run()
 
 
 def report(stage: str, what: str, figure: str, vs: str = "") -> None:
@@ -350,7 +360,9 @@ def bench_profile() -> None:
     report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s",
            "MFU is relative to it")
     torch.manual_seed(0)
-    old = old_model_module().make_model(DEFAULT_SHAPE).train()
+    old_model = old_model_module()  # given the default's settings that its config knows
+    known = {"arch", *(f.name for f in dataclasses.fields(old_model.LlamaConfig))}
+    old = old_model.make_model({k: v for k, v in DEFAULT_MODEL.items() if k in known}).train()
     new = make_model(DEFAULT_MODEL).train()
     paths = {  # name: (model, optimizer)
         "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # its default on CPU

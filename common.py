@@ -222,7 +222,7 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     instead of a dozen) exists on CUDA and on CPUs.
 
     optimizer="muon": Muon for the weight matrices of the blocks, AdamW for the rest (embeddings,
-    the output layer tied to them, norm gains, experts' 3-D weights), as modded-nanogpt does. Muon
+    the output layer, norm gains, experts' 3-D weights), as modded-nanogpt does. Muon
     replaces each matrix's momentum by the nearest orthogonal matrix (5 Newton-Schulz iterations),
     so that every direction of the update moves as much; made for hidden layers, not for lookups.
     adjust_lr_fn="match_rms_adamw" scales its steps to AdamW's size: one learning rate serves both.

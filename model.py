@@ -175,8 +175,9 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 class LanguageModel(nn.Module):
     """What the GPT and the Llama share: counting parameters and FLOPs, and model.generate (the
-    last section of this file). A subclass has .config, .transformer.wte tied to .lm_head, and
-    forward(idx, targets=None, cache=None, attn_maps=None) -> (logits, loss)."""
+    last section of this file). A subclass has .config, .transformer.wte, .lm_head (tied to wte,
+    or not: Llama's tie_embeddings), and forward(idx, targets=None, cache=None, attn_maps=None) ->
+    (logits, loss)."""
 
     def num_params(self, embedding: bool = True) -> int:
         """All parameters (the tied wte/lm_head once), or without the embedding tables."""
@@ -189,9 +190,9 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token (forward + backward = 3 x forward) for a context of T tokens:
         2 x 3 per weight of every matmul, plus the attention scores and their use, 2 x 2 x 3 x
         n_layer x n_embd x T (counting the causal mask's zeros, as PaLM's appendix B does). An
-        embedding lookup costs nothing, so wpe is left out; the tied wte counts, because it is also
-        lm_head, the (n_embd -> vocab_size) output matmul. Of a mixture of experts, only the
-        n_expert_per_token experts a token goes to count."""
+        embedding lookup costs nothing, so wte and wpe are left out, but lm_head, the (n_embd ->
+        vocab_size) output matmul, counts (tied, it is wte's matrix). Of a mixture of experts, only
+        the n_expert_per_token experts a token goes to count."""
         cfg, T = self.config, T or self.config.block_size
         matmul = float(self.lm_head.weight.numel())  # the output layer (the tied wte is that same matrix)
         for p in self.transformer.h.parameters():
