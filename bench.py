@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import configure_optimizer, measure_peak_flops, random_batch, resolve_compile
+from common import configure_optimizer, measure_peak_flops, random_batch, resolve_compile, resolve_optimizer
 from configurator import configure
 from model import MoE, SwiGLU, make_model, model_args_from
 from tokenizer import load as load_tokenizer
@@ -364,14 +364,15 @@ def bench_profile() -> None:
     known = {"arch", *(f.name for f in dataclasses.fields(old_model.LlamaConfig))}
     old = old_model.make_model({k: v for k, v in DEFAULT_MODEL.items() if k in known}).train()
     new = make_model(DEFAULT_MODEL).train()
+    settings = {**DEFAULT_OPTIMIZER, "optimizer": resolve_optimizer(DEFAULT_OPTIMIZER["optimizer"], device)}
     paths = {  # name: (model, optimizer)
         "old": (old, torch.optim.AdamW(old.parameters(), lr=1e-4, foreach=False)),  # its default on CPU
-        "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device, **DEFAULT_OPTIMIZER)),
+        "new": (new, configure_optimizer(new, 0.1, 1e-4, (0.9, 0.95), device, **settings)),
     }
     compile_s = None
     if resolve_compile(None, device.split(":")[0], log=lambda line: print("  " + line, flush=True)):
         model = make_model(DEFAULT_MODEL).train()
-        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device, **DEFAULT_OPTIMIZER)
+        opt = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), device, **settings)
         paths["compiled"] = (torch.compile(model), opt)
     x, y = torch.randint(8192, (2, 16, 256), device=device)  # config/gutenberg.py's batch: 16 x 256 tokens
     phases: dict[str, dict] = {name: {} for name in paths}

@@ -26,6 +26,7 @@ from common import (
     configure_optimizer,
     curve,
     ddp_guard,
+    fast_bf16,
     fit_budget,
     get_lr,
     keep_metrics,
@@ -39,6 +40,7 @@ from common import (
     rank0_clock,
     read_metrics,
     resolve_compile,
+    resolve_optimizer,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -90,7 +92,7 @@ gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided am
 learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds the run may take (the iterations that fit are counted early on); 0 = no limit
-optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+optimizer = "adamw"  # adamw | muon (Muon: the blocks' matrices, AdamW the rest) | auto (muon where bf16 is fast)
 embedding_lr = 0.0  # learning rate of an untied token embedding (AdamW); 0 = learning_rate
 weight_decay = 0.1
 beta1 = 0.9
@@ -101,7 +103,7 @@ lr_decay_iters = 0  # cosine decay ends here; 0 = max_iters
 min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
-dtype = "auto"  # auto (bfloat16 or float16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+dtype = "auto"  # auto (bfloat16 where the device computes it fast, else float16 on CUDA, float32) | float32 | ...
 compile = None  # torch.compile the model; None = on for CUDA, and on CPU where a C++ compiler works
 backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
@@ -184,16 +186,18 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     # takes the checkpoint's value (the log and saved config say so); dropout may change
     model_keys = [k for k in config if k in ckpt["model_args"] and k != "dropout"]
     config = keep_resumed(config, defaults, ckpt["model_args"], model_keys, "the checkpoint's model")
-    if ckpt["config"].get("optimizer", "adamw") != optimizer:  # its state holds another optimizer's moments
-        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer="
-                         f"{ckpt['config'].get('optimizer', 'adamw')}: resume with it, or train anew in "
-                         "another --out_dir")
+    trained_with = ckpt["config"].get("optimizer", "adamw")  # its state holds that optimizer's moments
+    if optimizer not in ("auto", trained_with):
+        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={trained_with}: resume with it, "
+                         "or train anew in another --out_dir")
+    optimizer = trained_with
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
     f"micro-steps x {batch_size} sequences x {block_size} tokens)")
 model = make_model(model_args).to(rt.device)
+config["optimizer"] = resolve_optimizer(optimizer, rt.device)  # auto: Muon where bf16 is fast, else AdamW
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
                                 config["optimizer"], embedding_lr)
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
@@ -224,14 +228,10 @@ peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
     "to it")
 # autocast and Muon's orthogonalisation compute in bf16: CPUs without bf16 units emulate it, slowly
-if rt.device_type == "cpu" and (rt.ptdtype != torch.float32 or config["optimizer"] == "muon"):
-    fp32 = rt.ptdtype == torch.float32  # then peak_flops is float32's, and bf16's is measured
-    half = measure_peak_flops(rt.device, torch.bfloat16) if fp32 else peak_flops
-    fp32_flops = peak_flops if fp32 else measure_peak_flops(rt.device, torch.float32)
-    if fp32_flops > half:
-        log(f"warning: 16-bit matmuls are slower than float32 on this CPU ({half / 1e9:.0f} against "
-            f"{fp32_flops / 1e9:.0f} GFLOP/s): --dtype=float32 --optimizer=adamw will train faster")
-
+if rt.device_type == "cpu" and not fast_bf16(rt.device) and (rt.ptdtype != torch.float32
+                                                             or config["optimizer"] == "muon"):
+    log("warning: this CPU emulates bf16 matmuls (100x slower than float32), which bf16 autocast and "
+        "Muon use: --dtype=auto --optimizer=auto choose float32 and AdamW here, and train faster")
 
 @torch.no_grad()
 def estimate_loss() -> dict[str, float]:

@@ -9,7 +9,7 @@ make_pairs = 1500  # and 150 held out, from the validation books
 prompt_tokens = 32
 completion_tokens = 192  # long completions: more evidence per pair (at 48 tokens, held-out accuracy stalled near 0.72)
 
-dtype = "bfloat16"  # as config/gutenberg.py: bf16 autocast, float32 weights (use float32 on CPUs without bf16)
+dtype = "auto"  # as config/gutenberg.py: bf16 autocast where the device computes bf16 fast, else float32
 
 beta = 0.1
 loss_type = "sigmoid"

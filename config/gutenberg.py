@@ -21,15 +21,17 @@ moe_every = 0  # dense: no Mixture of Experts (config/llama_moe.py has them)
 block_size = 256
 dropout = 0.0  # one pass over a fraction of the corpus: nothing to regularise
 
-# bf16 autocast (float32 weights and optimizer): matmuls about 4x faster than float32 on CPUs with
-# bf16 instructions (AVX512-BF16, AMX), training about 1.9x, for the same loss per step. Where the CPU
-# lacks them train.py says so: use --dtype=float32 --optimizer=adamw there (max_time fits the schedule).
-dtype = "bfloat16"
+# bf16 autocast (float32 weights and optimizer) where the device computes bf16 fast: CUDA GPUs, and
+# CPUs with bf16 units (AVX512-BF16, AMX; measured at start-up), where matmuls run about 4x faster
+# than in float32 and training about 1.9x, for the same loss per step. Elsewhere float32: other CPUs
+# emulate bf16, 100x slower than float32.
+dtype = "auto"
 
 # Muon for the blocks' matrices, AdamW for the rest: 0.05 bits per byte better than AdamW alone for
-# the same compute. The output layer is untied from the token table, which trains 10x faster: a
+# the same compute. torch's Muon orthogonalises in bf16, so "auto" takes it where bf16 is fast and
+# AdamW elsewhere. The output layer is untied from the token table, which trains 10x faster: a
 # lookup table's rows see few gradients each (0.015 better; python sweep.py, README).
-optimizer = "muon"  # its orthogonalisation runs in bf16: slow on CPUs without bf16 units
+optimizer = "auto"
 tie_embeddings = False
 embedding_lr = 2e-2
 batch_size = 16  # 4,096 tokens per iteration

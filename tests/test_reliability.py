@@ -218,9 +218,11 @@ def test_resume_keeps_the_loss_scale_of_fp16(workdir):
 def test_ddp_a_dying_process_stops_the_others(workdir):
     args = ["--data_dir=data/tiny", "--out_dir=out-ddp-die", "--eval_interval=1000", *TINY, "--max_iters=100000",
             "--log_interval=10", "--ddp_timeout=30", "--gradient_accumulation_steps=2"]
+    # --monitor-interval: torchrun's agent looks at its workers every 5 s, not every 0.1 s, so that the
+    # survivor, not the agent's SIGTERM, is what ends the run (under load the agent could win the race)
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train.py"), *args], cwd=workdir, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                          "--monitor-interval=5", os.path.join(ROOT, "train.py"), *args], cwd=workdir,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
         if line.startswith("iter 20:"):
             break

@@ -58,11 +58,17 @@ def test_resumed_run_continues_with_the_same_losses(workdir):
 
 def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
     """config/gutenberg.py's recipe (Muon + AdamW, an untied token table at its own learning rate),
-    scaled down: the learning-rate scale of the table survives the checkpoint."""
+    scaled down: the learning-rate scale of the table survives the checkpoint. The resume leaves
+    the config's optimizer=auto, which takes the checkpoint's Muon (on a CPU without bf16 units auto
+    means AdamW, whose moments the checkpoint has not); another optimizer named is refused."""
     config = os.path.join(ROOT, "config", "gutenberg.py")  # first: what follows overrides it
     common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=float32"]
-    full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", *common, cwd=workdir)
-    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", *common, cwd=workdir)
+    full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", "--optimizer=muon", *common,
+               cwd=workdir)
+    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", "--optimizer=muon", *common, cwd=workdir)
+    p = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=12", "--init_from=resume",
+            "--optimizer=adamw", *common, cwd=workdir, check=False)
+    assert p.returncode == 1 and "was trained with --optimizer=muon" in p.stderr, p.stderr
     resumed = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=12", "--init_from=resume", *common,
                   cwd=workdir)
     a, b = losses(full.stdout), losses(resumed.stdout)
@@ -184,3 +190,16 @@ def test_an_untied_embedding_gets_its_own_learning_rate_and_no_flops():
         assert all("lr_scale" not in g for g in opt.param_groups if g is not wte[0])
     opt = configure_optimizer(tied, 0.1, 1e-3, (0.9, 0.95), "cpu", "adamw", embedding_lr=2e-2)
     assert all("lr_scale" not in g for g in opt.param_groups)  # tied: the table is the output layer
+
+
+def test_auto_takes_bf16_and_muon_only_where_the_device_computes_bf16_fast(monkeypatch):
+    """dtype=auto and optimizer=auto (config/gutenberg.py's): bf16 autocast and Muon (which
+    orthogonalises in bf16) where bf16 matmuls are fast, float32 and AdamW on CPUs that emulate bf16."""
+    import common
+
+    for fast, dtype, optimizer in ((False, torch.float32, "adamw"), (True, torch.bfloat16, "muon")):
+        monkeypatch.setattr(common, "fast_bf16", lambda device, fast=fast: fast)
+        assert common.setup_runtime("cpu", "auto").ptdtype == dtype
+        assert common.resolve_optimizer("auto", "cpu") == optimizer
+        assert common.resolve_optimizer("adamw", "cpu") == "adamw"
+        assert common.setup_runtime("cpu", "float32").ptdtype == torch.float32  # a dtype named is kept
