@@ -30,7 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import configure_optimizer, measure_peak_flops, random_batch, resolve_compile, resolve_optimizer
+from common import (
+    configure_optimizer,
+    fast_bf16,
+    measure_peak_flops,
+    random_batch,
+    resolve_compile,
+    resolve_optimizer,
+)
 from configurator import configure
 from model import MoE, SwiGLU, make_model, model_args_from
 from tokenizer import load as load_tokenizer
@@ -41,7 +48,7 @@ out_dir = "out-gutenberg"  # the generation section's weights (absent: a random 
 train_iters = 16  # iterations per training measurement (the first log interval is warm-up, not counted)
 new_tokens = 256  # generation: 8-token prompt, this many new tokens (capped so that transformers' GPT-2 fits)
 device = "cpu"
-dtype = "bfloat16"  # profile: the step's autocast dtype (config/gutenberg.py's); float32 = no autocast
+dtype = "auto"  # profile: the step's autocast dtype; auto = config/gutenberg.py's (bf16 where it is fast)
 profile_steps = 5  # profile: timed training steps per path, after 2 of warm-up
 baseline = "859c13a"  # profile: the commit whose model.py is the old path
 baseline_model = ""  # profile: the old path's model.py; "" = `git show {baseline}:model.py` (git history)
@@ -405,7 +412,7 @@ def bench_profile() -> None:
         split = " + ".join(f"{k} {1000 * v / profile_steps:,.0f}" for k, v in phases[name].items())
         report("profile", f"step, {name} path: forward + backward + optimizer", f"{split} ms")
     labels = {"old": f"old path (model.py of {baseline}, AdamW's for-loop, eager)",
-              "new": "new path (the default's model and Muon + AdamW), eager",
+              "new": f"new path (the default's model and {settings['optimizer']}), eager",
               "compiled": "new path, torch.compile (the default where it works)"}
     for name in paths:
         mfu = new.flops_per_token() * tok_s[name] / peak
@@ -439,5 +446,7 @@ def main(c: dict) -> None:
 
 if __name__ == "__main__":
     config = configure(globals())
+    if config["dtype"] == "auto":  # as train.py's: bf16 where the device computes it fast
+        config["dtype"] = "bfloat16" if fast_bf16(config["device"]) else "float32"
     globals().update(config)
     main(config)

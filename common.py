@@ -217,7 +217,6 @@ def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 0.3, n:
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-
 @functools.cache
 def fast_bf16(device: str) -> bool:
     """Whether this device computes bf16 matmuls fast: GPUs from Ampere on, and CPUs with bf16 units
@@ -229,6 +228,7 @@ def fast_bf16(device: str) -> bool:
         return False
     fp32, bf16 = (measure_peak_flops(device, dt, seconds=0.05, n=512) for dt in (torch.float32, torch.bfloat16))
     return bf16 >= 1.5 * fp32
+
 
 # --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
 def resolve_optimizer(optimizer: str, device: str) -> str:

@@ -7,9 +7,9 @@ same machine, each measured by eval.py on all the held-out books.
     python sweep.py --fixed_compute=True --device=cuda    # every run for the same FLOPs, on a GPU
 
 With a wall-clock budget, train.py counts the iterations that fit and ends each run's schedule
-there. With fixed_compute, each run trains the iterations written beside it: 1,400 of 4,096 tokens
-for the default shape (what fits in 10 minutes on a 2-core CPU with AMX), and for another shape the
-iterations of the same FLOPs. At a fixed number of tokens the loss does not depend on the
+there. With fixed_compute, each run trains the iterations written beside it: those of the FLOPs of
+1,400 iterations of 4,096 tokens on 4 layers of width 256 (what fits in 10 minutes on a 2-core CPU
+with AMX), by model.flops_per_token: 1,687 for the default's 3 layers. At a fixed number of tokens the loss does not depend on the
 hardware, so a GPU can sweep what a CPU trains. Results go to out-sweep/<run>/ and, as a table, to
 out-sweep/sweep.md.
 """
@@ -29,18 +29,20 @@ fixed_compute = False  # train each run for its iterations of RUNS (the same FLO
 device = ""  # passed to train.py and eval.py; "" = their default
 # -----------------------------------------------------------------------------
 TIED = ["--tie_embeddings=True", "--embedding_lr=0"]
-RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOPs as 1,400 of the default)
-    "default": ([], 1400),  # a dense Llama of 4 x 256, bf16, Muon, an untied token table at 2e-2
-    "tied": (TIED, 1400),
-    "adamw": (["--optimizer=adamw", *TIED], 1400),  # the earlier default
-    "muon4e-3": (["--learning_rate=4e-3"], 1400),
-    "3-layers": (["--n_layer=3"], 1687),
-    "width192": (["--n_embd=192", "--n_head=3", "--n_kv_head=3", "--d_ff=768"], 2121),
+RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOPs as 1,400 of 4 x 256)
+    "default": ([], 1687),  # a dense Llama of 3 x 256, bf16, Muon, an untied token table at 2e-2
+    "tied": (TIED, 1687),
+    "adamw": (["--optimizer=adamw", *TIED], 1687),  # the earlier recipe
+    "muon4e-3": (["--learning_rate=4e-3"], 1687),
+    "4-layers": (["--n_layer=4"], 1400),  # the earlier default's shape
+    "2-layers": (["--n_layer=2"], 2121),
     "6-layers": (["--n_layer=6"], 1045),
+    "width192": (["--n_embd=192", "--n_head=3", "--n_kv_head=3", "--d_ff=768"], 2523),
+    "batch8": (["--batch_size=8", "--warmup_iters=100"], 3373),  # twice the steps, of half the tokens
     # a smaller vocabulary: a cheaper output layer, fewer bytes per token
     # (python prepare.py --vocab_size=4096 first)
-    "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 1667),
-    "gpt": (["--arch=gpt", "--optimizer=adamw"], 1400),  # the course's GPT: learned positions, GELU
+    "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 2090),
+    "gpt": (["--arch=gpt", "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
 }
 
 

@@ -222,7 +222,7 @@ moe = bool(getattr(raw_model, "moe_layers", None))  # its training loss adds the
 use_compile = resolve_compile(compile, rt.device_type, log)  # after the inputs' checks: it takes seconds
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M "
     f"without embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, "
-    f"{rt.ptdtype}, compile {use_compile}")
+    f"{rt.ptdtype}, optimizer {config['optimizer']}, compile {use_compile}")
 model = wrap_model(model, rt, use_compile)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "

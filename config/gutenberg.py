@@ -8,11 +8,13 @@ data_dir = "data/gutenberg_bpe8192"  # French BPE of 8,192 tokens, about 4 bytes
 
 # The Llama-style decoder of model.py, dense (no experts): RMSNorm, RoPE, SwiGLU, grouped-query
 # attention, QK norm. In 10 minutes it reached 1.55 bits per byte where the course's GPT of the same
-# width (--arch=gpt) reached 1.66 (both with AdamW). 4 layers of width 256: 8.1M parameters (2.1M of
-# them in the untied token table, below), 39 MFLOPs per token.
-# At this budget (a few million tokens) a small model trained on more tokens beats a larger one.
+# width (--arch=gpt) reached 1.66 (both with AdamW). 3 layers of width 256: 7.1M parameters (2.1M of
+# them in the untied token table, below), 33 MFLOPs per token.
+# At this budget (a few million tokens) a small model trained on more tokens beats a larger one:
+# 3 layers beat 4 at equal compute on a GPU and in 10 minutes of CPU, with the same matrices (so
+# the same speed per FLOP on any machine); 2 layers tied with 3 on the CPU (README).
 arch = "llama"
-n_layer = 4
+n_layer = 3  # with no_rope_interval=4 (Llama 4's), all three rotate: a fourth would not
 n_head = 4
 n_kv_head = 2  # 2 query heads share each key/value head
 n_embd = 256
