@@ -2,6 +2,7 @@
 Scripts run as real subprocesses, from a temporary folder, exactly as a user runs them."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "..", "shared", "french_gutenberg", "data", "train-00000-of-00001.parquet")
 sys.path.insert(0, ROOT)
+
+# a suite started in the background by a script (cmd &) inherits SIGINT ignored, and the scripts it runs
+# would too: with a handler here, they start with the default one, which the Ctrl-C tests need
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # a tiny model: trains in seconds on a CPU, big enough to learn something
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
