@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from common import (
     configure_optimizer,
-    fast_bf16,
     measure_peak_flops,
     random_batch,
     resolve_compile,
+    resolve_dtype,
     resolve_optimizer,
 )
 from configurator import configure
@@ -446,7 +446,6 @@ def main(c: dict) -> None:
 
 if __name__ == "__main__":
     config = configure(globals())
-    if config["dtype"] == "auto":  # as train.py's: bf16 where the device computes it fast
-        config["dtype"] = "bfloat16" if fast_bf16(config["device"]) else "float32"
+    config["dtype"] = resolve_dtype(config["dtype"], config["device"])  # as train.py's
     globals().update(config)
     main(config)

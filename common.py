@@ -67,11 +67,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
         raise SystemExit(f"error: --device={device} but torch sees no CUDA GPU: use --device=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("error: --device=mps but this torch has no MPS backend: use --device=cpu")
-    if dtype == "auto":  # bf16 where the device computes it fast, fp16 (loss-scaled) on older GPUs, else fp32
-        if fast_bf16(device):
-            dtype = "bfloat16"
-        else:
-            dtype = "float16" if device_type == "cuda" else "float32"
+    dtype = resolve_dtype(dtype, device)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"error: --dtype={dtype} is not one of auto, float32, bfloat16, float16")
 
@@ -91,6 +87,16 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, b
         torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls: ~8x faster than fp32 on Ampere+
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device, device_type, getattr(torch, dtype), ddp, rank, local_rank, world_size)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """dtype="auto": bf16 where the device computes it fast (fast_bf16), fp16 (loss-scaled) on older
+    GPUs, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if fast_bf16(device):
+        return "bfloat16"
+    return "float16" if device.startswith("cuda") else "float32"
 
 
 def check_config(c: dict) -> None:
@@ -226,7 +232,8 @@ def fast_bf16(device: str) -> bool:
         return torch.cuda.is_bf16_supported()
     if device != "cpu":
         return False
-    fp32, bf16 = (measure_peak_flops(device, dt, seconds=0.05, n=512) for dt in (torch.float32, torch.bfloat16))
+    fp32, bf16 = (measure_peak_flops(device, dt, seconds=0.05, n=512)
+                  for dt in (torch.float32, torch.bfloat16))
     return bf16 >= 1.5 * fp32
 
 

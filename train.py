@@ -92,7 +92,7 @@ gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided am
 learning_rate = 1e-3
 max_iters = 5000
 max_time = 0.0  # seconds the run may take (the iterations that fit are counted early on); 0 = no limit
-optimizer = "adamw"  # adamw | muon (Muon: the blocks' matrices, AdamW the rest) | auto (muon where bf16 is fast)
+optimizer = "adamw"  # adamw | muon (the blocks' matrices; AdamW the rest) | auto (muon where bf16 is fast)
 embedding_lr = 0.0  # learning rate of an untied token embedding (AdamW); 0 = learning_rate
 weight_decay = 0.1
 beta1 = 0.9
@@ -103,7 +103,7 @@ lr_decay_iters = 0  # cosine decay ends here; 0 = max_iters
 min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
-dtype = "auto"  # auto (bfloat16 where the device computes it fast, else float16 on CUDA, float32) | float32 | ...
+dtype = "auto"  # auto (bf16 where the device computes it fast, else fp16 on CUDA, fp32) | float32 | ...
 compile = None  # torch.compile the model; None = on for CUDA, and on CPU where a C++ compiler works
 backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
@@ -232,6 +232,7 @@ if rt.device_type == "cpu" and not fast_bf16(rt.device) and (rt.ptdtype != torch
                                                              or config["optimizer"] == "muon"):
     log("warning: this CPU emulates bf16 matmuls (100x slower than float32), which bf16 autocast and "
         "Muon use: --dtype=auto --optimizer=auto choose float32 and AdamW here, and train faster")
+
 
 @torch.no_grad()
 def estimate_loss() -> dict[str, float]:

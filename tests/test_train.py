@@ -65,7 +65,8 @@ def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
     common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=float32"]
     full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", "--optimizer=muon", *common,
                cwd=workdir)
-    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", "--optimizer=muon", *common, cwd=workdir)
+    run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", "--optimizer=muon", *common,
+        cwd=workdir)
     p = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=12", "--init_from=resume",
             "--optimizer=adamw", *common, cwd=workdir, check=False)
     assert p.returncode == 1 and "was trained with --optimizer=muon" in p.stderr, p.stderr
