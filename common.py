@@ -341,25 +341,29 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
 
 
 def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
-                    eval_interval: int, eval_seconds: float) -> int:
+                    eval_interval: int, eval_cost: float) -> int:
     """The iteration at which a run must stop to end within max_time seconds, at the speed measured
-    since (iteration, elapsed) and counting the evaluations still to come. Computed once and saved
-    in the checkpoint: the learning-rate schedule then runs by iterations, so a resumed run repeats
-    an uninterrupted one exactly (two separate runs measure their own speed, and may fit a few
-    iterations more or fewer)."""
-    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0]) + eval_seconds / eval_interval
+    since (iteration, elapsed) and counting the evaluations still to come, each worth eval_cost
+    iterations. Computed once and saved in the checkpoint: the learning-rate schedule then runs by
+    iterations, so a resumed run repeats an uninterrupted one exactly (two separate runs measure
+    their own speed, and may fit a few iterations more or fewer)."""
+    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0])
+    eval_seconds = eval_cost * per_iter
     left = max_time - elapsed - eval_seconds  # the final evaluation
-    return iter_num + max(1, int(0.98 * left / per_iter))  # 2 % margin for a noisy machine
+    return iter_num + max(1, int(0.98 * left / (per_iter + eval_seconds / eval_interval)))  # 2 % margin
 
 
 def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float],
-               max_time: float, max_iters: int, eval_interval: int, eval_seconds: float, log) -> dict | None:
+               max_time: float, max_iters: int, eval_interval: int, eval_cost: float, log) -> dict | None:
     """With max_time, how many iterations fit is counted once, 10 iterations after the first
     (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
-    that, and without max_time."""
+    that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
+    by the caller rather than timed, because the only evaluation timed by then, the first, includes
+    compiling the model for evaluation: up to a minute on a CPU, which would be reserved for every
+    evaluation to come (a 10-minute run then stopped 1.6 minutes early)."""
     if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
         return budget
-    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_seconds)
+    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_cost)
     if n < max_iters:
         log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends "
             "there")

@@ -399,7 +399,10 @@ if __name__ == "__main__":
     model.train()
     t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
     t0, n_timed = time.time(), 0
-    iter_start, saved_iter, eval_seconds = iter_num, (iter_num if resume else None), 0.0
+    iter_start, saved_iter = iter_num, (iter_num if resume else None)
+    # what an evaluation costs, for the budget: every held-out pair, forward only (a third of the work of
+    # a training pair), in steps of gradient_accumulation_steps x batch_size pairs
+    eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
     timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first step (warm-up)
     with ddp_guard(rt):
         while True:
@@ -412,7 +415,6 @@ if __name__ == "__main__":
             # evaluate on the held-out pairs (at step 0 too), every eval_interval steps and at the end,
             # and save after each but step 0's (the model is then init_from's)
             if done or (iter_num % eval_interval == 0 and (iter_num > iter_start or not resume)):
-                t = rank0_clock(t_start, rt)
                 model.eval()
                 pi_c, pi_r = all_logps(model, val_data, block_size, rt, mean)
                 model.train()
@@ -437,7 +439,6 @@ if __name__ == "__main__":
                                         {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
                                         "step", name, f"DPO on {init_from}: {name}")
                     saved_iter = iter_num
-                eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
                 t0, n_timed = time.time(), 0  # evaluation time is not training time
             if done:
                 break
@@ -469,7 +470,7 @@ if __name__ == "__main__":
             if iter_num == timed_from[0]:
                 timed_from = (iter_num, elapsed)
             budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
-                                eval_seconds, log)
+                                eval_cost, log)
             last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
             if iter_num % log_interval == 0:  # the metrics of the last micro-batch
                 dt = (time.time() - t0) / n_timed

@@ -281,7 +281,10 @@ signal.signal(signal.SIGINT, interrupted)
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
 t0, n_timed = time.time(), 0
-iter_start, saved_iter, eval_seconds = iter_num, (iter_num if init_from == "resume" else None), 0.0
+iter_start, saved_iter = iter_num, (iter_num if init_from == "resume" else None)
+# what an evaluation costs, for the budget: 2 x eval_iters batches, forward only (a third of the work of
+# a training batch), in iterations of gradient_accumulation_steps batches
+eval_cost = 2 * eval_iters / (3 * gradient_accumulation_steps)
 timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
 elapsed_at_start = elapsed
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
@@ -295,7 +298,6 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         # evaluate and save: every eval_interval iterations (not again at the one resumed from), at the end
         due = iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")
         if due or done or eval_only:
-            t = rank0_clock(t_start, rt)
             losses = estimate_loss()
             val_bpb = losses["val"] / math.log(2) / bytes_per_token  # nats/token -> bits/byte
             log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -324,7 +326,6 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 plot_curves(os.path.join(out_dir, "loss.png"), curves, "iteration", ylabel,
                             f"training curves of {out_dir}")
             saved_iter = iter_num
-            eval_seconds = rank0_clock(t_start, rt) - t  # the budget counts the evaluations still to come
             t0, n_timed = time.time(), 0  # evaluation time is not training time
         if done:
             log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint "
@@ -356,7 +357,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
                     "compile included (it counts in max_time)")
         budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
-                            eval_seconds, log)
+                            eval_cost, log)
         last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)

@@ -110,8 +110,8 @@ def lrs(stdout: str) -> dict[int, str]:
 
 
 def test_iters_in_budget_counts_the_speed_and_the_evaluations_to_come():
-    # 10 iterations in 1 s after the first: 0.1 s each, plus an evaluation of 1 s every 50: 0.12 s
-    n = iters_in_budget(11, 1.1, (1, 0.1), 100.0, 50, 1.0)
+    # 10 iterations in 1 s after the first: 0.1 s each, plus an evaluation worth 10 of them (1 s) every 50
+    n = iters_in_budget(11, 1.1, (1, 0.1), 100.0, 50, 10.0)
     assert n == 11 + int(0.98 * (100 - 1.1 - 1.0) / 0.12)
 
 
