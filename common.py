@@ -149,6 +149,15 @@ def ddp_guard(rt: Runtime):
                          f"died (see its log): {text.splitlines()[0][:200]}") from None
 
 
+def end_ddp(rt: Runtime) -> None:
+    """Under DDP, leave the process group together, once rank 0 has saved: a process that tore gloo
+    down while the other was still saving aborted ("terminate called without an active exception"),
+    in 2 of 12 two-process runs on a busy 2-core machine, and in none of 20 with this barrier."""
+    if rt.ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank0_clock(t_start: float, rt: Runtime) -> float:
     """Seconds since t_start by rank 0's clock: under DDP every process then agrees on the
     learning rate and on when to stop (with its own clock, one could stop while another waits)."""

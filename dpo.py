@@ -45,6 +45,7 @@ from common import (
     curve,
     ddp_guard,
     draw_windows,
+    end_ddp,
     fit_budget,
     fit_prompt,
     get_lr,
@@ -481,5 +482,4 @@ if __name__ == "__main__":
                     + f", {dt * 1000:.0f} ms/step")
     log(f"done in {(time.time() - t_start) / 60:.1f} min: {ckpt_path} (works with sample.py and eval.py), "
         f"curves {out_dir}/dpo_*.png")
-    if rt.ddp:
-        torch.distributed.destroy_process_group()
+    end_ddp(rt)

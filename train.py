@@ -26,6 +26,7 @@ from common import (
     configure_optimizer,
     curve,
     ddp_guard,
+    end_ddp,
     fast_bf16,
     fit_budget,
     get_lr,
@@ -378,5 +379,4 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
 
-if rt.ddp:
-    torch.distributed.destroy_process_group()
+end_ddp(rt)
