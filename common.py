@@ -152,7 +152,7 @@ def ddp_guard(rt: Runtime):
 def end_ddp(rt: Runtime) -> None:
     """Under DDP, leave the process group together, once rank 0 has saved: a process that tore gloo
     down while the other was still saving aborted ("terminate called without an active exception"),
-    in 2 of 12 two-process runs on a busy 2-core machine, and in none of 20 with this barrier."""
+    in 2 of 12 two-process runs on a busy 2-core machine, and in none of 32 with this barrier."""
     if rt.ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -368,8 +368,8 @@ def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: t
     (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
     that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
     by the caller rather than timed, because the only evaluation timed by then, the first, includes
-    compiling the model for evaluation: up to a minute on a CPU, which would be reserved for every
-    evaluation to come (a 10-minute run then stopped 1.6 minutes early)."""
+    compiling the model for evaluation, which later ones do not repeat (timed, it made the default's
+    first 10-minute run, its compile cache cold, fit 400 iterations instead of 412)."""
     if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
         return budget
     n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_cost)
