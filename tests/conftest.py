@@ -31,6 +31,14 @@ def run(script: str, *args: str, cwd: str, check: bool = True) -> subprocess.Com
     return p
 
 
+def train_defaults() -> dict:
+    """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
+    source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]
+    namespace: dict = {}
+    exec(source, namespace)
+    return namespace
+
+
 @pytest.fixture(scope="session")
 def books() -> list[str]:
     """Six real documents: 30,000 characters from each of six novels."""

@@ -1,9 +1,12 @@
 import os
+import re
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, train_defaults
 
+import sweep
 from configurator import configure
+from model import make_model, model_args_from
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 1e-3, "device": "auto", "compile": None, "bias": False,
             "_private": 1, "np": pytest}
@@ -89,3 +92,18 @@ def test_strings_are_taken_as_typed_whatever_their_length():
     with pytest.raises(SystemExit, match="batch_size must be an int") as e:
         configure(DEFAULTS, ["--batch_size=" + "(" * 5000])
     assert len(str(e.value)) < 200
+
+
+def test_sweep_gives_every_run_the_flops_of_the_reference_at_fixed_compute():
+    """sweep.py's iterations per run, written by hand, are those of 1,400 iterations of 4 x 256."""
+    defaults = train_defaults()
+
+    def flops_per_iter(overrides: list[str]) -> float:
+        c = configure(defaults, [os.path.join(ROOT, "config", "gutenberg.py"), *overrides])
+        vocab_size = int(re.search(r"(\d+)$", c["data_dir"])[1])  # data/gutenberg_bpe4096: 4,096 tokens
+        model = make_model(model_args_from({**c, "vocab_size": vocab_size}))
+        return model.flops_per_token() * c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+
+    reference = 1400 * flops_per_iter(["--n_layer=4"])
+    for name, (overrides, iters) in sweep.RUNS.items():
+        assert iters * flops_per_iter(overrides) == pytest.approx(reference, rel=1e-3), name

@@ -13,7 +13,7 @@ import unicodedata
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, run, train_defaults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import losses
@@ -252,14 +252,6 @@ def test_any_string_survives_encode_decode(all_tokenizers, text):
 
 TRAIN_KEYS = ["batch_size", "learning_rate", "n_embd", "n_head", "dropout", "device", "compile", "init_from",
               "max_time", "beta2", "block_size", "bogus_key", "batchsize"]
-
-
-def train_defaults() -> dict:
-    """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
-    source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]
-    namespace: dict = {}
-    exec(source, namespace)
-    return namespace
 
 
 TRAIN_DEFAULTS = train_defaults()
