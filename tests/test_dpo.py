@@ -6,6 +6,7 @@ import os
 import re
 import runpy
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -289,3 +290,26 @@ def test_one_run_per_out_dir(trained):
         p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-busy", "--make_pairs=8", "--device=cpu",
                 cwd=trained, check=False)
     assert p.returncode == 1 and "is using out-dpo-busy" in p.stderr and "making" not in p.stdout
+
+
+def test_ddp_two_processes_give_the_single_process_run(trained):
+    """2 processes of 4 pairs each share the global batch of 1 process of 8: the same steps, the same model."""
+    args = ["--init_from=out-tiny", "--max_iters=12", "--eval_interval=6", "--log_interval=6",
+            "--learning_rate=3e-3", "--device=cpu"]
+    single = run("dpo.py", *args, "--out_dir=out-dpo-single", "--batch_size=8", "--make_pairs=48",
+                 "--prompt_tokens=12", "--completion_tokens=10", cwd=trained).stdout
+    pairs = ["--pairs=out-dpo-single/pairs.jsonl", "--val_pairs=out-dpo-single/pairs_val.jsonl"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "dpo.py"), *args, *pairs, "--out_dir=out-dpo-ddp", "--batch_size=4"],
+                         cwd=trained, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]  # every process ends cleanly, after rank 0 has saved
+
+    def evals(log: str) -> dict[str, list[float]]:
+        return {m[1]: [float(v) for v in re.findall(r" (-?[\d.]+)(?:,|$)", m[2])]
+                for m in re.finditer(r"^eval at step (\d+): (.*)$", log, re.M)}
+
+    a, b = evals(single), evals(ddp.stdout)
+    assert list(a) == list(b) == ["0", "6", "12"] and a["12"] != a["0"], (a, b)
+    assert all(x == pytest.approx(y, abs=2e-4) for s in a for x, y in zip(a[s], b[s], strict=True)), (a, b)
+    weights = [load_checkpoint(os.path.join(trained, d, "ckpt.pt"))["model"] for d in ("out-dpo-single", "out-dpo-ddp")]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4
