@@ -12,7 +12,8 @@ data_dir = "data/gutenberg_bpe8192"  # French BPE of 8,192 tokens, about 4 bytes
 # them in the untied token table, below), 33 MFLOPs per token.
 # At this budget (a few million tokens) a small model trained on more tokens beats a larger one:
 # 3 layers beat 4 at equal compute on a GPU and in 10 minutes of CPU, with the same matrices (so
-# the same speed per FLOP on any machine); 2 layers tied with 3 on the CPU (README).
+# the same speed per FLOP on any machine); 2 layers tied with 3 in 10 minutes of CPU and lost to them
+# at the compute of a CPU with bf16 units (README).
 arch = "llama"
 n_layer = 3  # with no_rope_interval=4 (Llama 4's), all three rotate: a fourth would not
 n_head = 4
