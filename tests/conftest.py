@@ -31,6 +31,14 @@ def run(script: str, *args: str, cwd: str, check: bool = True) -> subprocess.Com
     return p
 
 
+def torchrun(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
+    """Runs one of the project's scripts under torchrun, in 2 processes; returns the finished run."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]  # every process ended cleanly
+    return p
+
+
 def train_defaults() -> dict:
     """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
     source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]

@@ -6,13 +6,12 @@ import os
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, run, torchrun
 
 import common
 import dpo
@@ -299,17 +298,16 @@ def test_ddp_two_processes_give_the_single_process_run(trained):
     single = run("dpo.py", *args, "--out_dir=out-dpo-single", "--batch_size=8", "--make_pairs=48",
                  "--prompt_tokens=12", "--completion_tokens=10", cwd=trained).stdout
     pairs = ["--pairs=out-dpo-single/pairs.jsonl", "--val_pairs=out-dpo-single/pairs_val.jsonl"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "dpo.py"), *args, *pairs, "--out_dir=out-dpo-ddp", "--batch_size=4"],
-                         cwd=trained, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]  # every process ends cleanly, after rank 0 has saved
+    # every process ends cleanly, after rank 0 has saved
+    ddp = torchrun("dpo.py", *args, *pairs, "--out_dir=out-dpo-ddp", "--batch_size=4", cwd=trained).stdout
 
     def evals(log: str) -> dict[str, list[float]]:
-        return {m[1]: [float(v) for v in re.findall(r" (-?[\d.]+)(?:,|$)", m[2])]
-                for m in re.finditer(r"^eval at step (\d+): (.*)$", log, re.M)}
+        return {k: [float(v) for v in re.findall(r" (-?[\d.]+)(?:,|$)", line)]
+                for k, line in metric_lines(log).items() if k.startswith("eval")}
 
-    a, b = evals(single), evals(ddp.stdout)
-    assert list(a) == list(b) == ["0", "6", "12"] and a["12"] != a["0"], (a, b)
+    a, b = evals(single), evals(ddp)
+    assert list(a) == list(b) == [f"eval at step {i}" for i in (0, 6, 12)], (a, b)
+    assert a["eval at step 12"] != a["eval at step 0"], a
     assert all(x == pytest.approx(y, abs=2e-4) for s in a for x, y in zip(a[s], b[s], strict=True)), (a, b)
     weights = [load_checkpoint(os.path.join(trained, d, "ckpt.pt"))["model"] for d in ("out-dpo-single", "out-dpo-ddp")]
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4

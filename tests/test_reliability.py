@@ -13,7 +13,7 @@ import unicodedata
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run, train_defaults
+from conftest import ROOT, TINY, run, torchrun, train_defaults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import losses
@@ -272,10 +272,7 @@ def test_ddp_two_processes_give_the_single_process_losses(workdir):
     """Same global batch (2 x 8 sequences): 2 processes with 1 micro-step each, or 1 with 2."""
     args = ["--data_dir=data/tiny", "--eval_interval=1000", *TINY, "--max_iters=20", "--gradient_accumulation_steps=2"]
     single = run("train.py", *args, "--out_dir=out-single", cwd=workdir).stdout
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train.py"), *args, "--out_dir=out-ddp2"], cwd=workdir,
-                         capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    ddp = torchrun("train.py", *args, "--out_dir=out-ddp2", cwd=workdir)
 
     def losses(log: str) -> list[float]:
         return [float(line.split("loss ")[1].split(",")[0]) for line in log.splitlines() if line.startswith("iter ")]
@@ -290,11 +287,7 @@ def test_ddp_resume_gives_every_process_back_its_own_dropout(workdir):
             "--gradient_accumulation_steps=2"]
 
     def ddp(*extra: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            os.path.join(ROOT, "train.py"), *args, *extra], cwd=workdir, capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-2000:]
-        return p.stdout
+        return torchrun("train.py", *args, *extra, cwd=workdir).stdout
 
     full = losses(ddp("--out_dir=out-ddp-full", "--max_iters=20"))
     ddp("--out_dir=out-ddp-half", "--max_iters=10")
