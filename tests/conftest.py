@@ -17,8 +17,9 @@ sys.path.insert(0, ROOT)
 # would too: with a handler here, they start with the default one, which the Ctrl-C tests need
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# a tiny model: trains in seconds on a CPU, big enough to learn something
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+# a tiny model: trains in seconds on a CPU, big enough to learn something. float32 whatever the CPU (dtype=auto
+# picks bf16 where it has bf16 units), so that every test sees the same numbers on both kinds of CPU
+TINY = ["--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--device=cpu", "--compile=False"]
 
 

@@ -50,7 +50,7 @@ def test_minimal_pairs_prefer_the_sentence_to_its_shuffled_words(trained, tmp_pa
     assert f"in {correct} of 8 minimal pairs" in p.stdout and correct >= 6, p.stdout
     grammar = write_pairs(tmp_path / "grammar.jsonl", GRAMMAR)
     res = eval_script.main(configure(vars(eval_script), [f"--out_dir={os.path.join(trained, 'out-tiny')}",
-                                                          f"--pairs={grammar}"]))
+                                                          f"--pairs={grammar}", "--dtype=float32"]))
     # each score, from a padded batch of all ten sentences, is the log-probability computed directly
     model, tok, _ = load_model(os.path.join(trained, "out-tiny"))
     for i, (good, bad) in enumerate(GRAMMAR[:2]):

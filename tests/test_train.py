@@ -58,11 +58,12 @@ def test_resumed_run_continues_with_the_same_losses(workdir):
 
 def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
     """config/gutenberg.py's recipe (Muon + AdamW, an untied token table at its own learning rate),
-    scaled down: the learning-rate scale of the table survives the checkpoint. The resume leaves
+    scaled down, in bf16 autocast as on a CPU with bf16 units (on others bf16 is emulated: slow, but
+    exact all the same): the learning-rate scale of the table survives the checkpoint. The resume leaves
     the config's optimizer=auto, which takes the checkpoint's Muon (on a CPU without bf16 units auto
     means AdamW, whose moments the checkpoint has not); another optimizer named is refused."""
     config = os.path.join(ROOT, "config", "gutenberg.py")  # first: what follows overrides it
-    common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=float32"]
+    common = ["--data_dir=data/tiny", "--eval_interval=6", "--max_time=0", *TINY, "--d_ff=64", "--dtype=bfloat16"]
     full = run("train.py", config, "--out_dir=out-recipe-full", "--max_iters=12", "--optimizer=muon", *common,
                cwd=workdir)
     run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=6", "--optimizer=muon", *common,
@@ -204,3 +205,21 @@ def test_auto_takes_bf16_and_muon_only_where_the_device_computes_bf16_fast(monke
         assert common.resolve_optimizer("auto", "cpu") == optimizer
         assert common.resolve_optimizer("adamw", "cpu") == "adamw"
         assert common.setup_runtime("cpu", "float32").ptdtype == torch.float32  # a dtype named is kept
+
+
+def test_fast_bf16_measures_what_the_cpu_has():
+    """auto's choice on the machine the suite runs on: a CPU with AMX computes bf16 matmuls several
+    times faster than float32; one without AVX512-BF16 or AMX emulates bf16, far slower. (A CPU with
+    AVX512-BF16 alone is near the 1.5x line, and is not asserted.)"""
+    import common
+
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    if not flags:
+        pytest.skip("no x86 CPU flags in /proc/cpuinfo")
+    common.fast_bf16.cache_clear()
+    if "amx_bf16" in flags:
+        assert common.fast_bf16("cpu") and common.resolve_dtype("auto", "cpu") == "bfloat16"
+    elif "avx512_bf16" not in flags:
+        assert not common.fast_bf16("cpu") and common.resolve_dtype("auto", "cpu") == "float32"
+    else:
+        pytest.skip("AVX512-BF16 without AMX: bf16 measures near float32's 1.5x line")
