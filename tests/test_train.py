@@ -207,6 +207,25 @@ def test_auto_takes_bf16_and_muon_only_where_the_device_computes_bf16_fast(monke
         assert common.setup_runtime("cpu", "float32").ptdtype == torch.float32  # a dtype named is kept
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_default_config_runs_either_kind_of_cpu(workdir, fast):
+    """train.py with config/gutenberg.py's dtype=auto and optimizer=auto, on a CPU faked to have bf16
+    units or not: each branch of auto trains and says what it chose, whatever CPU runs the suite."""
+    config = os.path.join(ROOT, "config", "gutenberg.py")
+    argv = [config, "--data_dir=data/tiny", f"--out_dir=out-auto-{fast}", "--max_iters=2", "--eval_interval=2",
+            "--max_time=0", *TINY, "--d_ff=64", "--dtype=auto"]
+    fake = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); import common\n"
+            f"common.fast_bf16 = lambda device: {fast}\n"
+            f"sys.argv = ['train.py', *{argv!r}]\n"
+            f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    p = subprocess.run([sys.executable, "-c", fake], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    chosen = "torch.bfloat16, optimizer muon" if fast else "torch.float32, optimizer adamw"
+    assert chosen in p.stdout and "iter 2:" in p.stdout, p.stdout
+    ckpt = load_checkpoint(os.path.join(workdir, f"out-auto-{fast}", "ckpt.pt"))
+    assert ckpt["config"]["optimizer"] == ("muon" if fast else "adamw")
+
+
 def test_fast_bf16_measures_what_the_cpu_has():
     """auto's choice on the machine the suite runs on: a CPU with AMX computes bf16 matmuls several
     times faster than float32; one without AVX512-BF16 or AMX emulates bf16, far slower. (A CPU with
