@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(ROOT, "..", "shared", "french_gutenberg", "data", "train-00000-of-00001.parquet")
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))  # the offline corpus and GPT-2 ranks, beside the project
+CORPUS = os.path.join(SHARED, "french_gutenberg", "data", "train-00000-of-00001.parquet")
+GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
 sys.path.insert(0, ROOT)
 
 # a suite started in the background by a script (cmd &) inherits SIGINT ignored, and the scripts it runs
@@ -48,9 +50,28 @@ def train_defaults() -> dict:
     return namespace
 
 
+# `pytest -m fast`: the tests that need neither the corpus nor a trained model (seconds, not minutes)
+DATA_FIXTURES = {"books", "txt_dir", "workdir", "trained", "llama_trained", "gpt2_ranks"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not DATA_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks() -> str:
+    if not os.path.exists(GPT2_RANKS):
+        pytest.skip(f"{GPT2_RANKS} is absent: the GPT-2 tokenizer tests need ../shared beside the project")
+    return GPT2_RANKS
+
+
 @pytest.fixture(scope="session")
 def books() -> list[str]:
     """Six real documents: 30,000 characters from each of six novels."""
+    if not os.path.exists(CORPUS):
+        pytest.skip(f"{CORPUS} is absent: the corpus tests need ../shared beside the project")
     table = pq.read_table(CORPUS, columns=["content"])
     return [t[:30_000] for t in table.column("content").to_pylist()[:6]]
 

@@ -165,6 +165,7 @@ def test_config_resolves_its_zero_defaults_and_model_args_keep_its_fields_only()
         model_args_from({"arch": "mamba"})
 
 
+@pytest.mark.slow  # compiling takes tens of seconds
 def test_compiled_model_trains_like_the_eager_one():
     """torch.compile (Inductor's C++ kernels on a CPU) gives the eager losses within bf16 noise, over
     three steps of training in bf16 autocast."""

@@ -46,6 +46,7 @@ def test_kill_9_during_training_then_resume_gives_the_same_losses(workdir):
     assert all(resumed[i] == full[i] for i in resumed), (full, resumed)
 
 
+@pytest.mark.slow  # writes 16 MB checkpoints over and over
 def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     writer = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; from common import save_checkpoint\n"

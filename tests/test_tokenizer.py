@@ -8,11 +8,11 @@ FRENCH = "« — Qu'il vienne ! » s'écria l'œil de Noël, jusqu'à l’été�
 
 
 @pytest.fixture(scope="module")
-def tokenizers(books):
+def tokenizers(books, gpt2_ranks):
     return {"bpe": tok.train_bpe(books, 600), "gpt2": tok.gpt2(), "char": tok.train_char(books)}
 
 
-def test_gpt2_ids_match_openai():
+def test_gpt2_ids_match_openai(gpt2_ranks):
     assert tok.gpt2().encode("Hello world") == [15496, 995]
     assert tok.gpt2().eot_id == 50256 and tok.gpt2().vocab_size == 50257
 
