@@ -149,6 +149,24 @@ def ddp_guard(rt: Runtime):
                          f"died (see its log): {text.splitlines()[0][:200]}") from None
 
 
+def share_batch(batch_size: int, gradient_accumulation_steps: int, world_size: int) -> tuple[int, int]:
+    """How world_size processes share an iteration's global batch of gradient_accumulation_steps x
+    batch_size sequences: (micro-steps per process, sequences per micro-step), the fewest micro-steps
+    of at most batch_size sequences that split it evenly. The global batch stays the same, and so
+    the run: 8 processes take 4 x 16 as 1 micro-step of 8 sequences each."""
+    total = gradient_accumulation_steps * batch_size
+    if total % world_size:
+        step = world_size // math.gcd(gradient_accumulation_steps, world_size)  # batch_size's step
+        raise SystemExit(f"error: the global batch of {total} sequences (gradient_accumulation_steps="
+                         f"{gradient_accumulation_steps} x batch_size={batch_size}) cannot be split evenly "
+                         f"among {world_size} processes: make it a multiple of {world_size}, e.g. "
+                         f"--batch_size={max(step, batch_size // step * step)}")
+    steps = math.ceil(gradient_accumulation_steps / world_size)  # so that no micro-step exceeds batch_size
+    while total % (world_size * steps):
+        steps += 1  # ends at the latest at total / world_size micro-steps of 1 sequence
+    return steps, total // (world_size * steps)
+
+
 def end_ddp(rt: Runtime) -> None:
     """Under DDP, leave the process group together, once rank 0 has saved: a process that tore gloo
     down while the other was still saving aborted ("terminate called without an active exception"),
@@ -456,6 +474,8 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
+    # a model field added since it was saved takes its default (the model it had), so it can be checked
+    ckpt["model_args"] = model_args_from(ckpt["model_args"])
     return ckpt
 
 
@@ -473,12 +493,13 @@ def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropo
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
 
-def keep_resumed(config: dict, defaults: dict, saved: dict, keys, what: str) -> dict:
-    """A resumed run keeps these keys of its checkpoint (saved): one set to another value is an
-    error, one left at its default takes the saved value (so the first run's command, or a shorter
-    one, resumes it). Returns the config the run goes on with; what: what the keys decide."""
+def keep_resumed(config: dict, given: set[str], saved: dict, keys, what: str) -> dict:
+    """A resumed run keeps these keys of its checkpoint (saved): one given (by a flag or a config
+    file, configurator.resolve) with another value is an error, even the default's value; one not
+    given takes the saved value (so the first run's command, or a shorter one, resumes it).
+    Returns the config the run goes on with; what: what the keys decide."""
     differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in keys
-              if config[k] != saved[k] and config[k] != defaults[k]]
+              if k in given and config[k] != saved[k]]
     if differ:
         raise SystemExit(f"error: resuming keeps {what}, but you set {', '.join(differ)}: drop these "
                          "settings, or start anew in another --out_dir")

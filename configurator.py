@@ -1,15 +1,18 @@
 """
 Configuration, nanoGPT style: each script defines its defaults as plain module-level variables,
-then calls configure(globals()). Overrides come from, in order:
+then calls configure(globals()). Overrides come from, in this order whatever the order typed:
   1. config files given as positional arguments:  python train.py config/gutenberg.py
-  2. --key=value arguments:                        python train.py config/gutenberg.py --batch_size=8
-A config file is ordinary Python that assigns some of the same names. Every value is checked
-against its default's type, and an unknown key is an error that suggests the closest names.
-Errors are one line on stderr (SystemExit), raised before any real work starts.
+  2. --key=value arguments, over the files:        python train.py --batch_size=8 config/gutenberg.py
+A config file is ordinary Python that assigns some of the same names. Every public name it defines
+(modules, functions and classes aside; a helper's name starts with _) must be a key, of its default's
+type: an unknown key is an error that suggests the closest names. Errors are one line on stderr
+(SystemExit), raised before any real work starts. resolve() also says which keys a file or a flag
+set, so that a resumed run can tell a setting typed from a default left alone.
 """
 
 import difflib
 import sys
+import types
 
 SIMPLE_TYPES = (bool, int, float, str, type(None))
 
@@ -28,6 +31,23 @@ def _unknown(key: str, known: dict, where: str) -> SystemExit:
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
+def _file_names(path: str) -> dict:
+    """The public names a config file defines, {name: value}."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read config file {path}: {e.strerror}") from None
+    file_ns: dict = {"__file__": path}  # so that a config can build on another beside it
+    try:
+        exec(compile(source, path, "exec"), file_ns)
+    except Exception as e:
+        line = getattr(e, "lineno", None) or (
+            e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
+        raise SystemExit(f"error: config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in file_ns.items() if not k.startswith("_")}
+
+
 def _check_type(key: str, value, default, where: str):
     """The value, converted where it is safe (an int where a float is expected), or a clear error.
     A default of None marks a switch the script decides when left unset: True, False or None."""
@@ -41,7 +61,7 @@ def _check_type(key: str, value, default, where: str):
     if isinstance(default, float) and type(value) is int:
         return float(value)
     want, got = type(default).__name__, type(value).__name__
-    raise SystemExit(f"error: {key} must be a {want} (default {default!r}), "
+    raise SystemExit(f"error: {key} must be a{'n' * (want == 'int')} {want} (default {default!r}), "
                      f"got {value!r} of type {got} ({where})")
 
 
@@ -67,39 +87,37 @@ def _parse_value(key: str, raw: str, default, where: str):
 def configure(namespace: dict, argv: list[str] | None = None) -> dict:
     """Resolves the config of a script whose defaults are in namespace (its globals());
     returns {key: value} for every configurable key. argv defaults to sys.argv[1:]."""
+    return resolve(namespace, argv)[0]
+
+
+def resolve(namespace: dict, argv: list[str] | None = None) -> tuple[dict, set[str]]:
+    """configure()'s config, and the keys a config file or a flag set (to a default's value or not)."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: namespace[k] for k in config_keys(namespace)}
-    config = dict(defaults)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("config keys and their defaults (override with a config file or --key=value):")
-            for k, v in defaults.items():
-                print(f"  --{k}={v!r}")
-            raise SystemExit(0)
-        if not arg.startswith("--"):  # a config file
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                raise SystemExit(f"error: cannot read config file {arg}: {e.strerror}") from None
-            file_ns: dict = {"__file__": arg}  # so that a config can build on another beside it
-            try:
-                exec(compile(source, arg, "exec"), file_ns)
-            except Exception as e:
-                line = getattr(e, "lineno", None) or (
-                    e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
-                raise SystemExit(f"error: config file {arg}, line {line}: {type(e).__name__}: {e}") from None
-            for k in config_keys(file_ns):
-                if k not in defaults:
-                    raise _unknown(k, defaults, f"in {arg}")
-                config[k] = _check_type(k, file_ns[k], defaults[k], f"in {arg}")
-        else:
-            key, eq, raw = arg[2:].partition("=")
-            if key not in defaults:
-                raise _unknown(key, defaults, "on the command line")
-            if not eq:
-                if not (isinstance(defaults[key], bool) or defaults[key] is None):
-                    raise SystemExit(f"error: {arg!r} needs a value: --{key}=VALUE")
-                raw = "True"  # --compile alone means --compile=True
-            config[key] = _parse_value(key, raw, defaults[key], f"from --{key}")
-    return config
+    config, given = dict(defaults), set()
+    flags = [a for a in argv if a.startswith("--") or a == "-h"]
+    for path in [a for a in argv if a not in flags]:  # the files first: a flag always wins
+        for k, v in _file_names(path).items():
+            if k not in defaults:  # an import or a helper (module, function, class) is no setting
+                if isinstance(v, types.ModuleType) or callable(v):
+                    continue
+                raise _unknown(k, defaults, f"in {path}")
+            config[k] = _check_type(k, v, defaults[k], f"in {path}")
+            given.add(k)
+    if "-h" in flags or "--help" in flags:
+        print("config keys and their defaults (config files are applied first, then --key=value flags, "
+              "whatever their order):")
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}")
+        raise SystemExit(0)
+    for arg in flags:
+        key, eq, raw = arg[2:].partition("=")
+        if key not in defaults:
+            raise _unknown(key, defaults, "on the command line")
+        if not eq:
+            if not (isinstance(defaults[key], bool) or defaults[key] is None):
+                raise SystemExit(f"error: {arg!r} needs a value: --{key}=VALUE")
+            raw = "True"  # --compile alone means --compile=True
+        config[key] = _parse_value(key, raw, defaults[key], f"from --{key}")
+        given.add(key)
+    return config, given

@@ -66,7 +66,7 @@ from common import (
     unwrap,
     wrap_model,
 )
-from configurator import config_keys, configure
+from configurator import resolve
 
 # -----------------------------------------------------------------------------
 init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
@@ -270,8 +270,7 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, label_smooth
 # -----------------------------------------------------------------------------
 # The run. Under this guard so that the tests can import the functions above without running it.
 if __name__ == "__main__":
-    defaults = {k: globals()[k] for k in config_keys(globals())}
-    config = configure(globals())
+    config, given = resolve(globals())  # given: the keys a config file or a flag set
     globals().update(config)
 
     check_config(config)  # impossible values fail here, before any model is loaded
@@ -303,7 +302,7 @@ if __name__ == "__main__":
         if run is None:
             raise SystemExit(f"error: {ckpt_path} holds no DPO run to resume (written by another script or "
                              "an older dpo.py): start a fresh run in another --out_dir")
-        config = keep_resumed(config, defaults, ckpt["config"], RUN_KEYS,
+        config = keep_resumed(config, given, ckpt["config"], RUN_KEYS,
                               "the reference and the pairs the run began with")
         globals().update({k: config[k] for k in RUN_KEYS})
         if run["budget"] and run["budget"]["max_time"] == max_time:

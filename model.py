@@ -538,7 +538,8 @@ def model_args_from(settings: dict) -> dict:
     d_expert), ranges checked (ValueError). Only those fields reach a checkpoint: a setting that is
     no field of the dataclass is left out without a word (bias, a GPTConfig field, for the Llama;
     n_kv_head or n_expert for the GPT). A new model setting is a new field there (and its default
-    in train.py), nothing more. vocab_size, the tokenizer's, comes with the settings or after."""
+    in train.py), nothing more. vocab_size, the tokenizer's, comes with the settings or after.
+    Given a checkpoint's model_args, it completes them: a field added since takes its default."""
     arch = settings.get("arch", "gpt")
     if arch not in ("gpt", "llama"):
         raise ValueError(f"arch must be gpt or llama, got {arch!r}")

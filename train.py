@@ -47,10 +47,11 @@ from common import (
     save_checkpoint,
     schedule_end,
     setup_runtime,
+    share_batch,
     unwrap,
     wrap_model,
 )
-from configurator import config_keys, configure
+from configurator import resolve
 from model import make_model, model_args_from
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
@@ -88,7 +89,7 @@ aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
 tie_embeddings = True  # the output layer reuses the token embedding
 # optimization
-batch_size = 16  # sequences per micro-step
+batch_size = 16  # sequences per micro-step (under DDP, lower if the global batch needs it to split evenly)
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
 learning_rate = 1e-3
 max_iters = 5000
@@ -110,8 +111,7 @@ backend = ""  # DDP backend; "" = nccl on CUDA, gloo on CPU
 ddp_timeout = 300.0  # seconds a DDP process waits for the others before it stops with an error
 seed = 1337
 # -----------------------------------------------------------------------------
-defaults = {k: globals()[k] for k in config_keys(globals())}
-config = configure(globals())
+config, given = resolve(globals())  # given: the keys a config file or a flag set
 globals().update(config)
 
 check_config(config)  # impossible values fail here, before any data is read
@@ -121,12 +121,14 @@ min_lr = min_lr or learning_rate / 10
 
 # --- setup: device, processes, out_dir ------------------------------------------------------------
 rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
-if gradient_accumulation_steps % rt.world_size != 0:
-    raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is shared among "
-                     f"{rt.world_size} processes: pass a multiple of {rt.world_size}, e.g. "
-                     f"--gradient_accumulation_steps={rt.world_size * gradient_accumulation_steps}")
-gradient_accumulation_steps //= rt.world_size  # same global batch whatever the number of processes
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
+# the same global batch whatever the number of processes: gradient_accumulation_steps becomes the
+# micro-steps of each process, of micro_batch sequences (batch_size unless it does not divide evenly)
+gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size)
+if micro_batch != batch_size:
+    log(f"note: {rt.world_size} processes share the global batch of {config['gradient_accumulation_steps']} x "
+        f"{batch_size} sequences as {gradient_accumulation_steps} micro-step(s) each of {micro_batch} sequences "
+        f"(batch_size lowered to {micro_batch})")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
     lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
@@ -162,11 +164,11 @@ def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = No
 
 
 def iteration_windows() -> torch.Tensor:
-    """Where this process's windows of the next iteration start: (micro-steps, batch_size)."""
+    """Where this process's windows of the next iteration start: (micro-steps, micro_batch)."""
     n_train_windows = meta["train"]["tokens"] - block_size  # block_size: a resume takes its checkpoint's
     n_windows = rt.world_size * gradient_accumulation_steps
-    ix = torch.randint(n_train_windows, (n_windows, batch_size), generator=batch_gen)
-    return ix.view(rt.world_size, gradient_accumulation_steps, batch_size)[rt.rank]
+    ix = torch.randint(n_train_windows, (n_windows, micro_batch), generator=batch_gen)
+    return ix.view(rt.world_size, gradient_accumulation_steps, micro_batch)[rt.rank]
 
 
 # --- model: a new one, or the checkpoint's to resume ---------------------------------------------
@@ -183,10 +185,12 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
         raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained "
                          f"with (that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same "
                          "tokenizer")
-    # a model key set to another value than the checkpoint's is an error, one left at its default
-    # takes the checkpoint's value (the log and saved config say so); dropout may change
+    # a model key given with another value than the checkpoint's is an error, compared resolved
+    # (d_ff=0 is 4 x n_embd); one not given takes the checkpoint's value (the log and saved config say
+    # so); dropout may change
     model_keys = [k for k in config if k in ckpt["model_args"] and k != "dropout"]
-    config = keep_resumed(config, defaults, ckpt["model_args"], model_keys, "the checkpoint's model")
+    asked = {**config, **{k: model_args[k] for k in model_keys if k in model_args}}
+    config = keep_resumed(asked, given, ckpt["model_args"], model_keys, "the checkpoint's model")
     trained_with = ckpt["config"].get("optimizer", "adamw")  # its state holds that optimizer's moments
     if optimizer not in ("auto", trained_with):
         raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={trained_with}: resume with it, "
@@ -194,9 +198,9 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     optimizer = trained_with
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
-tokens_per_iter = gradient_accumulation_steps * rt.world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * rt.world_size * micro_batch * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
-    f"micro-steps x {batch_size} sequences x {block_size} tokens)")
+    f"micro-steps x {micro_batch} sequences x {block_size} tokens)")
 model = make_model(model_args).to(rt.device)
 config["optimizer"] = resolve_optimizer(optimizer, rt.device)  # auto: Muon where bf16 is fast, else AdamW
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,

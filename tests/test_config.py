@@ -2,10 +2,10 @@ import os
 import re
 
 import pytest
-from conftest import ROOT, run, train_defaults
+from conftest import ROOT, TINY, run, train_defaults
 
 import sweep
-from configurator import configure
+from configurator import configure, resolve
 from model import make_model, model_args_from
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 1e-3, "device": "auto", "compile": None, "bias": False,
@@ -107,3 +107,49 @@ def test_sweep_gives_every_run_the_flops_of_the_reference_at_fixed_compute():
     reference = 1400 * flops_per_iter(["--n_layer=4"])
     for name, (overrides, iters) in sweep.RUNS.items():
         assert iters * flops_per_iter(overrides) == pytest.approx(reference, rel=1e-3), name
+
+
+def test_flags_win_over_config_files_whatever_the_order_typed(workdir, tmp_path):
+    """A flag typed before the config file still wins: the file never overrides it, out_dir included."""
+    c = configure(train_defaults(), ["--batch_size=4", "--block_size=32", "--out_dir=x",
+                                     os.path.join(ROOT, "config", "gutenberg.py")])
+    assert (c["batch_size"], c["block_size"], c["out_dir"]) == (4, 32, "x")
+    cfg = tmp_path / "my_config.py"
+    cfg.write_text('out_dir = "out-main"\ndata_dir = "data/tiny"\n')
+    run("train.py", "--out_dir=out-experiment", "--overwrite=True", "--max_iters=1", *TINY, str(cfg), cwd=workdir)
+    assert os.path.exists(os.path.join(workdir, "out-experiment", "ckpt.pt"))
+    assert not os.path.exists(os.path.join(workdir, "out-main"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_sise = [8]\n", r"unknown config key 'batch_sise' \(in .*c\.py\); did you mean batch_size"),
+    ("warmup_iters = [5]\n", r"warmup_iters must be an int \(default 100\), got \[5\] of type list \(in "),
+    ("import os\nlearning_rate = os\n", r"learning_rate must be a float"),
+])
+def test_a_config_files_misspelled_or_list_valued_key_is_an_error(tmp_path, text, message):
+    cfg = tmp_path / "c.py"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        configure(train_defaults(), [str(cfg)])
+
+
+def test_a_config_file_may_import_and_define_helpers(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import os\nfrom os.path import join\nfrom dataclasses import dataclass\n\n\n"
+                   "def _width(n):\n    return 64 * n\n\n\n"
+                   "_layers = [1, 2]\nn_embd = _width(len(_layers))\nout_dir = join('out', 'x')\n")
+    c = configure(train_defaults(), [str(cfg)])
+    assert c["n_embd"] == 128 and c["out_dir"] == os.path.join("out", "x")
+
+
+def test_resolve_says_which_keys_a_file_or_a_flag_set(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("learning_rate = 1e-3\n")  # the default's value, but set
+    config, given = resolve(DEFAULTS, ["--batch_size=16", str(cfg)])
+    assert config["batch_size"] == 16 and given == {"batch_size", "learning_rate"}
+
+
+def test_help_says_flags_come_after_config_files(capsys):
+    with pytest.raises(SystemExit):
+        configure(DEFAULTS, ["--help"])
+    assert "config files are applied first, then --key=value flags, whatever their order" in capsys.readouterr().out

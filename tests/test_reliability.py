@@ -270,10 +270,12 @@ def test_any_key_value_is_a_config_or_a_one_line_error(key, value):
 
 
 def test_ddp_two_processes_give_the_single_process_losses(workdir):
-    """Same global batch (2 x 8 sequences): 2 processes with 1 micro-step each, or 1 with 2."""
-    args = ["--data_dir=data/tiny", "--eval_interval=1000", *TINY, "--max_iters=20", "--gradient_accumulation_steps=2"]
+    """Same global batch (1 x 8 sequences): 2 processes with 1 micro-step of 4 sequences each (batch_size
+    lowered, config/gutenberg_gpu.py on 8 GPUs), or 1 with 1 of 8."""
+    args = ["--data_dir=data/tiny", "--eval_interval=1000", *TINY, "--max_iters=20", "--gradient_accumulation_steps=1"]
     single = run("train.py", *args, "--out_dir=out-single", cwd=workdir).stdout
     ddp = torchrun("train.py", *args, "--out_dir=out-ddp2", cwd=workdir)
+    assert "note: 2 processes share the global batch of 1 x 8 sequences as 1 micro-step(s) each of 4" in ddp.stdout
 
     def losses(log: str) -> list[float]:
         return [float(line.split("loss ")[1].split(",")[0]) for line in log.splitlines() if line.startswith("iter ")]

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, run, train_defaults
 
-from common import get_lr, iters_in_budget, load_checkpoint, read_metrics
+from common import get_lr, iters_in_budget, load_checkpoint, read_metrics, share_batch
+from configurator import configure
 
 
 def losses(stdout: str) -> dict[int, str]:
@@ -242,3 +243,53 @@ def test_fast_bf16_measures_what_the_cpu_has():
         assert not common.fast_bf16("cpu") and common.resolve_dtype("auto", "cpu") == "float32"
     else:
         pytest.skip("AVX512-BF16 without AMX: bf16 measures near float32's 1.5x line")
+
+
+def test_resume_refuses_a_model_key_given_with_its_default_value(trained, tmp_path):
+    """--n_layer=6 --n_embd=384 --n_head=6 are train.py's defaults, but typed (or set in a config file)
+    they ask for that model: resuming the checkpoint of 2 x 32 is refused, not done silently."""
+    out = str(tmp_path / "out")
+    shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    args = ["--data_dir=data/tiny", f"--out_dir={out}", "--init_from=resume", "--max_iters=61", *TINY]
+    p = run("train.py", *args, "--n_layer=6", "--n_embd=384", "--n_head=6", cwd=trained, check=False)
+    assert p.returncode == 1 and "n_layer=6 (checkpoint: 2), n_head=6 (checkpoint: 2), n_embd=384 (checkpoint: 32)" \
+        in p.stderr, p.stderr
+    cfg = tmp_path / "big.py"
+    cfg.write_text("n_layer = 6\n")
+    no_layers = [a for a in args if not a.startswith("--n_layer")]
+    p = run("train.py", str(cfg), *no_layers, cwd=trained, check=False)
+    assert p.returncode == 1 and "n_layer=6 (checkpoint: 2)" in p.stderr, p.stderr
+    # the same model typed resolved (d_ff=0 is 4 x n_embd = 128) resumes
+    p = run("train.py", *args, "--d_ff=0", cwd=trained)
+    assert "resuming from" in p.stdout and load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 61
+
+
+def test_a_checkpoint_saved_before_a_model_field_existed_resumes_and_samples(trained, tmp_path):
+    """A checkpoint whose model_args lack a field (saved before d_ff was added) takes the field's
+    default on load (4 x n_embd, the model it has): it resumes and samples, and another d_ff typed is
+    still refused."""
+    out = tmp_path / "out-old"
+    shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["model_args"]["d_ff"]
+    torch.save(ckpt, out / "ckpt.pt")
+    args = ["--data_dir=data/tiny", f"--out_dir={out}", "--init_from=resume", "--max_iters=61", *TINY]
+    p = run("train.py", *args, "--d_ff=64", cwd=trained, check=False)
+    assert p.returncode == 1 and "d_ff=64 (checkpoint: 128)" in p.stderr, p.stderr
+    run("train.py", *args, cwd=trained)
+    assert load_checkpoint(str(out / "ckpt.pt"))["model_args"]["d_ff"] == 128  # saved with it from now on
+    torch.save(ckpt, out / "ckpt.pt")  # the old checkpoint again, for sample.py
+    p = run("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--device=cpu", cwd=trained)
+    assert p.stdout.strip()
+
+
+def test_ddp_processes_share_the_configs_global_batch():
+    """config/gutenberg_gpu.py's global batch (4 x 16 sequences) is kept with 1, 2, 4 or 8 processes;
+    where it cannot be split evenly, one line says what to pass."""
+    c = configure(train_defaults(), [os.path.join(ROOT, "config", "gutenberg_gpu.py")])
+    shares = {w: share_batch(c["batch_size"], c["gradient_accumulation_steps"], w) for w in (1, 2, 4, 8)}
+    assert shares == {1: (4, 16), 2: (2, 16), 4: (1, 16), 8: (1, 8)}
+    assert share_batch(12, 5, 4) == (3, 5)  # 2 micro-steps of 7.5 sequences would not do: 3 of 5
+    with pytest.raises(SystemExit, match=r"^error: the global batch of 64 sequences .* cannot be split evenly "
+                                         r"among 3 processes: make it a multiple of 3, e.g. --batch_size=15$"):
+        share_batch(16, 4, 3)
