@@ -15,6 +15,9 @@ import functools
 import json
 import math
 import os
+import pickle
+import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -133,6 +136,18 @@ def check_config(c: dict) -> None:
     for k in ("beta1", "beta2"):
         if k in c:
             need(0 <= c[k] < 1, f"{k} must be in [0, 1), got {c[k]}")
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_quietly():
+    """Ctrl-C ends the script with one line and exit status 130 (128 + SIGINT, what a shell reports
+    for it) instead of a traceback. The newline first ends a sample cut mid-line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @contextlib.contextmanager
@@ -469,14 +484,63 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: no checkpoint at {path}") from None
+    except pickle.UnpicklingError as e:  # weights_only refused it, or it is no pickle at all
+        if named := re.search(r"GLOBAL (\S+)", str(e)):  # it asks pickle to call a function to rebuild it
+            raise SystemExit(f"error: {path} is not a readable checkpoint: loading it would run "
+                             f"{named.group(1)}, so it may not be safe to load; this project only loads "
+                             "checkpoints it wrote (train.py, dpo.py, chat.py)") from None
+        # torch's text around the reason advises weights_only=False: only the reason is kept
+        why = [line for line in str(e).splitlines() if line.strip() and "weights_only" not in line
+               and not line.startswith(("Check the documentation", "Please file"))]
+        raise SystemExit(f"error: {path} is not a readable checkpoint (damaged, or not a checkpoint: "
+                         f"{(why or ['?'])[0][:200]})") from None
     except Exception as e:
         why = str(e).splitlines()[0][:200] if str(e) else ""
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args")):
         raise SystemExit(f"error: {path} is not a checkpoint of this project (no model or model_args)")
-    # a model field added since it was saved takes its default (the model it had), so it can be checked
-    ckpt["model_args"] = model_args_from(ckpt["model_args"])
+    if ckpt["model_args"].get("arch", "gpt") not in ("gpt", "llama"):
+        raise SystemExit(f"error: {path}: unknown arch {ckpt['model_args']['arch']!r} (this project trains gpt "
+                         "and llama)")
+    try:  # a model field added since it was saved takes its default (the model it had), so it can be checked
+        ckpt["model_args"] = model_args_from(ckpt["model_args"])
+    except (TypeError, ValueError) as e:  # a size out of range, a value of the wrong type
+        raise SystemExit(f"error: {path}: its model_args are not a model of this project ({e})") from None
     return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str, dropout: float | None = None) -> torch.nn.Module:
+    """The model a checkpoint (from load_checkpoint) holds, on the CPU, each thing a file of another
+    project or a damaged one could lack a one-line error naming the file: a tokenizer (nanoGPT's
+    checkpoints, the nearest foreign ones, have none), model_args of a known arch, weights of the
+    names and shapes those model_args give (load_checkpoint checked the arch), every one of them finite."""
+    args, weights = ckpt["model_args"], ckpt["model"]
+    if not isinstance(ckpt.get("tokenizer"), dict):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project: it holds no tokenizer "
+                         "(nanoGPT's checkpoints, for one, hold none): use one that train.py, dpo.py or "
+                         "chat.py wrote")
+    try:
+        model = make_model(args if dropout is None else {**args, "dropout": dropout})
+    except (TypeError, ValueError) as e:  # a field the config does not have, a size out of range
+        raise SystemExit(f"error: {path}: its model_args are not a model of this project ({e})") from None
+    expected = model.state_dict()
+    problems = {"missing": [k for k in expected if k not in weights],
+                "unexpected": [k for k in weights if k not in expected],
+                "of another shape": [f"{k} {tuple(getattr(weights[k], 'shape', ()))} (model_args: "
+                                     f"{tuple(v.shape)})" for k, v in expected.items()
+                                     if k in weights and getattr(weights[k], "shape", None) != v.shape]}
+    if any(problems.values()):
+        what = [f"{label} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                for label, names in problems.items() if names]
+        raise SystemExit(f"error: {path}: its weights do not match its model_args: {'; '.join(what)}: "
+                         "the file is damaged or was edited, use another checkpoint")
+    # a run that diverged: every sample would fail and every score be nan
+    if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise SystemExit(f"error: {path} holds non-finite weights (NaN or inf, in {bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it "
+                         "diverged; use an earlier checkpoint, or train again (with a lower --learning_rate)")
+    model.load_state_dict(weights)
+    return model
 
 
 def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropout: float | None = None):
@@ -487,10 +551,19 @@ def load_model(out_dir: str, device: str = "cpu", flag: str = "--out_dir", dropo
         raise SystemExit(f"error: no checkpoint at {path}: train one first (python train.py "
                          f"config/gutenberg.py) or pass {flag}=DIR")
     ckpt = load_checkpoint(path)
-    model = make_model(ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout})
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt, path, dropout)
     model.to(device).eval()
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+def check_tokenizer(ckpt: dict, path: str, tok: Tokenizer, data_dir: str, hint: str) -> None:
+    """The tokenizer of data_dir must be the checkpoint's: with another one, the same ids mean other
+    strings (prepare.py run again with another vocabulary). hint: what to do instead."""
+    if ckpt["tokenizer"] != tok.state():
+        was = ckpt.get("data_dir", "?")
+        since = "prepare.py has run there again since" if was == data_dir else f"that of {was}"
+        raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {path} was trained with "
+                         f"({since}): {hint}")
 
 
 def keep_resumed(config: dict, given: set[str], saved: dict, keys, what: str) -> dict:

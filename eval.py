@@ -32,8 +32,10 @@ from torch.nn import functional as F
 from common import (
     SAMPLING,
     check_config,
+    check_tokenizer,
     completion_logps,
     continue_prompts,
+    ctrl_c_ends_quietly,
     draw_windows,
     has_dialogue,
     load_model,
@@ -42,6 +44,8 @@ from common import (
     setup_runtime,
 )
 from configurator import configure
+from tokenizer import load as load_tokenizer
+from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"
@@ -207,8 +211,10 @@ def main(c: dict) -> dict:
         path = os.path.join(data_dir, "val.bin")
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} not found (the checkpoint's data_dir): pass --text=FILE")
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        meta = load_meta(data_dir)
+        check_tokenizer(ckpt, os.path.join(c["out_dir"], "ckpt.pt"), load_tokenizer(data_dir, meta), data_dir,
+                        "its ids would be read as other strings; pass --text=FILE (tokenized with the "
+                        "checkpoint's tokenizer)")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         # the bytes behind tokens[1:]: all of the split's bytes but those of its first token
         n_bytes = meta["val"]["bytes"] - len(tok.decode_bytes([int(tokens[0])]))
@@ -231,4 +237,5 @@ def main(c: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    with ctrl_c_ends_quietly():  # one line, exit status 130
+        main(configure(globals()))

@@ -25,7 +25,7 @@ import shutil
 
 import torch
 
-from common import SAMPLING, load_model, sampling
+from common import SAMPLING, check_config, load_model, sampling
 from configurator import configure
 from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
 
@@ -141,13 +141,15 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
 
 def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int, top_p: float):
     """How generate() and pipelines sample by default (temperature, top_k, top_p: sample.py's defaults).
-    max_length keeps prompt and reply within the context when the caller does not say how much to
-    write (a pipeline would write 256 tokens): transformers does not slide the context past
-    block_size as sample.py does, and a GPT-2 fails."""
+    Temperature 0 is sample.py's greedy decoding: do_sample=False (transformers refuses to sample at
+    temperature 0). max_length keeps prompt and reply within the context when the caller does not
+    say how much to write (a pipeline would write 256 tokens): transformers does not slide the
+    context past block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                            max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id,
+    how = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} if temperature \
+        else {"do_sample": False}
+    return GenerationConfig(**how, max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id,
                             pad_token_id=eot_id)
 
 
@@ -212,9 +214,9 @@ generate = pipeline("text-generation", model="{name}")
 print(generate("Il était une fois", max_new_tokens=100)[0]["generated_text"])
 ```
 
-`generation_config.json` samples as `sample.py` does (temperature {hf_model.generation_config.temperature}, top-k
-{hf_model.generation_config.top_k}) and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the
-context: transformers does not slide the context past it as `sample.py` does, so keep prompt and
+`generation_config.json` {decoding(hf_model.generation_config)}
+and stops at `<|endoftext|>` or after {c.block_size} tokens in all (`max_length`, the context:
+transformers does not slide the context past it as `sample.py` does, so keep prompt and
 `max_new_tokens` within it). `<|endoftext|>` separates
 documents: typed in a prompt it is plain text, only its id ({tok.eot_id}) is the separator.
 
@@ -223,6 +225,14 @@ documents: typed in a prompt it is plain text, only its id ({tok.eot_id}) is the
 The training texts are in the public domain. The license tag above is `{license_tag}`
 (`python export.py --license=...` sets it).
 """
+
+
+def decoding(gen) -> str:
+    """How a generation config decodes, in the model card's words."""
+    if not gen.do_sample:
+        return "decodes greedily (`do_sample=False`), as `sample.py --temperature=0` does,"
+    return (f"samples as `sample.py` does (temperature {gen.temperature}, top-k {gen.top_k}, "
+            f"top-p {gen.top_p}),")
 
 
 def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, settings: dict) -> str:
@@ -239,6 +249,7 @@ def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, se
 
 
 def main(c: dict) -> str:
+    check_config(c)  # temperature, top_k, top_p: in range, as sample.py checks them
     hf_dir = c["hf_dir"] or "hf-" + os.path.basename(os.path.normpath(c["out_dir"])).removeprefix("out-")
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise SystemExit(f"error: --hf_dir={hf_dir} is a file: pass a folder (new, or an earlier export)")

@@ -16,13 +16,14 @@ import sys
 
 import torch
 
-from common import SAMPLING, check_config, load_model, sampling, setup_runtime, stream
+from common import SAMPLING, check_config, ctrl_c_ends_quietly, load_model, sampling, setup_runtime, stream
 from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
 start = ""  # the prompt, or FILE:path to read it from a file; "" starts from <|endoftext|>
-num_samples = 1  # several samples are generated together, as one batch
+num_samples = 1  # several: generated batch_size at a time, each batch printed as it ends (Ctrl-C stops)
+batch_size = 32  # samples generated together: memory stays bounded whatever num_samples
 max_new_tokens = 200
 globals().update(SAMPLING)  # temperature, top_k (0 = no filter), top_p (1.0 = no filter): see common.py
 greedy = False  # always take the likeliest token (same as temperature=0)
@@ -88,7 +89,7 @@ def main(c: dict) -> None:
                 c["start"] = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read the prompt file {path}: {e}") from None
-    check_config(c)  # temperature, top_k, top_p, max_new_tokens: in range
+    check_config(c)  # temperature, top_k, top_p, max_new_tokens, batch_size: in range
     if c["num_samples"] < 1:
         raise SystemExit(f"error: num_samples must be at least 1, got {c['num_samples']}")
     if c["attention_map"]:
@@ -125,20 +126,23 @@ def main(c: dict) -> None:
 
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
-    x = x.repeat(c["num_samples"], 1)
-    steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen)
     if c["num_samples"] == 1:  # stream the text as it comes
+        steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen)
         print(c["start"], end="", flush=True)
         with rt.autocast():
             stream(steps, tok)
         return
-    with rt.autocast():
-        out = torch.cat([torch.empty(x.size(0), 0, dtype=torch.long, device=rt.device), *steps],
-                        dim=1).tolist()
-    for i, row in enumerate(out):
-        row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
-        print(f"--- sample {i + 1} ---\n{c['start']}{tok.decode(row)}")
+    for first in range(0, c["num_samples"], c["batch_size"]):
+        n = min(c["batch_size"], c["num_samples"] - first)
+        steps = model.generate(x.repeat(n, 1), c["max_new_tokens"], **settings, eot_id=tok.eot_id,
+                               generator=gen)
+        with rt.autocast():
+            out = torch.cat([torch.empty(n, 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
+        for i, row in enumerate(out, first + 1):
+            row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+            print(f"--- sample {i} ---\n{c['start']}{tok.decode(row)}", flush=True)
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    with ctrl_c_ends_quietly():  # one line, exit status 130
+        main(configure(globals()))

@@ -22,6 +22,7 @@ import torch
 
 from common import (
     check_config,
+    check_tokenizer,
     claim_out_dir,
     configure_optimizer,
     curve,
@@ -181,10 +182,7 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
         raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
                          "fine-tune it with dpo.py, or train anew with --init_from=scratch in another "
                          "out_dir")
-    if ckpt["tokenizer"] != tok.state():  # the same ids must mean the same strings
-        raise SystemExit(f"error: the tokenizer of {data_dir} differs from the one {ckpt_path} was trained "
-                         f"with (that of {ckpt.get('data_dir', '?')}): resume on data prepared with the same "
-                         "tokenizer")
+    check_tokenizer(ckpt, ckpt_path, tok, data_dir, "resume on data prepared with the same tokenizer")
     # a model key given with another value than the checkpoint's is an error, compared resolved
     # (d_ff=0 is 4 x n_embd); one not given takes the checkpoint's value (the log and saved config say
     # so); dropout may change

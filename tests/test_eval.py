@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -88,3 +89,16 @@ def test_stride_block_size_scores_disjoint_windows_as_lm_eval_does(trained):
         _, loss = model(x, y)  # four windows side by side, none sees another
     assert count == 128 and abs(total - loss.item() * 128) < 1e-3
     assert abs(score(model, tokens, 3, setup_runtime("cpu", "float32"))[0] - total) > 1e-3  # the default overlaps
+
+
+def test_eval_refuses_a_data_dir_whose_tokenizer_was_rebuilt(trained, txt_dir, tmp_path):
+    """prepare.py run again on the checkpoint's data_dir with another tokenizer: its val.bin holds
+    ids of that one, which the checkpoint's tokenizer reads as other strings (it scored 3.60 bits per
+    byte where 3.13 was right, without a word). train.py refuses the same case on resume."""
+    shutil.copytree(os.path.join(trained, "out-tiny"), tmp_path / "out-tiny")
+    run("prepare.py", f"--dataset={txt_dir}", "--tokenizer=char", "--name=tiny", "--val_fraction=0.2",
+        cwd=str(tmp_path))
+    p = run("eval.py", "--out_dir=out-tiny", "--device=cpu", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    assert ("the tokenizer of data/tiny differs from the one out-tiny/ckpt.pt was trained with (prepare.py "
+            "has run there again since)") in p.stderr and "--text=FILE" in p.stderr

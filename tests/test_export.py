@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -134,6 +135,31 @@ def test_export_to_a_file_is_a_one_line_error(trained, tmp_path):
     p = run("export.py", "--out_dir=out-tiny", f"--hf_dir={path}", cwd=trained, check=False)
     assert p.returncode == 1 and p.stderr.startswith("error:") and "is a file" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and path.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("arg, message", [("--temperature=-1", "temperature must be zero or positive"),
+                                          ("--top_k=-3", "top_k must be zero or positive"),
+                                          ("--top_p=5", "top_p must be in (0, 1]"),
+                                          ("--temperature=1e-30", "temperature must be 0 (greedy) or at")])
+def test_export_checks_the_sampling_settings_as_sample_py_does(trained, tmp_path, arg, message):
+    """They went into generation_config.json as given, for transformers to fail on at generate()."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        export.main(configure(vars(export), ["--out_dir=" + os.path.join(trained, "out-tiny"),
+                                             f"--hf_dir={tmp_path / 'hf'}", arg]))
+    assert not os.listdir(tmp_path)
+
+
+def test_export_temperature_0_is_greedy_as_in_sample_py(trained, tmp_path):
+    """transformers refuses to sample at temperature 0: sample.py's greedy decoding is do_sample=False."""
+    hf_dir = export.main(configure(vars(export), ["--out_dir=" + os.path.join(trained, "out-tiny"),
+                                                  f"--hf_dir={tmp_path / 'hf'}", "--temperature=0"]))
+    gen = transformers.GenerationConfig.from_pretrained(hf_dir)
+    assert gen.do_sample is False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    x = torch.tensor([[5, 6, 7]])
+    assert torch.equal(hf.generate(x, max_new_tokens=3), hf.generate(x, max_new_tokens=3))  # greedy: the same
+    with open(os.path.join(hf_dir, "README.md"), encoding="utf-8") as f:
+        assert "decodes greedily (`do_sample=False`)" in f.read()
 
 
 @pytest.mark.parametrize("tie", [True, False])

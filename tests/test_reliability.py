@@ -77,7 +77,10 @@ def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
         common.load_checkpoint(str(out / "ckpt.pt"))
     p = run("sample.py", f"--out_dir={out}", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "not a readable checkpoint" in p.stderr
-    assert not marker.exists()
+    # what it is and why it is refused, in full; never torch's advice to load it with weights_only=False
+    assert "would run posix.system, so it may not be safe to load" in p.stderr, p.stderr
+    assert "only loads checkpoints it wrote" in p.stderr and "weights_only" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not marker.exists()
 
 
 def test_truncated_or_foreign_checkpoint_errors_name_the_file(trained, tmp_path):
@@ -91,6 +94,68 @@ def test_truncated_or_foreign_checkpoint_errors_name_the_file(trained, tmp_path)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other\.pt is not a checkpoint of this project"):
         common.load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def copy_checkpoint(trained: str, out_dir: str, change) -> str:
+    """out-tiny's checkpoint, changed by change(ckpt), saved in trained/out_dir; returns out_dir."""
+    ckpt = common.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
+    change(ckpt)
+    os.makedirs(os.path.join(trained, out_dir), exist_ok=True)
+    torch.save(ckpt, os.path.join(trained, out_dir, "ckpt.pt"))
+    return out_dir
+
+
+def one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
+    assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_reader(trained):
+    """A run that diverged and saved NaN weights: sample.py crashed, eval.py printed nan, export.py
+    exported it."""
+    out = copy_checkpoint(trained, "out-nan", lambda ckpt: ckpt["model"]["transformer.h.0.mlp.c_fc.weight"]
+                          .view(-1)[7].fill_(float("nan")))
+    readers = [("sample.py", "--device=cpu"), ("eval.py", "--device=cpu"), ("export.py", "--hf_dir=hf-nan")]
+    for script, arg in readers:
+        p = run(script, f"--out_dir={out}", arg, cwd=trained, check=False)
+        one_line_error(p, "out-nan/ckpt.pt holds non-finite weights (NaN or inf, in transformer.h.0.mlp.c_fc")
+        assert "use an earlier checkpoint, or train again" in p.stderr
+    assert not os.path.exists(os.path.join(trained, "hf-nan"))
+
+
+def nanogpt(ckpt: dict) -> None:
+    """A checkpoint as nanoGPT's train.py writes it: its GPT's weights and model_args, no tokenizer."""
+    args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": False, "vocab_size": 512,
+            "dropout": 0.0}
+    ckpt.clear()
+    ckpt.update(model=make_model(args).state_dict(), model_args=args, iter_num=60, optimizer={},
+                best_val_loss=torch.tensor(2.0), config={"dataset": "shakespeare_char"})
+
+
+def test_foreign_empty_or_unknown_arch_checkpoints_are_one_line_naming_the_file(trained, monkeypatch):
+    """Each was a traceback: nanoGPT's checkpoint (no tokenizer: KeyError), one with no weights or
+    other ones (load_state_dict's RuntimeError), one of an unknown arch (make_model's ValueError)."""
+    cases = [(nanogpt, "is not a checkpoint of this project: it holds no tokenizer"),
+             (lambda ckpt: ckpt.update(model={}),
+              "its weights do not match its model_args: missing transformer.wte.weight"),
+             (lambda ckpt: ckpt["model"].update(extra=torch.zeros(2)),
+              "its weights do not match its model_args: unexpected extra"),
+             (lambda ckpt: ckpt["model_args"].update(n_embd=64),
+              "of another shape transformer.wte.weight (512, 32) (model_args: (512, 64))"),
+             (lambda ckpt: ckpt["model_args"].update(arch="mamba"),
+              "unknown arch 'mamba' (this project trains gpt and llama)")]
+    monkeypatch.chdir(trained)
+    for i, (change, message) in enumerate(cases):
+        out = copy_checkpoint(trained, f"out-foreign{i}", change)
+        with pytest.raises(SystemExit, match=re.escape(f"error: {out}/ckpt.pt") + ".*" + re.escape(message)):
+            common.load_model(out)  # what every script loads a model with (chat.py too)
+    # and as each script says it
+    one_line_error(run("sample.py", "--out_dir=out-foreign0", cwd=trained, check=False),
+                   "out-foreign0/ckpt.pt is not a checkpoint of this project")
+    one_line_error(run("export.py", "--out_dir=out-foreign1", "--hf_dir=hf-f1", cwd=trained, check=False),
+                   "out-foreign1/ckpt.pt: its weights do not match")
+    one_line_error(run("dpo.py", "--init_from=out-foreign4", "--out_dir=out-dpo-f4", "--make_pairs=8",
+                       "--device=cpu", cwd=trained, check=False), "out-foreign4/ckpt.pt: unknown arch")
 
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -184,6 +249,26 @@ def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
     rest = p.communicate(timeout=60)[0]
     assert p.returncode == 1 and "Traceback" not in rest, rest
     assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
+
+
+@pytest.mark.parametrize("script, args, started", [
+    ("sample.py", ["--start=Il était", "--max_new_tokens=100000000"], "Il était"),
+    ("sample.py", ["--num_samples=100000000", "--max_new_tokens=4"], "--- sample 40 ---"),  # a second batch
+    ("eval.py", ["--num_samples=2", "--max_new_tokens=100000000"], "cross-entropy"),
+])
+def test_ctrl_c_in_sample_and_eval_is_one_line_and_status_130(trained, script, args, started):
+    """A real Ctrl-C while the script works; sample.py --num_samples=100000000 (a typo, say) prints
+    its samples batch by batch, with bounded memory, until Ctrl-C, where it once tried to allocate
+    them all at once and died."""
+    p = popen(script, "--out_dir=out-tiny", "--device=cpu", *args, cwd=trained)
+    before = ""
+    while started not in before:
+        c = p.stdout.read(1)
+        assert c, before  # the process ended before it was interrupted
+        before += c
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and rest.splitlines()[-1] == "interrupted" and "Traceback" not in rest, rest
 
 
 def test_resume_is_exact_under_a_max_time_budget(workdir):
