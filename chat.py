@@ -172,7 +172,9 @@ if script:
     except OSError as e:
         raise SystemExit(f"error: cannot read the script {script}: {e}") from None
 else:
-    lines = read_lines(sys.stdin.buffer, echo=not interactive)  # bytes: a line that is not UTF-8 is asked again
+    # bytes, so that a line that is not UTF-8 is asked again; unbuffered (raw): a buffered reader's lock,
+    # held by the reading thread while it waits, would abort the interpreter's shutdown
+    lines = read_lines(sys.stdin.buffer.raw, echo=not interactive)
 
 # --- setup: device, the frozen reference, chat_dir -------------------------------------------------
 rt = setup_runtime(device, dtype, seed)
@@ -299,8 +301,9 @@ try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise SystemExit(f"error: cannot write {log_path} ({e.strerror}): free some space, or pass another "
-                             f"--chat_dir (the updates so far are saved in {chat_dir}/ckpt.pt)") from None
+            saved = f"the updates so far are saved in {chat_dir}/ckpt.pt"
+            raise SystemExit(f"error: cannot write {log_path} ({e.strerror}): free some space, or pass "
+                             f"another --chat_dir ({saved})") from None
         if stats:
             rated = {"choice": int(answer)} if pairwise else {"rating": answer, "baseline": state["baseline"]}
             log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],

@@ -379,9 +379,10 @@ if __name__ == "__main__":
             missing = [f for f in ("train.bin", "val.bin") if not os.path.exists(os.path.join(data_dir, f))]
             if missing:
                 where = "" if os.path.isabs(data_dir) else f" (relative to the working folder {os.getcwd()})"
+                path = os.path.join(data_dir, missing[0])
                 raise SystemExit(f"error: --make_pairs draws passages from the data {init_from} was trained "
-                                 f"on, but {os.path.join(data_dir, missing[0])} is not there{where}: run dpo.py "
-                                 "from the folder train.py ran in, or pass --pairs=FILE instead")
+                                 f"on, but {path} is not there{where}: run dpo.py from the folder train.py "
+                                 "ran in, or pass --pairs=FILE instead")
     if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model
         lock = claim_out_dir(out_dir, not resume, overwrite, "continue it with --resume=True")
     block_size = model.config.block_size
@@ -494,7 +495,7 @@ if __name__ == "__main__":
                     log_metrics(metrics_path, {"iter": iter_num, **{"eval/" + k: v for k, v in m.items()}})
                 log(f"eval at step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
                 if iter_num > 0:
-                    # a diverged model is never saved: the checkpoint keeps the last good step (as in train.py)
+                    # a diverged model is never saved: the checkpoint keeps the last good step, as in train.py
                     if not math.isfinite(m["loss"]) or not all_finite(unwrap(model).state_dict()):
                         what = (f"held-out loss is {m['loss']}" if not math.isfinite(m["loss"])
                                 else "model's weights are not finite")

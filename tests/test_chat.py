@@ -167,16 +167,20 @@ def test_a_session_without_ratings_draws_no_plot_and_warns_nothing(trained):
     assert [e["rating"] for e in feedback(trained, "chat-unrated")] == [None]
 
 
+def saved_updates(cwd: str, chat_dir: str) -> int:
+    return torch.load(os.path.join(cwd, chat_dir, "ckpt.pt"), weights_only=True)["chat"]["updates"]
+
+
 def test_a_line_that_is_not_utf8_is_asked_again_and_the_session_is_saved(trained):
     # Latin-1 "fenêtre", then the same line in UTF-8, as a person retyping it would
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=8",
-                        "--chat_dir=chat-latin1"], cwd=trained, input=b"La fen\xeatre\nLa fen\xc3\xaatre\n0.5\n",
-                       capture_output=True, timeout=300)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny",
+                        "--max_new_tokens=8", "--chat_dir=chat-latin1"], cwd=trained, capture_output=True, timeout=300,
+                       input=b"La fen\xeatre\nLa fen\xc3\xaatre\n0.5\n")
     out, err = p.stdout.decode(), p.stderr.decode()
     assert p.returncode == 0 and "Traceback" not in err, err
     assert "that line is not UTF-8 text (byte 0xea at position 6): type it again in UTF-8" in out
     assert [(e["prompt"], e["rating"]) for e in feedback(trained, "chat-latin1")] == [("La fenêtre", 0.5)]
-    assert torch.load(os.path.join(trained, "chat-latin1", "ckpt.pt"), weights_only=True)["chat"]["updates"] == 1
+    assert saved_updates(trained, "chat-latin1") == 1
 
 
 def test_an_error_mid_session_still_saves_the_updates(trained):
@@ -184,7 +188,7 @@ def test_an_error_mid_session_still_saves_the_updates(trained):
     p = chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-error", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "error: cannot write chat-error/feedback.jsonl (Is a directory)" in p.stderr
-    assert torch.load(os.path.join(trained, "chat-error", "ckpt.pt"), weights_only=True)["chat"]["updates"] == 1
+    assert saved_updates(trained, "chat-error") == 1
 
 
 def test_the_end_message_names_a_feedback_file_only_when_there_is_one(trained):
@@ -198,15 +202,17 @@ def test_a_session_goes_on_only_against_the_reference_it_started_from(trained):
     tuned = open(os.path.join(trained, "chat-ref", "ckpt.pt"), "rb").read()
     ckpt = torch.load(os.path.join(trained, "out-tiny", "ckpt.pt"), weights_only=True)
     model = ckpt["model"]
-    others = {"out-tiny-16": {**ckpt, "model_args": {**ckpt["model_args"], "block_size": 16},  # another block_size
-                              "model": {**model, "transformer.wpe.weight": model["transformer.wpe.weight"][:16]}},
+    wpe = model["transformer.wpe.weight"]  # the GPT's position table: one row per position
+    others = {"out-tiny-16": {**ckpt, "model_args": {**ckpt["model_args"], "block_size": 16},
+                              "model": {**model, "transformer.wpe.weight": wpe[:16]}},  # another block_size
               "out-tiny-other": {**ckpt, "model": {k: v * 1.01 for k, v in model.items()}}}  # other weights
     for name, other in others.items():
         os.makedirs(os.path.join(trained, name), exist_ok=True)
         torch.save(other, os.path.join(trained, name, "ckpt.pt"))
         p = chat(trained, "Le jour\n1\n", "--chat_dir=chat-ref", f"--out_dir={name}", check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-        assert f"error: chat-ref was tuned from another model than {name}/ckpt.pt (out-tiny/ckpt.pt" in p.stderr
+        refused = f"error: chat-ref was tuned from another model than {name}/ckpt.pt (out-tiny/ckpt.pt as it"
+        assert refused in p.stderr, p.stderr
         assert open(os.path.join(trained, "chat-ref", "ckpt.pt"), "rb").read() == tuned
     assert len(feedback(trained, "chat-ref")) == 1
     p = chat(trained, "Le jour\n1\n", "--chat_dir=chat-ref")  # its own reference: the session goes on

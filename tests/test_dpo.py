@@ -345,8 +345,9 @@ def test_a_diverged_run_never_replaces_its_last_good_checkpoint(trained, tmp_pat
 
 def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_path):
     def interrupt(after: str, *args: str) -> str:
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo.py"), "--init_from=out-tiny", "--device=cpu",
-                              *args], cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo.py"), "--init_from=out-tiny",
+                              "--device=cpu", *args], cwd=trained, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
         for line in p.stdout:
             if line.startswith(after):
                 p.send_signal(signal.SIGINT)
@@ -366,7 +367,8 @@ def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_
     m = re.fullmatch(r"interrupted at step \d+: out-dpo-int/ckpt.pt keeps step (\d+) \(continue with "
                      r"--resume=True\)", last)
     assert m, last
-    assert load_checkpoint(os.path.join(trained, "out-dpo-int", "ckpt.pt"))["iter_num"] == int(m.group(1)) >= 2
+    kept = load_checkpoint(os.path.join(trained, "out-dpo-int", "ckpt.pt"))["iter_num"]
+    assert kept == int(m.group(1)) >= 2, (kept, last)
 
 
 def test_out_dir_that_is_a_symlink_to_init_from_is_refused(trained):
@@ -379,8 +381,9 @@ def test_out_dir_that_is_a_symlink_to_init_from_is_refused(trained):
 
 
 def test_make_pairs_without_the_training_data_says_where_it_looked(trained, tmp_path):
-    p = run("dpo.py", f"--init_from={os.path.join(trained, 'out-tiny')}", "--out_dir=out-elsewhere", "--make_pairs=8",
-            "--device=cpu", cwd=str(tmp_path), check=False)  # from another folder: data/tiny is relative
+    init_from = os.path.join(trained, "out-tiny")  # run from another folder: its data_dir is relative
+    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
+            cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert (f"data/tiny/train.bin is not there (relative to the working folder {tmp_path})" in p.stderr
             and "run dpo.py from the folder train.py ran in, or pass --pairs=FILE" in p.stderr), p.stderr
@@ -399,8 +402,8 @@ BAD_FEEDBACK = [({"prompt": "P", "replies": ["a"], "choice": 2}, NO_REPLIES),  #
 def test_malformed_chat_feedback_rows_name_the_file_and_row(tmp_path, row, why):
     good = {"prompt": "Q", "reply": "good", "rating": 1.0, "update": 1}
     path = write_pairs(tmp_path / "feedback.jsonl", [good, row])
-    with pytest.raises(SystemExit, match=re.escape(f"feedback.jsonl, row 2: not a row of chat.py's feedback log "
-                                                   f"({why}): correct or delete it")):
+    message = f"feedback.jsonl, row 2: not a row of chat.py's feedback log ({why}): correct or delete it"
+    with pytest.raises(SystemExit, match=re.escape(message)):
         dpo.load_pairs(path)
 
 
@@ -414,12 +417,11 @@ def test_pair_files_other_formats_and_a_bom(tmp_path):
     with pytest.raises(SystemExit, match=r"pairs\.csv: pairs are read from \.jsonl, \.json, \.parquet files"):
         dpo.load_pairs(str(csv))
     # a BOM, as some editors write first, is not part of the first row (dpo.py's pairs, eval.py's --pairs)
-    bom = tmp_path / "bom.jsonl"
-    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}).encode() + b"\n")
-    assert dpo.load_pairs(str(bom)) == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
-    as_json = tmp_path / "bom.json"
-    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"prompt": "p", "chosen": "c", "rejected": "r"}]).encode())
-    assert dpo.load_pairs(str(as_json)) == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
-    blimp = tmp_path / "blimp.jsonl"
-    blimp.write_bytes(b"\xef\xbb\xbf" + json.dumps({"sentence_good": "Il est.", "sentence_bad": "Il es."}).encode())
-    assert eval_script.read_pairs(str(blimp)) == [("Il est.", "Il es.")]
+    pair, bom = {"prompt": "p", "chosen": "c", "rejected": "r"}, b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + json.dumps(pair).encode() + b"\n")
+    assert dpo.load_pairs(str(tmp_path / "bom.jsonl")) == [pair]
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([pair]).encode())
+    assert dpo.load_pairs(str(tmp_path / "bom.json")) == [pair]
+    blimp = {"sentence_good": "Il est.", "sentence_bad": "Il es."}
+    (tmp_path / "blimp.jsonl").write_bytes(bom + json.dumps(blimp).encode())
+    assert eval_script.read_pairs(str(tmp_path / "blimp.jsonl")) == [("Il est.", "Il es.")]
