@@ -162,7 +162,7 @@ def feedback_error(r: dict) -> str:
     if "choice" in r:
         if r["choice"] in (None, "="):  # skipped, or a tie: no pair
             return ""
-        if r["choice"] not in (1, 2) or isinstance(r["choice"], bool):
+        if type(r["choice"]) is not int or r["choice"] not in (1, 2):  # not 1.0, not true: an index
             return f"choice {r['choice']!r} is not 1, 2, = or null"
         replies = r.get("replies")
         if not (isinstance(replies, list) and len(replies) == 2 and all(isinstance(t, str) for t in replies)):

@@ -395,7 +395,8 @@ BAD_FEEDBACK = [({"prompt": "P", "replies": ["a"], "choice": 2}, NO_REPLIES),  #
                 ({"prompt": "P", "choice": 1}, NO_REPLIES),  # a missing key
                 ({"prompt": "P", "reply": "r", "rating": "good"}, "rating 'good' is not a number"),
                 ({"prompt": ["P"], "reply": "r", "rating": 1}, "no text 'prompt'"),
-                ({"prompt": "P", "replies": ["a", "b"], "choice": 3}, "choice 3 is not 1, 2, = or null")]
+                ({"prompt": "P", "replies": ["a", "b"], "choice": 3}, "choice 3 is not 1, 2, = or null"),
+                ({"prompt": "P", "replies": ["a", "b"], "choice": 1.0}, "choice 1.0 is not 1, 2, = or null")]
 
 
 @pytest.mark.parametrize("row,why", BAD_FEEDBACK)
