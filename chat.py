@@ -21,6 +21,7 @@ time, update count), which dpo.py can read as preference pairs. The tuned model 
 starting checkpoint is never written. rewards.png plots the ratings and their running mean.
 """
 
+import hashlib
 import json
 import os
 import queue
@@ -43,6 +44,7 @@ from common import (
     log_metrics,
     plot_curves,
     read_metrics,
+    same_dir,
     sampling,
     save_checkpoint,
     setup_runtime,
@@ -80,7 +82,7 @@ if auto_rate and pairwise:
 if kl_coef < 0 or not 0 <= baseline_decay < 1:
     raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
 chat_dir = chat_dir or out_dir.rstrip("/") + "-chat"
-if os.path.abspath(chat_dir) == os.path.abspath(out_dir):
+if same_dir(chat_dir, out_dir):  # by real path: a symlink to out_dir is out_dir
     raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
 
 
@@ -94,10 +96,11 @@ With --pairwise, answer 1 or 2 for the better reply, = when neither is."""
 
 
 def read_lines(source, echo: bool):
-    """The lines of source (standard input, or a script's lines), read by a helper thread while the main
-    thread waits for each in short steps. Waiting so, the main thread notices Ctrl-C: the kernel may
-    hand SIGINT to any thread (one of torch's workers, say), and a main thread blocked in read() would
-    never hear of it. echo: print each line, so that a scripted session reads like a typed one."""
+    """The lines of source (standard input's bytes, or a script's lines), as bytes: ask() decodes them.
+    A helper thread reads them while the main thread waits for each in short steps. Waiting so, the
+    main thread notices Ctrl-C: the kernel may hand SIGINT to any thread (one of torch's workers, say),
+    and a main thread blocked in read() would never hear of it. echo: print each line, so that a
+    scripted session reads like a typed one."""
     q: queue.Queue = queue.Queue()
 
     def reader() -> None:
@@ -113,19 +116,26 @@ def read_lines(source, echo: bool):
             continue  # back in Python for a moment: a pending Ctrl-C is raised here, as KeyboardInterrupt
         if line is None:
             return
-        line = line.rstrip("\n")
+        line = line.rstrip(b"\r\n")
         if echo:
-            print(line)
+            print(line.decode("utf-8", errors="replace"))
         yield line
 
 
 def ask(lines, prompt: str) -> str:
-    """The next input line (from the keyboard, a pipe or the script); EOFError at the end."""
-    print(prompt, end="", flush=True)
-    line = next(lines, None)
-    if line is None:
-        raise EOFError
-    return line
+    """The next input line (from the keyboard, a pipe or the script); EOFError at the end. A line that
+    is not UTF-8 text (Latin-1 typed in another terminal's encoding, say) is refused in one line, and
+    the question asked again: no such text reaches the model, the tokenizer or feedback.jsonl."""
+    while True:
+        print(prompt, end="", flush=True)
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            print(f"that line is not UTF-8 text (byte {line[e.start]:#04x} at position {e.start}): type it "
+                  "again in UTF-8 (set your terminal's encoding to UTF-8)")
 
 
 def ask_rating(lines, pairwise: bool):
@@ -157,12 +167,14 @@ def ask_rating(lines, pairwise: bool):
 interactive = not script and sys.stdin.isatty()  # a person at the keyboard
 if script:
     try:
-        with open(script, encoding="utf-8") as f:
+        with open(script, "rb") as f:
             lines = read_lines(f.read().splitlines(), echo=True)
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise SystemExit(f"error: cannot read the script {script}: {e}") from None
 else:
-    lines = read_lines(sys.stdin, echo=not interactive)
+    # bytes, so that a line that is not UTF-8 is asked again; unbuffered (raw): a buffered reader's lock,
+    # held by the reading thread while it waits, would abort the interpreter's shutdown
+    lines = read_lines(sys.stdin.buffer.raw, echo=not interactive)
 
 # --- setup: device, the frozen reference, chat_dir -------------------------------------------------
 rt = setup_runtime(device, dtype, seed)
@@ -210,9 +222,22 @@ def save(policy, state: dict, ref_ckpt: dict, config: dict, chat_dir: str, metri
                 "update", "rating", f"ratings of {chat_dir}")
 
 
-policy_dir = chat_dir if not fresh and os.path.exists(os.path.join(chat_dir, "ckpt.pt")) else out_dir
+continued = not fresh and os.path.exists(os.path.join(chat_dir, "ckpt.pt"))  # an earlier session's model
+policy_dir = chat_dir if continued else out_dir
 policy, _, policy_ckpt = load_model(policy_dir, rt.device, dropout=0.0)  # as the reference it is held to
 state = policy_ckpt.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
+# a session goes on against the reference it started from: with another (another tokenizer or block_size,
+# other weights) it would tune these weights with the wrong tokenizer, and save a checkpoint pairing them
+with open(os.path.join(out_dir, "ckpt.pt"), "rb") as f:
+    reference = {"out_dir": out_dir, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+started = state.get("reference")  # None: a session of an older chat.py, known by its tokenizer and shape
+other_weights = started is not None and started["sha256"] != reference["sha256"]
+if continued and (other_weights or any(policy_ckpt[k] != ref_ckpt[k] for k in ("tokenizer", "model_args"))):
+    was = f" ({started['out_dir']}/ckpt.pt as it was then)" if started else ""
+    raise SystemExit(f"error: {chat_dir} was tuned from another model than {out_dir}/ckpt.pt{was}: pass the "
+                     "--out_dir its sessions started from, another --chat_dir, or --fresh --overwrite=True "
+                     f"to start again from {out_dir}")
+state["reference"] = reference
 del policy_ckpt
 print(f"policy from {policy_dir}/ckpt.pt ({state['updates']} updates so far), reference {out_dir}/ckpt.pt; "
       f"tuned model, feedback.jsonl and rewards.png go to {chat_dir}/")
@@ -225,7 +250,7 @@ gen = torch.Generator(device=rt.device).manual_seed(seed)
 # --- the loop: a prompt, the reply (or two), a rating, one update ------------------------------------
 if interactive:
     print(HELP)
-try:
+try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are saved in every case
     while True:
         text = ask(lines, "\nprompt> ")
         if text.strip() == "q":
@@ -270,10 +295,15 @@ try:
                                        grad_clip)
             state["updates"] += 1
         entry["update"] = state["updates"]
-        with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(log_path, "a", encoding="utf-8") as f:  # one whole line per exchange, on disk at once
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            saved = f"the updates so far are saved in {chat_dir}/ckpt.pt"
+            raise SystemExit(f"error: cannot write {log_path} ({e.strerror}): free some space, or pass "
+                             f"another --chat_dir ({saved})") from None
         if stats:
             rated = {"choice": int(answer)} if pairwise else {"rating": answer, "baseline": state["baseline"]}
             log_metrics(metrics_path, {"update": state["updates"], **rated, "advantage": advantages[0],
@@ -284,6 +314,8 @@ try:
                 save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
 except (EOFError, KeyboardInterrupt):
     print()
-save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
-plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""
-print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates; feedback in {log_path}{plot}")
+finally:
+    save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
+    logged = f"; feedback in {log_path}" if os.path.isfile(log_path) else "; no feedback logged"
+    plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""
+    print(f"saved {chat_dir}/ckpt.pt after {state['updates']} updates{logged}{plot}")

@@ -420,6 +420,21 @@ def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tu
 
 
 # --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------
+def same_dir(a: str, b: str) -> bool:
+    """Whether two folder names are one folder: compared by real path, so a symlink (or another
+    spelling) of a folder is that folder; two that exist are compared by the file system itself."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def all_finite(state_dict: dict) -> bool:
+    """Whether every floating-point tensor of a state_dict is free of NaN and inf: a checkpoint
+    is written only then (a diverged model saved over a good one would lose it)."""
+    return all(torch.isfinite(t).all().item() for t in state_dict.values()
+               if torch.is_tensor(t) and t.is_floating_point())
+
+
 def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: str = "--out_dir"):
     """Checks, before any work, that out_dir can take this run: it is a folder (or can be made one)
     that we can write, a fresh run would not replace a trained model there unless overwrite is set

@@ -26,10 +26,13 @@ policy starts equal to the reference (every reward is 0 before the first step). 
 continues a run exactly, on the pairs it began with: their reference log-probs are in the checkpoint.
 """
 
+import codecs
 import functools
 import hashlib
 import json
+import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -37,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from common import (
+    all_finite,
     check_config,
     claim_out_dir,
     completion_logps,
@@ -60,6 +64,7 @@ from common import (
     read_metrics,
     restore_rng_state,
     rng_state,
+    same_dir,
     save_checkpoint,
     schedule_end,
     setup_runtime,
@@ -103,18 +108,28 @@ ddp_timeout = 300.0
 seed = 1337
 # -----------------------------------------------------------------------------
 COLUMNS = ("prompt", "chosen", "rejected")
+FORMATS = (".jsonl", ".json", ".parquet")  # the pair files read (besides a Hub dataset's name)
 # what a resumed run keeps from its checkpoint: the reference, the pairs, their split and their scoring
 RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "completion_tokens",
             "loss_type", "seed")
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL/JSON/parquet file or a Hub dataset; errors name the file and the row."""
+def read_rows(path: str) -> list[tuple[int, dict]]:
+    """Rows of a JSONL/JSON/parquet file or a Hub dataset, each with its number (in a JSONL file, its
+    line); errors name the file and the row."""
+    if os.path.isfile(path) and not path.endswith(FORMATS):
+        raise SystemExit(f"error: {path}: pairs are read from {', '.join(FORMATS)} files or a Hub dataset, "
+                         "not this format: convert it to JSONL, one object with "
+                         f"{', '.join(COLUMNS)} per line")
     if path.endswith((".jsonl", ".json")) and os.path.exists(path):
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read().removeprefix(codecs.BOM_UTF8)  # as utf-8-sig: some editors write a BOM first
         if path.endswith(".json") and raw.lstrip().startswith(b"["):
-            lines = [json.dumps(r).encode() for r in json.loads(raw)]
+            try:
+                lines = [json.dumps(r).encode() for r in json.loads(raw)]
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise SystemExit(f"error: {path}: not JSON ({e}): a .json file holds one list of "
+                                 "objects; a .jsonl file one object per line") from None
         else:
             lines = raw.splitlines()
         rows = []
@@ -122,41 +137,69 @@ def read_rows(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line.decode("utf-8")))
+                row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise SystemExit(f"error: {path}, row {i}: bytes that are not UTF-8 ({e.reason} at byte "
                                  f"{e.start})") from None
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}, row {i}: not JSON ({e.msg})") from None
-            if not isinstance(rows[-1], dict):
+            if not isinstance(row, dict):
                 raise SystemExit(f"error: {path}, row {i}: not a JSON object")
+            rows.append((i, row))
         return rows
     from datasets import load_dataset
 
     try:
         if path.endswith(".parquet"):
-            return list(load_dataset("parquet", data_files=path, split="train"))
-        return list(load_dataset(path, split="train"))
+            return list(enumerate(load_dataset("parquet", data_files=path, split="train"), 1))
+        return list(enumerate(load_dataset(path, split="train"), 1))
     except Exception as e:
         raise SystemExit(f"error: cannot read pairs from {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def pairs_from_feedback(rows: list[dict]) -> list[dict]:
+def feedback_error(r: dict) -> str:
+    """What is wrong with a row of chat.py's feedback log, or "" if nothing."""
+    if "choice" in r:
+        if r["choice"] in (None, "="):  # skipped, or a tie: no pair
+            return ""
+        if type(r["choice"]) is not int or r["choice"] not in (1, 2):  # not 1.0, not true: an index
+            return f"choice {r['choice']!r} is not 1, 2, = or null"
+        replies = r.get("replies")
+        if not (isinstance(replies, list) and len(replies) == 2 and all(isinstance(t, str) for t in replies)):
+            return "a choice needs 'replies', a list of the 2 replies' texts"
+    elif "rating" in r:
+        if r["rating"] is None:  # skipped
+            return ""
+        rating = r["rating"]
+        if isinstance(rating, bool) or not isinstance(rating, int | float) or not math.isfinite(rating):
+            return f"rating {rating!r} is not a number"
+        if not isinstance(r.get("reply"), str):
+            return "a rating needs 'reply', the reply's text"
+    else:
+        return "neither a 'choice' nor a 'rating'"
+    return "" if isinstance(r.get("prompt"), str) else "no text 'prompt'"
+
+
+def pairs_from_feedback(rows: list[tuple[int, dict]], path: str) -> list[tuple[int, dict]]:
     """chat.py's log as pairs: a pairwise choice is a pair; two rated replies to the same prompt
-    with different ratings are a pair too (the better rated one chosen)."""
+    with different ratings are a pair too (the better rated one chosen). A pair is numbered by the
+    row of its chosen reply."""
     out, rated = [], {}
-    for r in rows:
+    for i, r in rows:
+        if why := feedback_error(r):
+            raise SystemExit(f"error: {path}, row {i}: not a row of chat.py's feedback log ({why}): "
+                             "correct or delete it")
         if r.get("choice") in (1, 2):
-            out.append({"prompt": r["prompt"], "chosen": r["replies"][r["choice"] - 1],
-                        "rejected": r["replies"][2 - r["choice"]]})
+            out.append((i, {"prompt": r["prompt"], "chosen": r["replies"][r["choice"] - 1],
+                            "rejected": r["replies"][2 - r["choice"]]}))
         elif r.get("rating") is not None:
-            rated.setdefault(r["prompt"], []).append((r["rating"], r["reply"]))
+            rated.setdefault(r["prompt"], []).append((r["rating"], i, r["reply"]))
     for prompt, replies in rated.items():
         replies.sort(key=lambda t: -t[0])
-        for i, (ri, a) in enumerate(replies):
-            for rj, b in replies[i + 1 :]:
+        for k, (ri, i, a) in enumerate(replies):
+            for rj, _, b in replies[k + 1 :]:
                 if ri > rj:
-                    out.append({"prompt": prompt, "chosen": a, "rejected": b})
+                    out.append((i, {"prompt": prompt, "chosen": a, "rejected": b}))
     return out
 
 
@@ -164,10 +207,10 @@ def load_pairs(path: str, log=print) -> list[dict]:
     """The pairs of a file, checked; those whose chosen equals rejected are dropped (and counted):
     they hold no preference, and their h is 0 whatever the model."""
     rows = read_rows(path)
-    if rows and "prompt" in rows[0] and ("choice" in rows[0] or "rating" in rows[0]):
-        rows = pairs_from_feedback(rows)
+    if rows and "prompt" in rows[0][1] and ("choice" in rows[0][1] or "rating" in rows[0][1]):
+        rows = pairs_from_feedback(rows, path)
         log(f"{path}: chat.py's feedback log, {len(rows)} preference pairs")
-    for i, r in enumerate(rows, 1):
+    for i, r in rows:
         for col in COLUMNS:
             if not isinstance(r.get(col), str):
                 raise SystemExit(f"error: {path}, row {i}: no text column '{col}' (a pair needs "
@@ -175,7 +218,7 @@ def load_pairs(path: str, log=print) -> list[dict]:
         for col in ("chosen", "rejected"):
             if not r[col].strip():
                 raise SystemExit(f"error: {path}, row {i}: the {col} completion is empty")
-    kept = [r for r in rows if r["chosen"] != r["rejected"]]
+    kept = [r for _, r in rows if r["chosen"] != r["rejected"]]
     if len(kept) < len(rows):
         log(f"{path}: dropped {len(rows) - len(kept)} pair(s) whose chosen equals rejected")
     if not kept:
@@ -281,10 +324,26 @@ if __name__ == "__main__":
     if loss_type == "ipo" and label_smoothing:
         raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has "
                          "no labels to smooth")
-    if os.path.abspath(out_dir) == os.path.abspath(init_from):
+    if same_dir(out_dir, init_from):  # by real path: a symlink to init_from is init_from
         raise SystemExit("error: out_dir must differ from init_from: the starting checkpoint is never "
                          "overwritten")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+    # what the run leaves when it stops early: the step its checkpoint keeps (None: nothing saved yet)
+    iter_num, saved_iter = None, None
+
+    def kept() -> str:
+        if saved_iter is not None:
+            return f"{ckpt_path} keeps step {saved_iter}"
+        return f"{ckpt_path} is unchanged" if resume else f"nothing was saved, {init_from} is unchanged"
+
+    def interrupted(signum, frame):
+        """Ctrl-C, anywhere: one line saying what is kept, instead of a traceback."""
+        at = "" if iter_num is None else f" at step {iter_num}"
+        hint = " (continue with --resume=True)" if saved_iter is not None else ""
+        raise SystemExit(f"interrupted{at}: {kept()}{hint}")
+
+    signal.signal(signal.SIGINT, interrupted)
     if resume and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without "
                          "--resume=True, or pass the --out_dir it wrote to")
@@ -311,8 +370,18 @@ if __name__ == "__main__":
         if ckpt["iter_num"] >= last_iter or 0 < max_time <= run["elapsed"]:
             raise SystemExit(f"{ckpt_path} is at step {ckpt['iter_num']}: its run has ended (raise "
                              "--max_iters or --max_time to train on)")
+        saved_iter = ckpt["iter_num"]
     else:
         model, tok, ckpt = load_model(init_from, rt.device, "--init_from", dropout=0.0)
+        if make_pairs:  # self-play draws its passages from the data the checkpoint was trained on
+            data_dir = ckpt["data_dir"]
+            missing = [f for f in ("train.bin", "val.bin") if not os.path.exists(os.path.join(data_dir, f))]
+            if missing:
+                where = "" if os.path.isabs(data_dir) else f" (relative to the working folder {os.getcwd()})"
+                path = os.path.join(data_dir, missing[0])
+                raise SystemExit(f"error: --make_pairs draws passages from the data {init_from} was trained "
+                                 f"on, but {path} is not there{where}: run dpo.py from the folder train.py "
+                                 "ran in, or pass --pairs=FILE instead")
     if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model
         lock = claim_out_dir(out_dir, not resume, overwrite, "continue it with --resume=True")
     block_size = model.config.block_size
@@ -399,7 +468,7 @@ if __name__ == "__main__":
     model.train()
     t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
     t0, n_timed = time.time(), 0
-    iter_start, saved_iter = iter_num, (iter_num if resume else None)
+    iter_start = iter_num
     # what an evaluation costs, for the budget: every held-out pair, forward only (a third of the work of
     # a training pair), in steps of gradient_accumulation_steps x batch_size pairs
     eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
@@ -425,6 +494,12 @@ if __name__ == "__main__":
                     log_metrics(metrics_path, {"iter": iter_num, **{"eval/" + k: v for k, v in m.items()}})
                 log(f"eval at step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
                 if iter_num > 0:
+                    # a diverged model is never saved: the checkpoint keeps the last good step, as in train.py
+                    if not math.isfinite(m["loss"]) or not all_finite(unwrap(model).state_dict()):
+                        what = (f"held-out loss is {m['loss']}" if not math.isfinite(m["loss"])
+                                else "model's weights are not finite")
+                        raise SystemExit(f"error: the {what} at step {iter_num}: stopped; {kept()} (try a "
+                                         "lower learning_rate)")
                     # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
                     run = {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget,
                            "ref": ref_logps, "pairs": sources, "gen": batch_gen.get_state(),
@@ -433,12 +508,13 @@ if __name__ == "__main__":
                         save_checkpoint({**ckpt_meta, "model": unwrap(model).state_dict(),
                                          "optimizer": optimizer.state_dict(), "iter_num": iter_num,
                                          "config": config, "init_from": init_from, "dpo": run}, ckpt_path)
+                    saved_iter = iter_num  # at once: a Ctrl-C while the plots are drawn says so
+                    if rt.master:
                         rows = read_metrics(metrics_path)  # the plots are drawn from the file a user reads
                         for name in ("loss", "rewards/accuracies", "rewards/margins"):
                             plot_curves(os.path.join(out_dir, f"dpo_{name.replace('/', '_')}.png"),
                                         {"train": curve(rows, name), "held-out": curve(rows, "eval/" + name)},
                                         "step", name, f"DPO on {init_from}: {name}")
-                    saved_iter = iter_num
                 t0, n_timed = time.time(), 0  # evaluation time is not training time
             if done:
                 break
@@ -457,10 +533,8 @@ if __name__ == "__main__":
                     if getattr(raw_model, "moe_layers", None):  # MoE: balanced routers, as in pretraining
                         loss = loss + raw_model.router_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights
-                    kept = (f"{ckpt_path} keeps step {saved_iter}" if saved_iter
-                            else f"nothing was saved, {init_from} is unchanged")
                     raise SystemExit(f"error: the loss is {loss.item()} at step {iter_num + 1}: stopped; "
-                                     f"{kept} (try a lower learning_rate)")
+                                     f"{kept()} (try a lower learning_rate)")
                 scaler.scale(loss / gradient_accumulation_steps).backward()
             optimizer_step(model, optimizer, scaler, lr, grad_clip)
 

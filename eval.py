@@ -139,7 +139,8 @@ def read_text(path: str) -> str:
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """(sentence_good, sentence_bad) of every row of a JSONL file, or a one-line error."""
     rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+    text = read_text(path).removeprefix("\ufeff")  # as utf-8-sig: some editors write a BOM first
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

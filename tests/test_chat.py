@@ -165,3 +165,63 @@ def test_a_session_without_ratings_draws_no_plot_and_warns_nothing(trained):
     assert "Warning" not in p.stderr and "ratings plot" not in p.stdout, p.stderr
     assert not os.path.exists(os.path.join(trained, "chat-unrated", "rewards.png"))
     assert [e["rating"] for e in feedback(trained, "chat-unrated")] == [None]
+
+
+def saved_updates(cwd: str, chat_dir: str) -> int:
+    return torch.load(os.path.join(cwd, chat_dir, "ckpt.pt"), weights_only=True)["chat"]["updates"]
+
+
+def test_a_line_that_is_not_utf8_is_asked_again_and_the_session_is_saved(trained):
+    # Latin-1 "fenêtre", then the same line in UTF-8, as a person retyping it would
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny",
+                        "--max_new_tokens=8", "--chat_dir=chat-latin1"], cwd=trained, capture_output=True, timeout=300,
+                       input=b"La fen\xeatre\nLa fen\xc3\xaatre\n0.5\n")
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "that line is not UTF-8 text (byte 0xea at position 6): type it again in UTF-8" in out
+    assert [(e["prompt"], e["rating"]) for e in feedback(trained, "chat-latin1")] == [("La fenêtre", 0.5)]
+    assert saved_updates(trained, "chat-latin1") == 1
+
+
+def test_an_error_mid_session_still_saves_the_updates(trained):
+    os.makedirs(os.path.join(trained, "chat-error", "feedback.jsonl"))  # the log cannot be written
+    p = chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-error", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "error: cannot write chat-error/feedback.jsonl (Is a directory)" in p.stderr
+    assert saved_updates(trained, "chat-error") == 1
+
+
+def test_the_end_message_names_a_feedback_file_only_when_there_is_one(trained):
+    p = chat(trained, "", "--chat_dir=chat-empty")
+    assert "no feedback logged" in p.stdout and "feedback in" not in p.stdout
+    assert not os.path.exists(os.path.join(trained, "chat-empty", "feedback.jsonl"))
+
+
+def test_a_session_goes_on_only_against_the_reference_it_started_from(trained):
+    chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-ref")
+    tuned = open(os.path.join(trained, "chat-ref", "ckpt.pt"), "rb").read()
+    ckpt = torch.load(os.path.join(trained, "out-tiny", "ckpt.pt"), weights_only=True)
+    model = ckpt["model"]
+    wpe = model["transformer.wpe.weight"]  # the GPT's position table: one row per position
+    others = {"out-tiny-16": {**ckpt, "model_args": {**ckpt["model_args"], "block_size": 16},
+                              "model": {**model, "transformer.wpe.weight": wpe[:16]}},  # another block_size
+              "out-tiny-other": {**ckpt, "model": {k: v * 1.01 for k, v in model.items()}}}  # other weights
+    for name, other in others.items():
+        os.makedirs(os.path.join(trained, name), exist_ok=True)
+        torch.save(other, os.path.join(trained, name, "ckpt.pt"))
+        p = chat(trained, "Le jour\n1\n", "--chat_dir=chat-ref", f"--out_dir={name}", check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        refused = f"error: chat-ref was tuned from another model than {name}/ckpt.pt (out-tiny/ckpt.pt as it"
+        assert refused in p.stderr, p.stderr
+        assert open(os.path.join(trained, "chat-ref", "ckpt.pt"), "rb").read() == tuned
+    assert len(feedback(trained, "chat-ref")) == 1
+    p = chat(trained, "Le jour\n1\n", "--chat_dir=chat-ref")  # its own reference: the session goes on
+    assert "(1 updates so far)" in p.stdout and len(feedback(trained, "chat-ref")) == 2
+
+
+def test_a_chat_dir_that_is_a_symlink_to_out_dir_is_refused(trained):
+    start = open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()
+    os.symlink("out-tiny", os.path.join(trained, "chat-link"))
+    p = chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-link", check=False)
+    assert p.returncode == 1 and "chat_dir must differ from out_dir" in p.stderr
+    assert open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read() == start
