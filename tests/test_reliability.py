@@ -349,6 +349,26 @@ def test_ctrl_c_in_prepare_leaves_the_previous_data_or_none(tmp_path, txt_dir):
     assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
 
 
+def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_writes(tmp_path, txt_dir):
+    args = [f"--dataset={txt_dir}", "--tokenizer=char", "--name=c"]
+    run("prepare.py", *args, cwd=str(tmp_path))
+    d = tmp_path / "data" / "c"
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    code = BLOCKING_PREPARE.format(root=ROOT, block_at=2, args=[*args, "--val_fraction=0.4", "--force"],
+                                   script=os.path.join(ROOT, "prepare.py"))
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert read_until(first, "encoding blocked")  # its train.bin is in data/c/.incomplete
+    staged = sorted(os.listdir(d / ".incomplete"))
+    p = run("prepare.py", *args, "--val_fraction=0.5", "--force", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1] == "error: another prepare.py is writing data/c: wait for it to end, or pass another --name"
+    assert sorted(os.listdir(d / ".incomplete")) == staged  # the first run's files are untouched
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+
+
 def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
     d = tmp_path / "data" / "m"
     with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py first"):
