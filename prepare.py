@@ -266,9 +266,9 @@ def build(c: dict, spec: str, recipe: dict, tok: Tokenizer | None, staging: str)
     n_val = max(1, round(len(docs) * c["val_fraction"]))
     if n_val >= len(docs):  # training needs a document too
         most = math.floor(100 * (len(docs) - 1) / len(docs)) / 100
-        raise SystemExit(f"error: --val_fraction={c['val_fraction']} of {len(docs)} documents holds out {n_val} "
-                         f"for validation and leaves none for training: pass --val_fraction={most} or less, "
-                         "or more documents")
+        raise SystemExit(f"error: --val_fraction={c['val_fraction']} of {len(docs)} documents holds out "
+                         f"{n_val} for validation and leaves none for training: pass --val_fraction={most} "
+                         "or less, or more documents")
     val_ids = set(np.random.default_rng(c["seed"]).permutation(len(docs))[:n_val].tolist())
     splits = {"train": [d for i, d in enumerate(docs) if i not in val_ids],
               "val": [d for i, d in enumerate(docs) if i in val_ids]}

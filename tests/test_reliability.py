@@ -374,8 +374,8 @@ def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py first"):
         tok.load_meta(str(d))
     d.mkdir(parents=True)
-    meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": ".", "nfc": True,
-                                             "vocab_size": 300},
+    meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": tok.CHAR_PATTERN,
+                                             "nfc": True, "vocab_size": 300},
             **{s: {"documents": 1, "tokens": 10, "bytes": 12, "bytes_per_token": 1.2} for s in ("train", "val")}}
     text = json.dumps(meta)
     (d / "meta.json").write_text(text)
@@ -388,6 +388,39 @@ def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
             tok.load_meta(str(d))
         assert re.match(rf"error: .*meta\.json {why}.*: rerun python prepare.py --force", str(e.value)), str(e.value)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("tokenizer.pattern", "([", 'has a bad tokenizer.pattern ("([": must be a regular expression'),
+    ("tokenizer.pattern", "a*", "has a bad tokenizer.pattern"),  # empty pieces: tiktoken panics
+    ("val.bytes_per_token", 0, "has a bad val.bytes_per_token (0: must be a positive number)"),
+    ("val.bytes_per_token", 0.0, "has a bad val.bytes_per_token (0.0: must be a positive number)"),
+    ("train.tokens", "70942", 'has a bad train.tokens ("70942": must be a positive integer)'),
+    ("tokenizer.nfc", 1, "has a bad tokenizer.nfc (1: must be true or false)"),
+    ("vocab_size", None, r"is incomplete (vocab_size: missing)"),
+    ("tokenizer.kind", "bpe2", "has a bad tokenizer.kind"),
+    ("tokenizer.file", "/etc/passwd", "has a bad tokenizer.file"),
+])
+def test_a_hand_edited_meta_json_is_one_line_naming_the_field(workdir, tmp_path, field, value, why):
+    shutil.copytree(os.path.join(workdir, "data", "tiny"), tmp_path / "data" / "e")
+    path = tmp_path / "data" / "e" / "meta.json"
+    meta = json.loads(path.read_text())
+    *parents, key = field.split(".")
+    parent = meta
+    for k in parents:
+        parent = parent[k]
+    if value is None:
+        del parent[key]
+    else:
+        parent[key] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        tok.load_meta(str(tmp_path / "data" / "e"))
+    assert str(e.value).startswith(f"error: {path} {why}") and "\n" not in str(e.value), str(e.value)
+    assert str(e.value).endswith("rerun python prepare.py --force with the arguments that prepared " + str(path.parent))
+    if field == "tokenizer.pattern" and value == "([":  # and train.py says so, instead of a traceback
+        p = run("train.py", "--data_dir=data/e", "--out_dir=out", *TINY, cwd=str(tmp_path), check=False)
+        assert p.returncode == 1 and p.stderr.startswith("error: data/e/meta.json has a bad tokenizer.pattern")
 
 
 def test_a_deleted_or_damaged_tokenizer_file_is_one_line(workdir, tmp_path):

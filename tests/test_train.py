@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run
 
+import tokenizer
 from common import get_lr, iters_in_budget, load_checkpoint, read_metrics
 
 
@@ -89,6 +90,23 @@ def test_config_errors_come_before_reading_data(tmp_path):
     assert p.returncode == 1 and "batch_size must be positive" in p.stderr
     p = run("train.py", os.path.join(ROOT, "config", "gutenberg.py"), "--data_dir=nowhere", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "python prepare.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_from_another_folder_says_where_it_looked_for_the_data(tmp_path, monkeypatch):
+    p = run("train.py", os.path.join(ROOT, "config", "gutenberg.py"), cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: no prepared data in data/gutenberg_bpe8192 (looked in {tmp_path}/data/"
+                               f"gutenberg_bpe8192: data_dir is relative to the working directory {tmp_path})")
+    # prepared beside the scripts, run from elsewhere: where it is
+    project = tmp_path / "project"
+    os.makedirs(project / "data" / "mine")
+    (project / "data" / "mine" / "meta.json").write_text("{}")
+    monkeypatch.setattr(tokenizer, "__file__", str(project / "tokenizer.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tokenizer.load_meta("data/mine")
+    assert str(e.value).endswith(f"relative to the working directory {tmp_path}): run from {project}, or pass "
+                                 f"--data_dir={project}/data/mine")
 
 
 def test_resume_without_checkpoint_is_a_clear_error(workdir):
