@@ -647,28 +647,46 @@ def log_metrics(path: str, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+_warned: set[str] = set()  # the files read_metrics has warned about, once each
+
+
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl (none if there is no file); a last line cut short by a kill is skipped."""
-    rows = []
-    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
+    """The rows (JSON objects) of a metrics.jsonl, none if there is no file. A last line cut short by a
+    kill is skipped; any other line that is no JSON object (edited by hand, damaged) is skipped too,
+    with one warning per file, so that a plot or a resume never fails on it."""
+    rows, bad = [], []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif line.strip() and not (i == len(lines) and not line.endswith("\n")):
+                bad.append(i)
+    if bad and path not in _warned:
+        _warned.add(path)
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not JSON objects (line "
+              f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})", flush=True)
     return rows
 
 
 def keep_metrics(path: str, upto: int, key: str = "iter") -> None:
     """Before a run appends: a resumed run keeps the rows up to its checkpoint's step (the steps
-    after it are done again, and logged again), a fresh run none. Rewritten atomically."""
-    rows = [r for r in read_metrics(path) if r.get(key, 0) <= upto]
+    after it are done again, and logged again), a fresh run none. Rewritten atomically, without the
+    lines read_metrics skips."""
+    rows = [r for r in read_metrics(path)  # a row whose step is no number cannot be placed: dropped
+            if isinstance(r.get(key, 0), (int, float)) and r.get(key, 0) <= upto]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
 
 
 def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:
-    """(xs, ys) of the rows that have y: one line of a plot."""
-    xs_ys = [(r[x], r[y]) for r in rows if y in r]
+    """(xs, ys) of the rows where both are numbers: one line of a plot."""
+    xs_ys = [(r[x], r[y]) for r in rows if all(isinstance(r.get(k), (int, float)) for k in (x, y))]
     return [a for a, _ in xs_ys], [b for _, b in xs_ys]
 
 

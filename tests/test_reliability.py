@@ -417,10 +417,10 @@ def test_a_hand_edited_meta_json_is_one_line_naming_the_field(workdir, tmp_path,
     with pytest.raises(SystemExit) as e:
         tok.load_meta(str(tmp_path / "data" / "e"))
     assert str(e.value).startswith(f"error: {path} {why}") and "\n" not in str(e.value), str(e.value)
-    assert str(e.value).endswith("rerun python prepare.py --force with the arguments that prepared " + str(path.parent))
+    assert str(e.value).endswith(f"rerun python prepare.py --force with the arguments that prepared {path.parent}")
     if field == "tokenizer.pattern" and value == "([":  # and train.py says so, instead of a traceback
         p = run("train.py", "--data_dir=data/e", "--out_dir=out", *TINY, cwd=str(tmp_path), check=False)
-        assert p.returncode == 1 and p.stderr.startswith("error: data/e/meta.json has a bad tokenizer.pattern")
+        assert p.returncode == 1 and p.stderr.startswith("error: data/e/meta.json has a bad tokenizer.pattern ")
 
 
 def test_a_deleted_or_damaged_tokenizer_file_is_one_line(workdir, tmp_path):
