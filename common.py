@@ -11,6 +11,7 @@ What the scripts share, by what it is:
 import codecs
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import math
@@ -420,6 +421,14 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     return lock
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether a failed write means a full disk (or quota): errno ENOSPC, or torch.save's RuntimeError,
+    which loses the errno when the disk takes part of a write ("unexpected pos 128192 vs 128086")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed"))
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
     crash at any moment leaves either the old checkpoint or the new one, never half of one."""
@@ -434,7 +443,11 @@ def save_checkpoint(obj: dict, path: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0][:200]}): {kept}") from None
+        why = str(e).splitlines()[0][:200]
+        if disk_full(e):
+            raise SystemExit(f"error: the disk is full: could not write {path} ({why}): {kept}: free some "
+                             "space, then resume") from None
+        raise SystemExit(f"error: could not write {path} ({why}): {kept}") from None
     if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -642,9 +655,24 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
 # --- plots and metrics: one JSON line per logged step, curves drawn from them ---------------------
 def log_metrics(path: str, row: dict) -> None:
     """Appends one row to a run's metrics.jsonl at once, so that a killed run keeps its history.
-    Any tool reads it back: pandas.read_json(path, lines=True)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    Any tool reads it back: pandas.read_json(path, lines=True). A failed write (a full disk) is a
+    one-line error."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write raises here, not at close
+            start = f.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[f.write(data) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)  # no half row left behind
+                raise
+    except OSError as e:
+        failed = f"could not append to {path} ({e.strerror}): its earlier rows are kept"
+        if disk_full(e):
+            failed = f"the disk is full: {failed}, and so is the last checkpoint: free some space, then resume"
+        raise SystemExit(f"error: {failed}") from None
 
 
 _warned: set[str] = set()  # the files read_metrics has warned about, once each

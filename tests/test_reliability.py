@@ -108,6 +108,52 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert common.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
 
 
+def limit_file_size(nbytes: int):
+    """For a subprocess: files cannot grow past nbytes, as on a full disk (a write that crosses the limit
+    writes what fits, the next one fails), without mounting anything."""
+    import resource
+
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return preexec
+
+
+def test_full_disk_during_a_checkpoint_save_says_the_disk_is_full(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    before = (out / "ckpt.pt").read_bytes()
+    args = [f"--data_dir={trained}/data/tiny", f"--out_dir={out}", "--init_from=resume", "--max_iters=61", *TINY]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=str(tmp_path), text=True,
+                       capture_output=True, preexec_fn=limit_file_size(len(before) // 2))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.fullmatch(rf"error: the disk is full: could not write {out}/ckpt.pt \(.*unexpected pos \d+ vs \d+\): "
+                        r"the previous checkpoint is intact: free some space, then resume\n", p.stderr), p.stderr
+    assert (out / "ckpt.pt").read_bytes() == before and not os.path.exists(out / "ckpt.pt.tmp")
+
+
+def test_full_disk_during_a_metrics_append_keeps_the_earlier_rows(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    common.log_metrics(path, {"iter": 1, "loss": 2.0})
+    with pytest.raises(SystemExit) as e:
+        common.log_metrics(str(tmp_path / "no" / "such" / "metrics.jsonl"), {"iter": 1})
+    assert "disk is full" not in str(e.value)  # another failure keeps its own reason
+    os.symlink("/dev/full", tmp_path / "full.jsonl")  # every write: No space left on device
+    with pytest.raises(SystemExit) as e:
+        common.log_metrics(str(tmp_path / "full.jsonl"), {"iter": 2, "loss": 1.5})
+    assert str(e.value) == (f"error: the disk is full: could not append to {tmp_path}/full.jsonl (No space left on "
+                            "device): its earlier rows are kept, and so is the last checkpoint: free some space, "
+                            "then resume")
+    # a row that crosses the limit: what was written of it is taken back, the earlier rows stay whole
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from common import log_metrics\n"
+            f"log_metrics({path!r}, {{'iter': 2, 'text': 'x' * 1000}})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       preexec_fn=limit_file_size(os.path.getsize(path) + 100))
+    assert p.returncode == 1 and p.stderr.startswith(f"error: could not append to {path} (File too large)"), p.stderr
+    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and open(path).read().endswith("}\n")
+
+
 # --- never lose a trained model, never train on the wrong data (train.py) -----------------------------
 def read_until(p: subprocess.Popen, prefix: str) -> str:
     """The output of p up to and including its first line that starts with prefix."""
