@@ -671,7 +671,7 @@ def log_metrics(path: str, row: dict) -> None:
     except OSError as e:
         failed = f"could not append to {path} ({e.strerror}): its earlier rows are kept"
         if disk_full(e):
-            failed = f"the disk is full: {failed}, and so is the last checkpoint: free some space, then resume"
+            failed = f"the disk is full: {failed}, and so is the last checkpoint: free space, then resume"
         raise SystemExit(f"error: {failed}") from None
 
 

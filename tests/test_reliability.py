@@ -143,8 +143,8 @@ def test_full_disk_during_a_metrics_append_keeps_the_earlier_rows(tmp_path):
     with pytest.raises(SystemExit) as e:
         common.log_metrics(str(tmp_path / "full.jsonl"), {"iter": 2, "loss": 1.5})
     assert str(e.value) == (f"error: the disk is full: could not append to {tmp_path}/full.jsonl (No space left on "
-                            "device): its earlier rows are kept, and so is the last checkpoint: free some space, "
-                            "then resume")
+                            "device): its earlier rows are kept, and so is the last checkpoint: free space, then "
+                            "resume")
     # a row that crosses the limit: what was written of it is taken back, the earlier rows stay whole
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); from common import log_metrics\n"
             f"log_metrics({path!r}, {{'iter': 2, 'text': 'x' * 1000}})")
