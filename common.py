@@ -707,9 +707,17 @@ def keep_metrics(path: str, upto: int, key: str = "iter") -> None:
     lines read_metrics skips."""
     rows = [r for r in read_metrics(path)  # a row whose step is no number cannot be placed: dropped
             if isinstance(r.get(key, 0), (int, float)) and r.get(key, 0) <= upto]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:  # a full disk, Ctrl-C: the file is as it was, and no .tmp is left
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if not isinstance(e, OSError):
+            raise
+        raise SystemExit(f"error: {'the disk is full: ' if disk_full(e) else ''}could not rewrite {path} "
+                         f"({e.strerror}): it is as it was") from None
 
 
 def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:

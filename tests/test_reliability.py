@@ -152,6 +152,11 @@ def test_full_disk_during_a_metrics_append_keeps_the_earlier_rows(tmp_path):
                        preexec_fn=limit_file_size(os.path.getsize(path) + 100))
     assert p.returncode == 1 and p.stderr.startswith(f"error: could not append to {path} (File too large)"), p.stderr
     assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and open(path).read().endswith("}\n")
+    # nor does a resume's rewrite of the file (keep_metrics) lose it
+    code = code.replace("log_metrics", "keep_metrics").replace("{'iter': 2, 'text': 'x' * 1000}", "1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit_file_size(10))
+    assert p.returncode == 1 and p.stderr == f"error: could not rewrite {path} (File too large): it is as it was\n"
+    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and not os.path.exists(path + ".tmp")
 
 
 # --- never lose a trained model, never train on the wrong data (train.py) -----------------------------
@@ -227,8 +232,26 @@ def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
     read_until(p, "iter 7:")
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
-    assert p.returncode == 1 and "Traceback" not in rest, rest
+    assert p.returncode == 130 and "Traceback" not in rest, rest
     assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(trained, tmp_path, resume):
+    out = tmp_path / "out"
+    if resume:
+        shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)} if resume else {}
+    args = [f"--data_dir={trained}/data/tiny", f"--out_dir={out}", "--max_iters=1000", *TINY, "--compile=None"]
+    p = popen("train.py", *args, *(["--init_from=resume"] if resume else []), cwd=str(tmp_path))
+    read_until(p, "tokens per iteration")  # data checked, model not built yet: then a compile check, a peak
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "Traceback" not in rest, rest
+    kept = f"{out}/ckpt.pt is as it was (continue with --init_from=resume)" if resume else "no checkpoint was written"
+    assert rest.splitlines()[-1] == f"interrupted during start-up: {kept}", rest
+    after = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"}
+    assert after == {f: b for f, b in before.items() if f != ".lock"}  # nothing written, nothing half-written
 
 
 def test_resume_is_exact_under_a_max_time_budget(workdir):

@@ -140,6 +140,22 @@ def test_run_from_another_folder_says_where_it_looked_for_the_data(tmp_path, mon
                                  f"pass --data_dir={project}/data/mine")
 
 
+def test_a_block_size_the_data_cannot_fill_or_a_micro_batch_memory_cannot_hold_is_one_line(workdir):
+    gutenberg = os.path.join(ROOT, "config", "gutenberg.py")
+    p = run("train.py", gutenberg, "--data_dir=data/tiny", "--out_dir=out-big", "--block_size=100000", cwd=workdir,
+            check=False)
+    assert p.returncode == 1 and p.stderr == ("error: data/tiny/train.bin holds 70,942 tokens, too few for a window "
+                                              "of block_size=100000 (+1): lower --block_size or prepare more text\n")
+    # it fits the data, not the memory: at least 4 bytes x 10**12 x 32 tokens x (2 x 512 + 4 x 2 x 32) numbers
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-big", *TINY, "--batch_size=1000000000000",
+            cwd=workdir, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: a micro-batch of batch_size=1000000000000 x block_size=32 tokens needs at "
+                               "least 152,587,890.6 GiB for its activations, more than the "), p.stderr
+    assert "memory: lower --batch_size (raise --gradient_accumulation_steps" in p.stderr
+    assert not os.path.exists(os.path.join(workdir, "out-big", "ckpt.pt"))
+
+
 def test_resume_without_checkpoint_is_a_clear_error(workdir):
     p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-none", "--init_from=resume", *TINY, cwd=workdir,
             check=False)
