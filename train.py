@@ -131,7 +131,7 @@ def interrupted(signum, frame):
     raise SystemExit(130)
 
 
-signal.signal(signal.SIGINT, interrupted)  # from here on (the imports above take a second or two)
+signal.signal(signal.SIGINT, interrupted)  # from here on; during the imports above, Python's traceback
 check_config(config)  # impossible values fail here, before any data is read
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
