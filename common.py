@@ -11,6 +11,7 @@ What the scripts share, by what it is:
 import codecs
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import math
@@ -468,6 +469,14 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     return lock
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether a failed write means a full disk (or quota): errno ENOSPC, or torch.save's RuntimeError,
+    which loses the errno when the disk takes part of a write ("unexpected pos 128192 vs 128086")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed"))
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint. A
     crash at any moment leaves either the old checkpoint or the new one, never half of one."""
@@ -482,7 +491,11 @@ def save_checkpoint(obj: dict, path: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0][:200]}): {kept}") from None
+        why = str(e).splitlines()[0][:200]
+        if disk_full(e):
+            raise SystemExit(f"error: the disk is full: could not write {path} ({why}): {kept}: free some "
+                             "space, then resume") from None
+        raise SystemExit(f"error: could not write {path} ({why}): {kept}") from None
     if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -751,33 +764,74 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
 # --- plots and metrics: one JSON line per logged step, curves drawn from them ---------------------
 def log_metrics(path: str, row: dict) -> None:
     """Appends one row to a run's metrics.jsonl at once, so that a killed run keeps its history.
-    Any tool reads it back: pandas.read_json(path, lines=True)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    Any tool reads it back: pandas.read_json(path, lines=True). A failed write (a full disk) is a
+    one-line error."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write raises here, not at close
+            start = f.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[f.write(data) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)  # no half row left behind
+                raise
+    except OSError as e:
+        failed = f"could not append to {path} ({e.strerror}): its earlier rows are kept"
+        if disk_full(e):
+            failed = f"the disk is full: {failed}, and so is the last checkpoint: free space, then resume"
+        raise SystemExit(f"error: {failed}") from None
+
+
+_warned: set[str] = set()  # the files read_metrics has warned about, once each
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl (none if there is no file); a last line cut short by a kill is skipped."""
-    rows = []
-    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
+    """The rows (JSON objects) of a metrics.jsonl, none if there is no file. A last line cut short by a
+    kill is skipped; any other line that is no JSON object (edited by hand, damaged) is skipped too,
+    with one warning per file, so that a plot or a resume never fails on it."""
+    rows, bad = [], []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif line.strip() and not (i == len(lines) and not line.endswith("\n")):
+                bad.append(i)
+    if bad and path not in _warned:
+        _warned.add(path)
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not JSON objects (line "
+              f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})", flush=True)
     return rows
 
 
 def keep_metrics(path: str, upto: int, key: str = "iter") -> None:
     """Before a run appends: a resumed run keeps the rows up to its checkpoint's step (the steps
-    after it are done again, and logged again), a fresh run none. Rewritten atomically."""
-    rows = [r for r in read_metrics(path) if r.get(key, 0) <= upto]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    after it are done again, and logged again), a fresh run none. Rewritten atomically, without the
+    lines read_metrics skips."""
+    rows = [r for r in read_metrics(path)  # a row whose step is no number cannot be placed: dropped
+            if isinstance(r.get(key, 0), (int, float)) and r.get(key, 0) <= upto]
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+    except BaseException as e:  # a full disk, Ctrl-C: the file is as it was, and no .tmp is left
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        if not isinstance(e, OSError):
+            raise
+        raise SystemExit(f"error: {'the disk is full: ' if disk_full(e) else ''}could not rewrite {path} "
+                         f"({e.strerror}): it is as it was") from None
 
 
 def curve(rows: list[dict], y: str, x: str = "iter") -> tuple[list, list]:
-    """(xs, ys) of the rows that have y: one line of a plot."""
-    xs_ys = [(r[x], r[y]) for r in rows if y in r]
+    """(xs, ys) of the rows where both are numbers: one line of a plot."""
+    xs_ys = [(r[x], r[y]) for r in rows if all(isinstance(r.get(k), (int, float)) for k in (x, y))]
     return [a for a, _ in xs_ys], [b for _, b in xs_ys]
 
 

@@ -18,6 +18,7 @@ so the val loss measures what a reader cares about: how well the model writes te
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -221,6 +222,23 @@ def reusable(data_dir: str, recipe: dict) -> bool:
     return False
 
 
+def lock_folder(data_dir: str) -> int | None:
+    """An exclusive lock on the folder itself (no lock file to leave behind), or a one-line error if
+    another prepare.py holds it. The kernel releases it when the process ends, even by kill -9."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: runs go unlocked
+        return None
+    fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"error: another prepare.py is writing {data_dir}: wait for it to end, or pass "
+                         "another --name") from None
+    return fd
+
+
 def publish(staging: str, data_dir: str) -> None:
     """Moves the complete new files from staging over data_dir's, meta.json last: its absence marks
     the folder incomplete for the instant the renames take, and Ctrl-C waits for them."""
@@ -246,6 +264,11 @@ def build(c: dict, spec: str, recipe: dict, tok: Tokenizer | None, staging: str)
     # val loss then measures books the model never read, from across the corpus. The tail of the
     # token stream would hold a few books only, and one of them cut in two, half of it trained on
     n_val = max(1, round(len(docs) * c["val_fraction"]))
+    if n_val >= len(docs):  # training needs a document too
+        most = math.floor(100 * (len(docs) - 1) / len(docs)) / 100
+        raise SystemExit(f"error: --val_fraction={c['val_fraction']} of {len(docs)} documents holds out "
+                         f"{n_val} for validation and leaves none for training: pass --val_fraction={most} "
+                         "or less, or more documents")
     val_ids = set(np.random.default_rng(c["seed"]).permutation(len(docs))[:n_val].tolist())
     splits = {"train": [d for i, d in enumerate(docs) if i not in val_ids],
               "val": [d for i, d in enumerate(docs) if i in val_ids]}
@@ -315,8 +338,10 @@ def main(config: dict) -> str:
     t0 = time.time()
     staging = os.path.join(data_dir, ".incomplete")
     created = not os.path.isdir(data_dir)
-    shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
     try:
+        os.makedirs(data_dir, exist_ok=True)
+        lock = lock_folder(data_dir)  # until the files are published: two runs would share the staging
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
         os.makedirs(staging)
     except OSError as e:  # data/<name> is a file, or a folder we may not write in
         raise SystemExit(f"error: cannot write in {data_dir}: {e.strerror}: pass another --name") from None
@@ -331,6 +356,8 @@ def main(config: dict) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not os.listdir(data_dir):
             os.rmdir(data_dir)
+        if lock is not None:
+            os.close(lock)
     print(f"wrote {data_dir}: train {meta['train']['tokens']:,} tokens, "
           f"val {meta['val']['tokens']:,} tokens, {meta['train']['bytes_per_token']:.2f} bytes/token, "
           f"in {time.time() - t0:.1f}s")

@@ -19,10 +19,12 @@ travels inside every checkpoint, so that a checkpoint is enough to sample from.
 
 import base64
 import json
+import math
 import os
 import unicodedata
 from collections.abc import Iterable
 
+import regex
 import tiktoken
 import tiktoken.load
 
@@ -94,35 +96,79 @@ class Tokenizer:
 
 
 def read_meta(path: str) -> dict:
-    """A meta.json, parsed; ValueError (one line) when it is unreadable or lacks a field the scripts read."""
+    """A meta.json, parsed and checked; ValueError (one line, naming the field) when it is unreadable,
+    lacks a field the scripts read, or holds a value prepare.py never writes (a hand edit)."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON (a truncated file), not UTF-8
         raise ValueError(f"is unreadable ({e})") from None
-    fields = {"vocab_size": int, "tokenizer.kind": str, "tokenizer.file": str, "tokenizer.pattern": str,
-              "tokenizer.nfc": bool, "tokenizer.vocab_size": int,
-              **{f"{split}.{k}": int for split in ("train", "val") for k in ("documents", "tokens", "bytes")},
-              "train.bytes_per_token": float, "val.bytes_per_token": float}
-    for field, kind in fields.items():
+    count = (int, lambda v: v > 0, "a positive integer")
+    fields = {"vocab_size": (int, lambda v: 1 < v <= 65536, "an integer from 2 to 65536 (uint16 ids)"),
+              "tokenizer.kind": (str, lambda v: v in ("bpe", "gpt2", "char"), "bpe, gpt2 or char"),
+              "tokenizer.file": (str, lambda v: v and os.path.basename(v) == v, "a file name in its folder"),
+              "tokenizer.pattern": (str, splits_text, "a regular expression that splits any text"),
+              "tokenizer.nfc": (bool, bool, "true or false"), "tokenizer.vocab_size": count,
+              **{f"{split}.{k}": count for split in ("train", "val")
+                 for k in ("documents", "tokens", "bytes")},
+              **{f"{split}.bytes_per_token": (float, lambda v: 0 < v < math.inf, "a positive number")
+                 for split in ("train", "val")}}
+    for field, (kind, ok, what) in fields.items():
         value = meta
         for k in field.split("."):
             value = value.get(k) if isinstance(value, dict) else None
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"is incomplete ({field}: missing or not of type {kind.__name__})")
+        if value is None:
+            raise ValueError(f"is incomplete ({field}: missing)")
+        # a float field takes an integer too (4 bytes per token); True is an int to Python, not here
+        typed = isinstance(value, (int, float) if kind is float else kind)
+        if not (typed and (kind is bool) == isinstance(value, bool) and ok(value)):
+            raise ValueError(f"has a bad {field} ({json.dumps(value)[:60]}: must be {what})")
+    if meta["vocab_size"] != meta["tokenizer"]["vocab_size"]:
+        raise ValueError(f"has a bad vocab_size ({meta['vocab_size']}: tokenizer.vocab_size says "
+                         f"{meta['tokenizer']['vocab_size']})")
     return meta
+
+
+# a text with a piece of each kind the patterns split: letters, elisions, digits, punctuation, spaces
+PATTERN_SAMPLE = "Il était une fois, l'homme de 1842 — « Où ? »\n\n  Fin.\t\r\n"
+
+
+def splits_text(pattern: str) -> bool:
+    """Whether tiktoken compiles pattern and its pieces cover a text, none empty (tiktoken drops the
+    text no piece matches, and panics on an empty piece)."""
+    try:
+        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)},
+                          special_tokens={})
+        pieces = regex.findall(pattern, PATTERN_SAMPLE)
+    except (ValueError, regex.error):
+        return False
+    return all(pieces) and "".join(pieces) == PATTERN_SAMPLE
 
 
 def load_meta(data_dir: str) -> dict:
     """data_dir/meta.json, checked: a missing, truncated or incomplete file is a one-line error."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise SystemExit(f"error: no prepared data in {data_dir}: "
-                         "run python prepare.py first (or pass --data_dir=DIR)")
+        raise SystemExit(no_data(data_dir))
     try:
         return read_meta(path)
     except ValueError as e:
         raise SystemExit(f"error: {path} {e}: {_rerun(data_dir)}") from None
+
+
+def no_data(data_dir: str) -> str:
+    """The error for a data_dir without meta.json. A relative one is looked for from the working
+    directory, as prepare.py writes data/ there: a script started from another folder says where it
+    looked, and where the data is if it lies beside the scripts."""
+    if os.path.isabs(data_dir):
+        return f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)"
+    looked = (f"error: no prepared data in {data_dir} (looked in {os.path.abspath(data_dir)}: data_dir is "
+              f"relative to the working directory {os.getcwd()})")
+    project = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(project, data_dir, "meta.json")):
+        return f"{looked}: run from {project}, or pass --data_dir={os.path.join(project, data_dir)}"
+    return (f"{looked}: run python prepare.py first, from the folder you train in (it writes data/ there), "
+            "or pass --data_dir=DIR")
 
 
 def _rerun(data_dir: str) -> str:

@@ -10,11 +10,13 @@ Every eval_interval it measures train and val loss (and val bits per byte, compa
 tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
 """
 
+import contextlib
 import functools
 import json
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -115,6 +117,22 @@ seed = 1337
 config, given = resolve(globals())  # given: the keys a config file or a flag set
 globals().update(config)
 
+
+def interrupted(signum, frame):
+    """Ctrl-C, in the start-up (data checks, model, compile check, peak measurement) as in the training
+    loop: one line saying what is kept instead of a traceback, and 130, an interrupted program's status."""
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if "saved_iter" not in globals():  # set as the loop starts: no checkpoint is written before it
+        where, kept = "during start-up", None if init_from == "scratch" else f"{ckpt} is as it was"
+    else:
+        where = f"at iteration {iter_num}"
+        kept = None if saved_iter is None else f"{ckpt} keeps iteration {saved_iter}"
+    kept = f"{kept} (continue with --init_from=resume)" if kept else "no checkpoint was written"
+    print(f"interrupted {where}: {kept}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, interrupted)  # from here on; during the imports above, Python's traceback
 check_config(config)  # impossible values fail here, before any data is read
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
@@ -142,9 +160,6 @@ for split in ("train", "val"):  # a missing, truncated or foreign .bin is an err
     if size != 2 * meta[split]["tokens"]:
         raise SystemExit(f"error: {path} is missing or damaged ({size} bytes where meta.json says "
                          f"{meta[split]['tokens']} uint16 tokens): rerun python prepare.py --force")
-    if meta[split]["tokens"] <= block_size:
-        raise SystemExit(f"error: {path} holds {meta[split]['tokens']} tokens, not more than "
-                         f"block_size={block_size}: lower --block_size or prepare more text")
     if np.memmap(path, dtype=np.uint16, mode="r").max() >= meta["vocab_size"]:
         raise SystemExit(f"error: {path} holds token ids beyond the vocabulary of {meta['vocab_size']}: "
                          "rerun python prepare.py --force")
@@ -162,6 +177,45 @@ def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = No
     """Inputs and targets (batch_size, block_size): windows of split.bin (see common.random_batch)."""
     path = os.path.join(data_dir, f"{split}.bin")
     return random_batch(path, batch_size, block_size, gen, rt.device, starts)
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes a run may fill: the GPU's free memory, or the machine's (within a container's limit,
+    cgroup v2); None where the system does not say."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows), or no such name
+        return None
+    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as f:
+        ram = min(ram, int(f.read()))  # "max": no limit (ValueError)
+    return ram
+
+
+def check_micro_batch(args: dict) -> None:
+    """Before the model is built: each split must hold a window of block_size + 1 tokens, and one
+    micro-batch must fit in memory. Its activations are estimated from below, at 4 bytes a number,
+    as what backward keeps of the largest tensors: the logits and their gradient (vocab_size each per
+    token) and, per layer, 4 vectors of n_embd (the inputs of attention and MLP, normed or not).
+    Flash attention keeps no block_size x block_size matrix. A real run takes more (temporaries, the
+    weights and optimizer state), so a refusal is never wrong, and a run that this lets through can
+    still be too big."""
+    T = args["block_size"]
+    for split in ("train", "val"):
+        if meta[split]["tokens"] <= T:
+            raise SystemExit(f"error: {data_dir}/{split}.bin holds {meta[split]['tokens']:,} tokens, too few "
+                             f"for a window of block_size={T} (+1): lower --block_size or prepare more text")
+    per_token = 4 * (2 * args["vocab_size"] + 4 * args["n_layer"] * args["n_embd"])
+    need, have = micro_batch * T * per_token, device_memory(rt.device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device_type == "cpu" else 1  # share the RAM
+    if have is not None and processes * need > have:
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        where = "this GPU's free memory" if rt.device_type == "cuda" else "this machine's memory"
+        raise SystemExit(f"error: a micro-batch of batch_size={micro_batch} x block_size={T} tokens needs at "
+                         f"least {need / 2**30:,.1f} GiB for its activations{each}, more than the "
+                         f"{have / 2**30:.1f} GiB of {where}: lower --batch_size (raise "
+                         "--gradient_accumulation_steps to keep the batch) or --block_size")
 
 
 def iteration_windows() -> torch.Tensor:
@@ -199,6 +253,7 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * micro_batch * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
     f"micro-steps x {micro_batch} sequences x {block_size} tokens)")
+check_micro_batch(model_args)  # block_size: the checkpoint's, when resuming
 model = make_model(model_args).to(rt.device)
 config["optimizer"] = resolve_optimizer(optimizer, rt.device)  # auto: Muon where bf16 is fast, else AdamW
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
@@ -263,12 +318,6 @@ def check_finite(loss: float, what: str) -> None:
                          "--grad_clip)")
 
 
-def interrupted(signum, frame):
-    """Ctrl-C: one line saying what is kept, instead of a traceback."""
-    kept = "no checkpoint was written" if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
-    raise SystemExit(f"interrupted at iteration {iter_num}: {kept} (continue with --init_from=resume)")
-
-
 # --- training loop ---------------------------------------------------------------------------------
 metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line each
 if rt.master and not eval_only:
@@ -280,7 +329,6 @@ last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
 if iter_num >= last_iter and not eval_only:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
                      "on)")
-signal.signal(signal.SIGINT, interrupted)
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
 t0, n_timed = time.time(), 0

@@ -224,11 +224,28 @@ def test_a_damaged_preparation_is_rebuilt_not_reused(tmp_path, txt_dir, monkeypa
     assert tok.load_meta(str(tmp_path / "data" / "d")) == json.loads(good)
 
 
-@pytest.mark.parametrize("arg", ["--num_threads=0", "--num_threads=-2", "--seed=-1", "--vocab_size=100"])
+@pytest.mark.parametrize("arg", ["--num_threads=0", "--num_threads=-2", "--seed=-1", "--vocab_size=100",
+                                 "--val_fraction=1.0"])
 def test_bad_numbers_fail_before_any_work(tmp_path, txt_dir, arg):
     p = run("prepare.py", f"--dataset={txt_dir}", "--vocab_size=300", "--name=n", arg, cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and p.stderr.startswith(f"error: {arg}") and p.stderr.count("\n") == 1, p.stderr
     assert "loaded" not in p.stdout and not os.path.exists(tmp_path / "data")
+
+
+def test_a_val_fraction_that_leaves_no_training_document_is_one_line(tmp_path, txt_dir):
+    four = tmp_path / "four"
+    four.mkdir()
+    for name in sorted(os.listdir(txt_dir))[:4]:
+        (four / name).write_bytes(open(os.path.join(txt_dir, name), "rb").read())
+    p = run("prepare.py", f"--dataset={four}", "--tokenizer=char", "--name=v", "--val_fraction=0.9",
+            cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1] == ("error: --val_fraction=0.9 of 4 documents holds out 4 for validation and "
+                                         "leaves none for training: pass --val_fraction=0.75 or less, or more "
+                                         "documents")
+    assert not os.path.exists(tmp_path / "data" / "v")
+    run("prepare.py", f"--dataset={four}", "--tokenizer=char", "--name=v", "--val_fraction=0.75", cwd=str(tmp_path))
+    assert tok.load_meta(str(tmp_path / "data" / "v"))["train"]["documents"] == 1
 
 
 def test_other_arguments_never_replace_a_preparation_silently(txt_dir, tmp_path):

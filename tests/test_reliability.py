@@ -174,6 +174,57 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert common.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
 
 
+def limit_file_size(nbytes: int):
+    """For a subprocess: files cannot grow past nbytes, as on a full disk (a write that crosses the limit
+    writes what fits, the next one fails), without mounting anything."""
+    import resource
+
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return preexec
+
+
+def test_full_disk_during_a_checkpoint_save_says_the_disk_is_full(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    before = (out / "ckpt.pt").read_bytes()
+    args = [f"--data_dir={trained}/data/tiny", f"--out_dir={out}", "--init_from=resume", "--max_iters=61", *TINY]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=str(tmp_path), text=True,
+                       capture_output=True, preexec_fn=limit_file_size(len(before) // 2))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.fullmatch(rf"error: the disk is full: could not write {out}/ckpt.pt \(.*unexpected pos \d+ vs \d+\): "
+                        r"the previous checkpoint is intact: free some space, then resume\n", p.stderr), p.stderr
+    assert (out / "ckpt.pt").read_bytes() == before and not os.path.exists(out / "ckpt.pt.tmp")
+
+
+def test_full_disk_during_a_metrics_append_keeps_the_earlier_rows(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    common.log_metrics(path, {"iter": 1, "loss": 2.0})
+    with pytest.raises(SystemExit) as e:
+        common.log_metrics(str(tmp_path / "no" / "such" / "metrics.jsonl"), {"iter": 1})
+    assert "disk is full" not in str(e.value)  # another failure keeps its own reason
+    os.symlink("/dev/full", tmp_path / "full.jsonl")  # every write: No space left on device
+    with pytest.raises(SystemExit) as e:
+        common.log_metrics(str(tmp_path / "full.jsonl"), {"iter": 2, "loss": 1.5})
+    assert str(e.value) == (f"error: the disk is full: could not append to {tmp_path}/full.jsonl (No space left on "
+                            "device): its earlier rows are kept, and so is the last checkpoint: free space, then "
+                            "resume")
+    # a row that crosses the limit: what was written of it is taken back, the earlier rows stay whole
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from common import log_metrics\n"
+            f"log_metrics({path!r}, {{'iter': 2, 'text': 'x' * 1000}})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       preexec_fn=limit_file_size(os.path.getsize(path) + 100))
+    assert p.returncode == 1 and p.stderr.startswith(f"error: could not append to {path} (File too large)"), p.stderr
+    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and open(path).read().endswith("}\n")
+    # nor does a resume's rewrite of the file (keep_metrics) lose it
+    code = code.replace("log_metrics", "keep_metrics").replace("{'iter': 2, 'text': 'x' * 1000}", "1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit_file_size(10))
+    assert p.returncode == 1 and p.stderr == f"error: could not rewrite {path} (File too large): it is as it was\n"
+    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and not os.path.exists(path + ".tmp")
+
+
 # --- never lose a trained model, never train on the wrong data (train.py) -----------------------------
 def read_until(p: subprocess.Popen, prefix: str) -> str:
     """The output of p up to and including its first line that starts with prefix."""
@@ -247,7 +298,7 @@ def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
     read_until(p, "iter 7:")
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
-    assert p.returncode == 1 and "Traceback" not in rest, rest
+    assert p.returncode == 130 and "Traceback" not in rest, rest
     assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
 
 
@@ -269,6 +320,24 @@ def test_ctrl_c_in_sample_and_eval_is_one_line_and_status_130(trained, script, a
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
     assert p.returncode == 130 and rest.splitlines()[-1] == "interrupted" and "Traceback" not in rest, rest
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(trained, tmp_path, resume):
+    out = tmp_path / "out"
+    if resume:
+        shutil.copytree(os.path.join(trained, "out-tiny"), out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)} if resume else {}
+    args = [f"--data_dir={trained}/data/tiny", f"--out_dir={out}", "--max_iters=1000", *TINY, "--compile=None"]
+    p = popen("train.py", *args, *(["--init_from=resume"] if resume else []), cwd=str(tmp_path))
+    read_until(p, "tokens per iteration")  # data checked, model not built yet: then a compile check, a peak
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "Traceback" not in rest, rest
+    kept = f"{out}/ckpt.pt is as it was (continue with --init_from=resume)" if resume else "no checkpoint was written"
+    assert rest.splitlines()[-1] == f"interrupted during start-up: {kept}", rest
+    after = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"}
+    assert after == {f: b for f, b in before.items() if f != ".lock"}  # nothing written, nothing half-written
 
 
 def test_resume_is_exact_under_a_max_time_budget(workdir):
@@ -437,13 +506,33 @@ def test_ctrl_c_in_prepare_leaves_the_previous_data_or_none(tmp_path, txt_dir):
     assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
 
 
+def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_writes(tmp_path, txt_dir):
+    args = [f"--dataset={txt_dir}", "--tokenizer=char", "--name=c"]
+    run("prepare.py", *args, cwd=str(tmp_path))
+    d = tmp_path / "data" / "c"
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    code = BLOCKING_PREPARE.format(root=ROOT, block_at=2, args=[*args, "--val_fraction=0.4", "--force"],
+                                   script=os.path.join(ROOT, "prepare.py"))
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert read_until(first, "encoding blocked")  # its train.bin is in data/c/.incomplete
+    staged = sorted(os.listdir(d / ".incomplete"))
+    p = run("prepare.py", *args, "--val_fraction=0.5", "--force", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1] == "error: another prepare.py is writing data/c: wait for it to end, or pass another --name"
+    assert sorted(os.listdir(d / ".incomplete")) == staged  # the first run's files are untouched
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+
+
 def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
     d = tmp_path / "data" / "m"
     with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py first"):
         tok.load_meta(str(d))
     d.mkdir(parents=True)
-    meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": ".", "nfc": True,
-                                             "vocab_size": 300},
+    meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": tok.CHAR_PATTERN,
+                                             "nfc": True, "vocab_size": 300},
             **{s: {"documents": 1, "tokens": 10, "bytes": 12, "bytes_per_token": 1.2} for s in ("train", "val")}}
     text = json.dumps(meta)
     (d / "meta.json").write_text(text)
@@ -456,6 +545,39 @@ def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
             tok.load_meta(str(d))
         assert re.match(rf"error: .*meta\.json {why}.*: rerun python prepare.py --force", str(e.value)), str(e.value)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("tokenizer.pattern", "([", 'has a bad tokenizer.pattern ("([": must be a regular expression'),
+    ("tokenizer.pattern", "a*", "has a bad tokenizer.pattern"),  # empty pieces: tiktoken panics
+    ("val.bytes_per_token", 0, "has a bad val.bytes_per_token (0: must be a positive number)"),
+    ("val.bytes_per_token", 0.0, "has a bad val.bytes_per_token (0.0: must be a positive number)"),
+    ("train.tokens", "70942", 'has a bad train.tokens ("70942": must be a positive integer)'),
+    ("tokenizer.nfc", 1, "has a bad tokenizer.nfc (1: must be true or false)"),
+    ("vocab_size", None, r"is incomplete (vocab_size: missing)"),
+    ("tokenizer.kind", "bpe2", "has a bad tokenizer.kind"),
+    ("tokenizer.file", "/etc/passwd", "has a bad tokenizer.file"),
+])
+def test_a_hand_edited_meta_json_is_one_line_naming_the_field(workdir, tmp_path, field, value, why):
+    shutil.copytree(os.path.join(workdir, "data", "tiny"), tmp_path / "data" / "e")
+    path = tmp_path / "data" / "e" / "meta.json"
+    meta = json.loads(path.read_text())
+    *parents, key = field.split(".")
+    parent = meta
+    for k in parents:
+        parent = parent[k]
+    if value is None:
+        del parent[key]
+    else:
+        parent[key] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        tok.load_meta(str(tmp_path / "data" / "e"))
+    assert str(e.value).startswith(f"error: {path} {why}") and "\n" not in str(e.value), str(e.value)
+    assert str(e.value).endswith(f"rerun python prepare.py --force with the arguments that prepared {path.parent}")
+    if field == "tokenizer.pattern" and value == "([":  # and train.py says so, instead of a traceback
+        p = run("train.py", "--data_dir=data/e", "--out_dir=out", *TINY, cwd=str(tmp_path), check=False)
+        assert p.returncode == 1 and p.stderr.startswith("error: data/e/meta.json has a bad tokenizer.pattern ")
 
 
 def test_a_deleted_or_damaged_tokenizer_file_is_one_line(workdir, tmp_path):

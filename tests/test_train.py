@@ -1,4 +1,5 @@
 import itertools
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,17 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run, train_defaults
 
-from common import get_lr, iters_in_budget, load_checkpoint, read_metrics, share_batch
+import tokenizer
+from common import (
+    curve,
+    get_lr,
+    iters_in_budget,
+    keep_metrics,
+    load_checkpoint,
+    plot_curves,
+    read_metrics,
+    share_batch,
+)
 from configurator import configure
 
 
@@ -44,6 +55,35 @@ def test_metrics_of_a_resumed_run_are_appended_without_the_steps_redone(workdir)
     rows = read_metrics(os.path.join(workdir, "out-metrics", "metrics.jsonl"))
     assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 11))  # 6, 7, 8 once each
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 5, 10]
+
+
+def test_metrics_lines_that_are_no_json_objects_are_skipped_with_one_warning(trained, tmp_path, capsys):
+    path = str(tmp_path / "metrics.jsonl")
+    good = [{"iter": 1, "loss": 2.5}, {"iter": 2, "loss": 2.0, "note": "ok"}, {"iter": 3, "loss": 1.5}]
+    lines = [json.dumps(good[0]), "[1, 2]", json.dumps(good[1]), "42", '"text"', '{"iter": 3, "lo', "null",
+             '{"iter": "x", "loss": "y"}', json.dumps(good[2]), '{"iter": 4, "loss": 1.']  # cut short
+    with open(path, "wb") as f:
+        f.write(("\n".join(lines) + "\n").encode() + b"\xff\n")  # and a byte that is not UTF-8
+    for _ in range(2):
+        rows = read_metrics(path)
+        assert rows == [*good[:2], {"iter": "x", "loss": "y"}, good[2]]
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1, out
+    assert "skipped 7 line(s) that are not JSON objects (line 2, 4, 5, 6, 7, ...)" in out
+    assert curve(rows, "loss") == ([1, 2, 3], [2.5, 2.0, 1.5])
+    plot_curves(str(tmp_path / "loss.png"), {"loss": curve(rows, "loss")}, "iteration", "loss", "t")
+    keep_metrics(path, 2)
+    assert read_metrics(path) == good[:2]
+    # and a resumed train.py goes on, its plot drawn
+    out_dir = tmp_path / "out"
+    shutil.copytree(os.path.join(trained, "out-tiny"), out_dir)
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n")
+    p = run("train.py", f"--data_dir={trained}/data/tiny", f"--out_dir={out_dir}", "--init_from=resume",
+            "--max_iters=61", *TINY, cwd=str(tmp_path))
+    assert "skipped 1 line(s) that are not JSON objects" in p.stdout and "Traceback" not in p.stderr
+    rows = read_metrics(str(out_dir / "metrics.jsonl"))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 30, 60, 61]
 
 
 def test_resumed_run_continues_with_the_same_losses(workdir):
@@ -91,6 +131,40 @@ def test_config_errors_come_before_reading_data(tmp_path):
     assert p.returncode == 1 and "batch_size must be positive" in p.stderr
     p = run("train.py", os.path.join(ROOT, "config", "gutenberg.py"), "--data_dir=nowhere", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "python prepare.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_from_another_folder_says_where_it_looked_for_the_data(tmp_path, monkeypatch):
+    p = run("train.py", os.path.join(ROOT, "config", "gutenberg.py"), cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: no prepared data in data/gutenberg_bpe8192 (looked in {tmp_path}/"
+                               "data/gutenberg_bpe8192: data_dir is relative to the working directory "
+                               f"{tmp_path})")
+    # prepared beside the scripts, run from elsewhere: where it is
+    project = tmp_path / "project"
+    os.makedirs(project / "data" / "mine")
+    (project / "data" / "mine" / "meta.json").write_text("{}")
+    monkeypatch.setattr(tokenizer, "__file__", str(project / "tokenizer.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tokenizer.load_meta("data/mine")
+    assert str(e.value).endswith(f"relative to the working directory {tmp_path}): run from {project}, or "
+                                 f"pass --data_dir={project}/data/mine")
+
+
+def test_a_block_size_the_data_cannot_fill_or_a_micro_batch_memory_cannot_hold_is_one_line(workdir):
+    gutenberg = os.path.join(ROOT, "config", "gutenberg.py")
+    p = run("train.py", gutenberg, "--data_dir=data/tiny", "--out_dir=out-big", "--block_size=100000", cwd=workdir,
+            check=False)
+    assert p.returncode == 1 and p.stderr == ("error: data/tiny/train.bin holds 70,942 tokens, too few for a window "
+                                              "of block_size=100000 (+1): lower --block_size or prepare more text\n")
+    # it fits the data, not the memory: at least 4 bytes x 10**12 x 32 tokens x (2 x 512 + 4 x 2 x 32) numbers
+    p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-big", *TINY, "--batch_size=1000000000000",
+            cwd=workdir, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: a micro-batch of batch_size=1000000000000 x block_size=32 tokens needs at "
+                               "least 152,587,890.6 GiB for its activations, more than the "), p.stderr
+    assert "memory: lower --batch_size (raise --gradient_accumulation_steps" in p.stderr
+    assert not os.path.exists(os.path.join(workdir, "out-big", "ckpt.pt"))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(workdir):
