@@ -496,6 +496,10 @@ def save_checkpoint(obj: dict, path: str) -> None:
             raise SystemExit(f"error: the disk is full: could not write {path} ({why}): {kept}: free some "
                              "space, then resume") from None
         raise SystemExit(f"error: could not write {path} ({why}): {kept}") from None
+    except BaseException:  # Ctrl-C in the middle of the write: the old checkpoint stays, and no .tmp
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:

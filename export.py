@@ -27,7 +27,7 @@ import torch
 
 from common import SAMPLING, check_config, load_model, sampling
 from configurator import configure
-from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE
+from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE, read_meta
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the checkpoint to export
@@ -156,11 +156,10 @@ def generation_config(eot_id: int, block_size: int, temperature: float, top_k: i
 def training_data(ckpt: dict) -> tuple[str | None, str]:
     """The Hub dataset the checkpoint was trained on (None if not one), and a line that says what
     the data was, from prepare.py's meta.json when its folder is still there."""
-    try:
-        with open(os.path.join(ckpt["data_dir"], "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError, KeyError):
-        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found at export)"
+    try:  # read_meta checks every field this reads: a hand-edited meta.json is ValueError
+        meta = read_meta(os.path.join(ckpt["data_dir"], "meta.json"))
+    except (ValueError, KeyError):
+        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found, or not readable, at export)"
     hub, source = meta.get("hub_dataset"), meta.get("source", ckpt["data_dir"])
     where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else source
     return hub, (f"{where}: {meta['train']['documents']} documents ({meta['train']['tokens']:,} tokens); "

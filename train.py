@@ -244,10 +244,14 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     asked = {**config, **{k: model_args[k] for k in model_keys if k in model_args}}
     config = keep_resumed(asked, given, ckpt["model_args"], model_keys, "the checkpoint's model")
     trained_with = ckpt["config"].get("optimizer", "adamw")  # its state holds that optimizer's moments
-    if optimizer not in ("auto", trained_with):
+    if "optimizer" in given and optimizer not in ("auto", trained_with):  # not given: the checkpoint's
         raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={trained_with}: resume with it, "
                          "or train anew in another --out_dir")
     optimizer = trained_with
+    # and its parameter groups: an untied token table at its own rate is a group of its own
+    config = keep_resumed(config, given, ckpt["config"], [k for k in ("embedding_lr",) if k in ckpt["config"]],
+                          "the checkpoint's optimizer groups")
+    embedding_lr = config["embedding_lr"]
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * micro_batch * block_size

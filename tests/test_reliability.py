@@ -113,12 +113,12 @@ def one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_reader(trained):
     """A run that diverged and saved NaN weights: sample.py crashed, eval.py printed nan, export.py
     exported it."""
-    out = copy_checkpoint(trained, "out-nan", lambda ckpt: ckpt["model"]["transformer.h.0.mlp.c_fc.weight"]
+    out = copy_checkpoint(trained, "out-nan-weights", lambda ckpt: ckpt["model"]["transformer.h.0.mlp.c_fc.weight"]
                           .view(-1)[7].fill_(float("nan")))
     readers = [("sample.py", "--device=cpu"), ("eval.py", "--device=cpu"), ("export.py", "--hf_dir=hf-nan")]
     for script, arg in readers:
         p = run(script, f"--out_dir={out}", arg, cwd=trained, check=False)
-        one_line_error(p, "out-nan/ckpt.pt holds non-finite weights (NaN or inf, in transformer.h.0.mlp.c_fc")
+        one_line_error(p, "out-nan-weights/ckpt.pt holds non-finite weights (NaN or inf, in transformer.h.0.mlp.c_fc")
         assert "use an earlier checkpoint, or train again" in p.stderr
     assert not os.path.exists(os.path.join(trained, "hf-nan"))
 

@@ -116,6 +116,13 @@ def test_the_default_recipe_trains_and_resumes_with_the_same_losses(workdir):
                   cwd=workdir)
     a, b = losses(full.stdout), losses(resumed.stdout)
     assert sorted(b) == list(range(7, 13)) and all(a[i] == b[i] for i in b), (a, b)
+    # without the config file, nor --optimizer, the checkpoint's Muon goes on (adamw is only the default)
+    p = run("train.py", "--out_dir=out-recipe-half", "--max_iters=13", "--init_from=resume", *common[:-1],
+            cwd=workdir)
+    assert "optimizer muon" in p.stdout and "iter 13:" in p.stdout, p.stdout
+    p = run("train.py", config, "--out_dir=out-recipe-half", "--max_iters=14", "--init_from=resume", *common,
+            "--embedding_lr=0", cwd=workdir, check=False)  # would make the token table one group with the rest
+    assert p.returncode == 1 and "keeps the checkpoint's optimizer groups, but you set embedding_lr=0.0" in p.stderr
     ckpt = load_checkpoint(os.path.join(workdir, "out-recipe-half", "ckpt.pt"))
     assert ckpt["config"]["optimizer"] == "muon" and not ckpt["model_args"]["tie_embeddings"]
     scales = [g.get("lr_scale") for o in ckpt["optimizer"]["optimizers"] for g in o["param_groups"]]
