@@ -29,6 +29,9 @@ greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
 dtype = "auto"
+# decode with the step compiled (model.generate's compile): it runs faster but its first call compiles for
+# tens of seconds (a few once Inductor's disk cache holds it), repaid only over thousands of tokens
+compile = False
 attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
 # -----------------------------------------------------------------------------
 
@@ -126,7 +129,8 @@ def main(c: dict) -> None:
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
     x = x.repeat(c["num_samples"], 1)
-    steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen)
+    steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen,
+                           compile=c["compile"])
     if c["num_samples"] == 1:  # stream the text as it comes
         print(c["start"], end="", flush=True)
         with rt.autocast():
