@@ -5,6 +5,7 @@ figure is compared across runs or machines).
 
     python bench.py                          # everything: about 10 minutes on 2 CPU cores
     python bench.py --only=generate,moe      # sections: peak, train, generate, data, compile, moe, profile
+    python bench.py --only=decode            # compile's decode half: eager, dynamic=True, static cache
     python bench.py --only=profile           # the default training step, per operator, against the old path
 
 The baselines are the old path of the training step (model.py and AdamW as of commit 859c13a,
@@ -473,7 +474,7 @@ def bench_profile() -> None:
 
 
 SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,
-            "compile": bench_compile, "moe": bench_moe,
+            "compile": bench_compile, "decode": bench_compile_decode, "moe": bench_moe,
             "profile": bench_profile}
 
 

@@ -558,27 +558,30 @@ def make_model(model_args: dict) -> LanguageModel:
 class KVCache:
     """Keys and values of the positions already processed, so that generating one more token
     costs one position of compute instead of the whole sequence.
-    k, v: (n_layer, B, n_kv_head, block_size, head_dim), n_kv_head = n_head for the GPT: one fixed
-    shape. A forward writes its T new keys and values at the positions input_pos (a (T,) tensor)
-    and attends over the whole cache, masked to the positions up to its own: one token's decode
-    step has one shape and the same code at every position, so torch.compile compiles it once."""
+    k[layer], v[layer]: (B, n_kv_head, block_size, head_dim), n_kv_head = n_head for the GPT: one
+    fixed shape. A forward writes its T new keys and values at the positions input_pos (a (T,)
+    tensor) and attends over the whole cache, masked to the positions up to its own: one token's
+    decode step has one shape and the same code at every position, so torch.compile compiles it
+    once. One tensor per layer, not views of one: a compiled step writes into a whole input in
+    place, where it would copy the whole of a base tensor to update a view of it."""
 
     def __init__(self, model: LanguageModel, batch_size: int):
         cfg, w = model.config, model.lm_head.weight
         n_kv_head = getattr(cfg, "n_kv_head", cfg.n_head)  # grouped-query attention caches fewer heads
-        shape = (cfg.n_layer, batch_size, n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        shape = (batch_size, n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.k = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.n_layer)]
         self.pos = 0  # positions filled, for calls that give no input_pos (the compiled step reads none)
         self.input_pos = None  # (T,): the positions of the tokens going through the model now
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Stores k, v (B, n_kv, T, hd) at input_pos; returns the whole cache of this layer, and the
         (T, block_size) mask of what each query may see: itself and the positions before it."""
-        self.k[layer].index_copy_(2, self.input_pos, k.to(self.k.dtype))  # under autocast k is bf16
-        self.v[layer].index_copy_(2, self.input_pos, v.to(self.v.dtype))
-        mask = torch.arange(self.k.size(3), device=k.device) <= self.input_pos[:, None]
-        return self.k[layer], self.v[layer], mask
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(2, self.input_pos, k.to(k_cache.dtype))  # under autocast k is bf16
+        v_cache.index_copy_(2, self.input_pos, v.to(v_cache.dtype))
+        mask = torch.arange(k_cache.size(2), device=k.device) <= self.input_pos[:, None]
+        return k_cache, v_cache, mask
 
 
 def positions(idx: torch.Tensor, block_size: int, cache: KVCache | None,
@@ -634,6 +637,9 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
     # device (MoE.forward's counts.tolist()), which one graph cannot hold
     compile = compile and not getattr(model, "moe_layers", None)
     step = compiled_decode_step(idx.device.type) if compile else decode_step
+    if compile and idx.device.type == "cuda":  # a CUDA graph replays fixed addresses: the cache's
+        for t in cache.k + cache.v:  # (re-recorded once per call, for each new cache)
+            torch._dynamo.mark_static_address(t)
     logits, _ = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
