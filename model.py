@@ -93,10 +93,9 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
 
 def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, mask=None):
     """softmax(q k^T / sqrt(head_dim)) v. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd). Causal (S = T)
-    without a mask; mask (T, S), True where attention is allowed, for a KV cache (S = block_size,
-    see generation). n_kv = nh for the GPT; the
-    Llama's grouped-query attention has fewer key/value heads, each serving nh / n_kv consecutive
-    query heads. By default F.scaled_dot_product_attention picks a fused kernel (flash attention,
+    without a mask; with a KV cache, S = block_size and mask (T, S) is True where attention is
+    allowed (see generation). n_kv = nh for the GPT; the Llama's grouped-query attention has fewer
+    key/value heads, each serving nh / n_kv consecutive query heads. By default F.scaled_dot_product_attention picks a fused kernel (flash attention,
     on CPUs too) that never materialises the T x S matrix, nor copies of the shared key/value heads
     (enable_gqa). With attn_maps, the same is computed step by step and the probabilities
     (B, nh, T, S) are appended to it (for plots)."""

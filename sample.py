@@ -29,8 +29,8 @@ greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
 dtype = "auto"
-# decode with the step compiled (model.generate's compile): it runs faster but its first call compiles for
-# tens of seconds (a few once Inductor's disk cache holds it), repaid only over thousands of tokens
+# True: decode with the step compiled (model.generate's compile). Off unless asked: compiling takes tens of
+# seconds to save under a millisecond a token, repaid only past ~10^4 tokens, more than a run decodes
 compile = False
 attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
 # -----------------------------------------------------------------------------
