@@ -636,8 +636,10 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
     # device (MoE.forward's counts.tolist()), which one graph cannot hold
     compile = compile and not getattr(model, "moe_layers", None)
     step = compiled_decode_step(idx.device.type) if compile else decode_step
-    if compile and idx.device.type == "cuda":  # a CUDA graph replays fixed addresses: the cache's
-        for t in cache.k + cache.v:  # (re-recorded once per call, for each new cache)
+    if compile and idx.device.type == "cuda":
+        # a CUDA graph replays fixed addresses, and writes only into inputs marked static: the cache's
+        # (the graph is recorded again once per call, for its new cache)
+        for t in cache.k + cache.v:
             torch._dynamo.mark_static_address(t)
     logits, _ = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
@@ -651,7 +653,7 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
             return
         seq = torch.cat((seq, nxt), dim=1)[:, -bs:]
         if cache.pos < bs:  # decode one token: (B, 1) in, attending to every cached position
-            input_pos = torch.tensor([cache.pos], device=idx.device)
+            input_pos = torch.full((1,), cache.pos, device=idx.device)  # a fill, no copy from the host
             cache.pos += 1
             logits = step(model, nxt, cache, input_pos)
         else:  # the window is full: slide it by one and prefill it again
