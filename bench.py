@@ -5,6 +5,7 @@ figure is compared across runs or machines).
 
     python bench.py                          # everything: about 10 minutes on 2 CPU cores
     python bench.py --only=generate,moe      # sections: peak, train, generate, data, compile, moe, profile
+    python bench.py --only=decode            # compile's decode half: eager, dynamic=True, static cache
     python bench.py --only=profile           # the default training step, per operator, against the old path
 
 The baselines are the old path of the training step (model.py and AdamW as of commit 859c13a,
@@ -267,19 +268,68 @@ def bench_compile() -> None:
     report("compile", "train, torch.compile", f"{compiled['tok_s']:,.0f} tokens/s",
            f"{compiled['tok_s'] / eager['tok_s']:.2f}x eager; first iteration after "
            f"{compiled['first_iter_s']:.0f} s against {eager['first_iter_s']:.0f} s")
-    model = make_model(DEFAULT_MODEL).eval()
-    x = torch.randint(8192, (1, 8))
+    bench_compile_decode()
+
+
+def best_times(paths: dict, rounds: int = 3) -> dict[str, float]:
+    """Each path's best time of `rounds`, the paths taken in turn so that a busy machine slows
+    them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def bench_compile_decode() -> None:
+    """Decode at batch 1 and 8 (8-token prompt, n new tokens, top-k 40): eager, the whole forward
+    compiled with dynamic shapes (the cache grows: one graph for every length), and the decode step
+    compiled over the static KV cache (generate(compile=True): one shape, compiled once)."""
     n = 128
-    with torch.no_grad():
-        eager_s = timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
-        model.forward = torch.compile(model.forward, dynamic=True)  # decode: one position, a growing cache
+    x = torch.randint(8192, (1, 8))
+    model = make_model(DEFAULT_MODEL).eval()
+    dynamic = make_model(DEFAULT_MODEL).eval()
+    dynamic.forward = torch.compile(dynamic.forward, dynamic=True)
+
+    def decode(m, rows=1, **kw):
+        return lambda: list(m.generate(x.repeat(rows, 1), n, temperature=1.0, top_k=40, **kw))
+
+    compile_s = {}
+    for name, fn in (("dynamic", decode(dynamic)), ("static", decode(model, compile=True)),
+                     ("static8", decode(model, 8, compile=True))):
         t0 = time.perf_counter()
-        list(model.generate(x, n, temperature=1.0, top_k=40))
-        warm = time.perf_counter() - t0
-        compiled_s = timed(lambda: list(model.generate(x, n, temperature=1.0, top_k=40)))
-    report("compile", f"decode, batch 1, {n} tokens, eager", f"{n / eager_s:,.0f} tokens/s")
-    report("compile", "decode, torch.compile(dynamic=True)", f"{n / compiled_s:,.0f} tokens/s",
-           f"{eager_s / compiled_s:.2f}x eager, after {warm:.0f} s of compiling")
+        fn()  # the first call compiles
+        compile_s[name] = time.perf_counter() - t0
+    paths = {"eager": decode(model), "dynamic": decode(dynamic), "static": decode(model, compile=True),
+             "eager8": decode(model, 8), "static8": decode(model, 8, compile=True)}
+    hf = None
+    try:
+        from export import to_transformers
+
+        hf = to_transformers(model).eval()
+        eos = hf.config.eos_token_id
+        paths["hf"] = lambda: hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=40,
+                                          use_cache=True, pad_token_id=eos)
+    except ImportError:
+        pass
+    tok_s = {name: (8 if name.endswith("8") else 1) * n / t for name, t in best_times(paths).items()}
+    eager, static = tok_s["eager"], tok_s["static"]
+    report("compile", f"decode, batch 1, {n} tokens, eager", f"{eager:,.0f} tokens/s")
+    report("compile", "decode, torch.compile(model.forward, dynamic=True)", f"{tok_s['dynamic']:,.0f} tokens/s",
+           f"{tok_s['dynamic'] / eager:.2f}x eager, after {compile_s['dynamic']:.0f} s of compiling")
+    report("compile", "decode, generate(compile=True): the step over a static KV cache",
+           f"{static:,.0f} tokens/s", f"{static / eager:.2f}x eager, {static / tok_s['dynamic']:.2f}x "
+           f"dynamic=True, after {compile_s['static']:.0f} s of compiling")
+    report("compile", "decode, batch 8, eager", f"{tok_s['eager8']:,.0f} tokens/s")
+    report("compile", "decode, batch 8, generate(compile=True)", f"{tok_s['static8']:,.0f} tokens/s",
+           f"{tok_s['static8'] / tok_s['eager8']:.2f}x eager, after {compile_s['static8']:.0f} s of "
+           "compiling for the new batch size")
+    if hf is not None:
+        report("compile", f"decode, batch 1, transformers {type(hf).__name__}.generate", f"{tok_s['hf']:,.0f} "
+               "tokens/s", f"ours: eager {eager / tok_s['hf']:.2f}x, compiled {static / tok_s['hf']:.2f}x")
 
 
 # --- 6. mixture of experts ---------------------------------------------------------------------------
@@ -424,7 +474,7 @@ def bench_profile() -> None:
 
 
 SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,
-            "compile": bench_compile, "moe": bench_moe,
+            "compile": bench_compile, "decode": bench_compile_decode, "moe": bench_moe,
             "profile": bench_profile}
 
 

@@ -38,6 +38,7 @@ sampling: each of these places says why.
 
 from __future__ import annotations  # annotations may name classes defined further down (KVCache)
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -90,23 +91,22 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None):
-    """softmax(q k^T / sqrt(head_dim)) v, causal. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd), S >= T
-    (S > T when a KV cache holds earlier positions, see generation). n_kv = nh for the GPT; the
-    Llama's grouped-query attention has fewer key/value heads, each serving nh / n_kv consecutive
-    query heads. By default F.scaled_dot_product_attention picks a fused kernel (flash attention,
+def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, mask=None):
+    """softmax(q k^T / sqrt(head_dim)) v. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd). Causal (S = T)
+    without a mask; with a KV cache, S = block_size and mask (T, S) is True where attention is
+    allowed (see generation). n_kv = nh for the GPT; the Llama's grouped-query attention has fewer
+    key/value heads, each serving nh / n_kv consecutive query heads. By default F.scaled_dot_product_attention picks a fused kernel (flash attention,
     on CPUs too) that never materialises the T x S matrix, nor copies of the shared key/value heads
     (enable_gqa). With attn_maps, the same is computed step by step and the probabilities
     (B, nh, T, S) are appended to it (for plots)."""
     T, S = q.size(2), k.size(2)
-    if attn_maps is None:  # T == S: the causal mask; T == 1: one new token sees every cached position
-        mask = causal_mask(T, S, q.device) if 1 < T < S else None
+    if attn_maps is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=T == S, enable_gqa=k.size(1) != q.size(1))
+                                              is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-    att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    att = att.masked_fill(~(causal_mask(T, S, q.device) if mask is None else mask), float("-inf"))
     att = F.softmax(att.float(), dim=-1).type_as(q)  # float32: bf16 sums S terms to 3 digits
     attn_maps.append(att.detach())
     att = F.dropout(att, p=dropout_p)
@@ -127,9 +127,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends in its own subspace
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask = None
         if cache is not None:  # generation: the keys and values of the earlier positions too
-            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hd), S = cached + T
-        y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps)
+            k, v, mask = cache.update(self.layer, k, v)  # (B, nh, block_size, hd), (T, block_size)
+        y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -237,24 +238,18 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None,
+                input_pos: torch.Tensor | None = None):
         """idx: (B, T) token ids. With targets (B, T): logits for every position and the mean
         cross-entropy (targets of -1 are ignored). Without: logits of the last position only
         (B, 1, V), all that generation needs, and loss None. With a cache, idx holds the
-        positions after the cached ones. With attn_maps=[], each layer appends its attention
-        probabilities (B, n_head, T, S)."""
-        T = idx.size(1)
-        pos0 = cache.pos if cache is not None else 0
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
+        positions after the cached ones, or those input_pos (T,) names (see positions()). With
+        attn_maps=[], each layer appends its attention probabilities (B, n_head, T, S)."""
+        pos = positions(idx, self.config.block_size, cache, input_pos)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache, attn_maps)
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.pos += T  # every layer has stored the new positions
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)  # (B, T, V)
@@ -379,9 +374,10 @@ class LlamaAttention(nn.Module):
             if self.qk_norm is not None:
                 q, k = self.qk_norm(q), self.qk_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        mask = None
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # the cache holds the n_kv_head heads only
-        y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps)
+            k, v, mask = cache.update(self.layer, k, v)  # the cache holds the n_kv_head heads only
+        y = attention(q, k, v, self.dropout if self.training else 0.0, attn_maps, mask)
         return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -492,21 +488,16 @@ class Llama(LanguageModel):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None,
+                input_pos: torch.Tensor | None = None):
         """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
         to the loss (router_loss() is their weighted sum); the val loss stays a pure cross-entropy."""
-        T = idx.size(1)
-        pos0 = cache.pos if cache is not None else 0
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
-        rope = self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]  # (T, head_dim) each
+        pos = positions(idx, self.config.block_size, cache, input_pos)
+        rope = self.rope_cos[pos], self.rope_sin[pos]  # (T, head_dim) each
         x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_maps)
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.pos += T
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
@@ -567,40 +558,90 @@ def make_model(model_args: dict) -> LanguageModel:
 class KVCache:
     """Keys and values of the positions already processed, so that generating one more token
     costs one position of compute instead of the whole sequence.
-    k, v: (n_layer, B, n_kv_head, block_size, head_dim), n_kv_head = n_head for the GPT; the first
-    `pos` positions are filled."""
+    k[layer], v[layer]: (B, n_kv_head, block_size, head_dim), n_kv_head = n_head for the GPT: one
+    fixed shape. A forward writes its T new keys and values at the positions input_pos (a (T,)
+    tensor) and attends over the whole cache, masked to the positions up to its own: one token's
+    decode step has one shape and the same code at every position, so torch.compile compiles it
+    once. One tensor per layer, not views of one: a compiled step writes into a whole input in
+    place, where it would copy the whole of a base tensor to update a view of it."""
 
     def __init__(self, model: LanguageModel, batch_size: int):
         cfg, w = model.config, model.lm_head.weight
         n_kv_head = getattr(cfg, "n_kv_head", cfg.n_head)  # grouped-query attention caches fewer heads
-        shape = (cfg.n_layer, batch_size, n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        self.pos = 0  # advanced by the model once all layers have stored the new positions
+        shape = (batch_size, n_kv_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.k = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions filled, for calls that give no input_pos (the compiled step reads none)
+        self.input_pos = None  # (T,): the positions of the tokens going through the model now
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Stores k, v (B, n_kv, T, hd) after the cached positions; returns all of them so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Stores k, v (B, n_kv, T, hd) at input_pos; returns the whole cache of this layer, and the
+        (T, block_size) mask of what each query may see: itself and the positions before it."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(2, self.input_pos, k.to(k_cache.dtype))  # under autocast k is bf16
+        v_cache.index_copy_(2, self.input_pos, v.to(v_cache.dtype))
+        mask = torch.arange(k_cache.size(2), device=k.device) <= self.input_pos[:, None]
+        return k_cache, v_cache, mask
+
+
+def positions(idx: torch.Tensor, block_size: int, cache: KVCache | None,
+              input_pos: torch.Tensor | None) -> torch.Tensor:
+    """The positions (T,) of idx's T tokens: input_pos if given, else those after the cache's
+    cache.pos filled ones (counted as filled from now on), else 0..T-1. The compiled decode step
+    gives input_pos: a position read from a Python int would compile the step once per value."""
+    if input_pos is None:
+        T, start = idx.size(1), cache.pos if cache is not None else 0
+        if start + T > block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={block_size}")
+        input_pos = torch.arange(start, start + T, device=idx.device)
+        if cache is not None:
+            cache.pos += T
+    if cache is not None:
+        cache.input_pos = input_pos  # where each layer's cache.update writes
+    return input_pos
+
+
+def decode_step(model: LanguageModel, idx: torch.Tensor, cache: KVCache, input_pos: torch.Tensor):
+    """One token per row, idx (B, 1), at position input_pos (1,) -> the next logits (B, 1, V)."""
+    return model(idx, cache=cache, input_pos=input_pos)[0]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """decode_step compiled (once per process and device type; each model shape then compiles once
+    on its first call). fullgraph: a graph break would put Python back into every step. On CUDA,
+    "reduce-overhead" replays the whole step as one CUDA graph (gpt-fast's way); on CPU, Inductor's
+    C++ wrapper calls the kernels without a Python line per kernel."""
+    if device_type == "cuda":
+        return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
+    return torch.compile(decode_step, fullgraph=True, options={"cpp_wrapper": True})
 
 
 @torch.no_grad()
 def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
-             eot_id: int | None = None, **sampling) -> Iterator[torch.Tensor]:
+             eot_id: int | None = None, compile: bool = False, **sampling) -> Iterator[torch.Tensor]:
     """Yields the next token of each row of idx (B, T), as (B, 1), max_new_tokens times or until
     every row has produced eot_id (a finished row then repeats eot_id). sampling: sample_next's
     keyword arguments (temperature, top_k, top_p, generator, inverse_cdf); temperature 0 is greedy.
 
     Prefill: the prompt goes through the model once and fills the KV cache. Decode: each next
-    token then goes through alone, one position of compute. Once the window is full (block_size
-    tokens), the context slides: every token then changes position (and with it every later
-    layer's keys), so each step prefills the last block_size tokens again, which gives exactly
-    what full recomputation gives, at its cost."""
+    token then goes through alone, one position of compute; compile=True runs this step compiled
+    (compiled_decode_step: the first call compiles it, seconds to a minute). Once the window is
+    full (block_size tokens), the context slides: every token then changes position (and with it
+    every later layer's keys), so each step prefills the last block_size tokens again, which gives
+    exactly what full recomputation gives, at its cost."""
     bs = model.config.block_size
     seq = idx[:, -bs:]
     cache = KVCache(model, idx.size(0))
+    # a Mixture of Experts decodes eagerly: its routing splits the tokens by counts read back from the
+    # device (MoE.forward's counts.tolist()), which one graph cannot hold
+    compile = compile and not getattr(model, "moe_layers", None)
+    step = compiled_decode_step(idx.device.type) if compile else decode_step
+    if compile and idx.device.type == "cuda":
+        # a CUDA graph replays fixed addresses, and writes only into inputs marked static: the cache's
+        # (the graph is recorded again once per call, for its new cache)
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
     logits, _ = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
@@ -613,7 +654,9 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
             return
         seq = torch.cat((seq, nxt), dim=1)[:, -bs:]
         if cache.pos < bs:  # decode one token: (B, 1) in, attending to every cached position
-            logits, _ = model(nxt, cache=cache)
+            input_pos = torch.full((1,), cache.pos, device=idx.device)  # a fill, no copy from the host
+            cache.pos += 1
+            logits = step(model, nxt, cache, input_pos)
         else:  # the window is full: slide it by one and prefill it again
             cache.pos = 0
             logits, _ = model(seq, cache=cache)

@@ -30,6 +30,9 @@ greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
 dtype = "auto"
+# True: decode with the step compiled (model.generate's compile). Off unless asked: compiling takes tens of
+# seconds to save under a millisecond a token, repaid only past ~10^4 tokens, more than a run decodes
+compile = False
 attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
 # -----------------------------------------------------------------------------
 
@@ -127,7 +130,8 @@ def main(c: dict) -> None:
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
     if c["num_samples"] == 1:  # stream the text as it comes
-        steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen)
+        steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen,
+                               compile=c["compile"])
         print(c["start"], end="", flush=True)
         with rt.autocast():
             stream(steps, tok)
@@ -135,7 +139,7 @@ def main(c: dict) -> None:
     for first in range(0, c["num_samples"], c["batch_size"]):
         n = min(c["batch_size"], c["num_samples"] - first)
         steps = model.generate(x.repeat(n, 1), c["max_new_tokens"], **settings, eot_id=tok.eot_id,
-                               generator=gen)
+                               generator=gen, compile=c["compile"])
         with rt.autocast():
             out = torch.cat([torch.empty(n, 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
         for i, row in enumerate(out, first + 1):

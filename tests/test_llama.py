@@ -1,6 +1,7 @@
 import pytest
 import torch
 from test_model import full_recompute_greedy
+from test_model import tiny as gpt_tiny
 
 from common import configure_optimizer, resolve_compile
 from model import (
@@ -128,7 +129,7 @@ def test_kv_cache_with_gqa_equals_full_recompute(prompt_len, new):
     idx = torch.randint(0, 50, (2, prompt_len))
     cached = torch.cat([idx, *m.generate(idx, new, temperature=0.0)], dim=1)
     assert torch.equal(cached, full_recompute_greedy(m, idx, new))
-    assert KVCache(m, 2).k.shape == (4, 2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
+    assert KVCache(m, 2).k[0].shape == (2, 2, 16, 8)  # n_kv_head = 2 heads cached, not 4
 
 
 def test_active_flops_count_one_expert_of_four():
@@ -187,6 +188,24 @@ def test_compiled_model_trains_like_the_eager_one():
             losses[-1].append(loss.item())
     assert losses[0][-1] < losses[0][0] - 0.05  # it trains
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)
+
+
+@pytest.mark.slow  # compiles the decode step of two tiny models: 10-20 s
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(arch):
+    """generate(compile=True) compiles the one-token decode step once, whatever its position and the
+    prompt's length (the KV cache has one shape, positions are tensors), and gives the eager greedy
+    tokens, in the window and past it (where the window slides, eagerly)."""
+    if not resolve_compile(None, "cpu", log=lambda line: None):
+        pytest.skip("Inductor cannot build C++ kernels on this machine")
+    m = gpt_tiny(block_size=16) if arch == "gpt" else tiny(n_layer=2, moe_every=0)
+    torch._dynamo.reset()  # a fresh count of compilations for this model
+    for prompt_len in (5, 3):
+        idx = torch.randint(0, 50, (2, prompt_len))
+        eager = torch.cat(list(m.generate(idx, 30, temperature=0.0)), dim=1)
+        with torch._dynamo.config.patch(error_on_recompile=prompt_len == 3):  # compiled by the first
+            compiled = torch.cat(list(m.generate(idx, 30, temperature=0.0, compile=True)), dim=1)
+        assert torch.equal(compiled, eager)
 
 
 def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
