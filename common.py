@@ -283,7 +283,7 @@ def fast_bf16(device: str) -> bool:
 # --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
 def resolve_optimizer(optimizer: str, device: str) -> str:
     """optimizer="auto": Muon where bf16 matmuls are fast, AdamW elsewhere. torch's Muon orthogonalises
-    in bf16 whatever the run's dtype: on a CPU without bf16 units its step took 12.9 s (AdamW's: 0.02 s)."""
+    in bf16 whatever the run's dtype, which a CPU without bf16 units emulates hundreds of times slower."""
     if optimizer == "auto":
         return "muon" if fast_bf16(device) else "adamw"
     return optimizer
@@ -292,8 +292,8 @@ def resolve_optimizer(optimizer: str, device: str) -> str:
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
                         optimizer: str = "adamw", embedding_lr: float = 0.0) -> "torch.optim.Optimizer":
-    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only: decaying biases and
-    norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
+    """AdamW with weight decay on the weights of 2 or more dimensions only (matmuls, embeddings,
+    experts' 3-D weights): decaying biases and norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
     instead of a dozen) exists on CUDA and on CPUs.
 
     optimizer="muon": Muon for the weight matrices of the blocks, AdamW for the rest (embeddings,
@@ -402,8 +402,7 @@ def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: t
     (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
     that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
     by the caller rather than timed, because the only evaluation timed by then, the first, includes
-    compiling the model for evaluation, which later ones do not repeat (timed, it made the default's
-    first 10-minute run, its compile cache cold, fit 400 iterations instead of 412)."""
+    compiling the model for evaluation, which later ones do not repeat."""
     if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
         return budget
     n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_cost)
@@ -641,7 +640,7 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
     """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
     targets y (the same windows shifted by one token), both (batch_size, block_size) int64.
 
-    This is where training batches are drawn. A window may cross the <|endoftext|> between two
+    train.py's get_batch draws its training batches here. A window may cross the <|endoftext|> between two
     books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
     begins after it, as when sample.py starts from it, and every window is full, with no padding."""
     data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing

@@ -96,7 +96,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 warmup_iters = 10
-lr_decay_iters = 0  # 0 = max_iters
+lr_decay_iters = 0  # 0 = the last step (max_iters, or fewer: what fits in max_time)
 min_lr = 0.0  # 0 = learning_rate / 10
 eval_interval = 50
 log_interval = 10

@@ -32,8 +32,9 @@ The file, in reading order:
 
 Under bf16 autocast (--dtype=bfloat16, the default on GPUs that have it) the matmuls run in bf16
 on bf16 copies of the weights. The weights themselves stay float32 (the optimizer's small updates
-would round away in bf16), and so do the residual stream, the norms, the MoE router, the loss and
-sampling: each of these places says why.
+would round away in bf16), and so do the residual stream, the norms, the MoE router's scores and
+losses (its Linear runs in bf16, and its top-k picks on those bf16 logits), the loss and sampling:
+each of these places says why.
 """
 
 from __future__ import annotations  # annotations may name classes defined further down (KVCache)
@@ -284,7 +285,7 @@ class LlamaConfig:
     dropout: float = 0.0
     aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
-    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (as nanochat)
+    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (config/gutenberg.py's)
 
     def __post_init__(self):
         check_ranges(self, positive=("rope_theta", "norm_eps"),
@@ -420,7 +421,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.size()
         x = x.view(-1, D)  # (N, D): tokens are routed one by one
-        logits = self.router(x)  # (N, E)
+        logits = self.router(x)  # (N, E), in bf16 under autocast, like every Linear
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # (N, k): on the raw scores
         # the router's sigmoid, softmax and logsumexp in float32: the losses below average them
         # over all N tokens, where bf16's 3 significant digits would swamp small differences
@@ -686,9 +687,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if not inverse_cdf:
         return torch.multinomial(probs, num_samples=1, generator=generator)
     # the same distribution from one uniform number per row, looked up in the cumulative sum: the
-    # first id whose cdf exceeds u. torch.multinomial draws one random number per vocabulary entry:
-    # on a CPU ~0.2 ms per row at V = 8192, a few % of the default model's decode step at batch 1
-    # but 15-20 % at batch 8 (eval.py and dpo.py generate in batches)
+    # first id whose cdf exceeds u. torch.multinomial draws one random number per vocabulary entry,
+    # which costs a CPU more as batches grow (eval.py and dpo.py generate in batches)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # in [0, total)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)

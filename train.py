@@ -79,7 +79,7 @@ block_size = 256
 dropout = 0.0
 bias = False  # gpt only
 # llama only
-n_kv_head = 0  # key/value heads (grouped-query attention); 0 = n_head
+n_kv_head = 2  # key/value heads (grouped-query attention), as model.LlamaConfig; 0 = n_head
 n_expert = 4  # experts per MoE layer
 n_expert_per_token = 1
 d_expert = 0  # width of each expert and of the shared expert; 0 = 2 * n_embd
@@ -90,7 +90,7 @@ qk_norm = True
 norm_eps = 1e-5
 aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
-tie_embeddings = True  # the output layer reuses the token embedding
+tie_embeddings = True  # llama: the output layer reuses the token table (config/gutenberg.py unties it); gpt: always
 # optimization
 batch_size = 16  # sequences per micro-step (under DDP, lower if the global batch needs it to split evenly)
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -104,7 +104,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm; 0 = off
 warmup_iters = 100
-lr_decay_iters = 0  # cosine decay ends here; 0 = max_iters
+lr_decay_iters = 0  # cosine decay ends here; 0 = the last iteration (max_iters, or fewer: what fits in max_time)
 min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps

@@ -1,19 +1,15 @@
 # The default run: a small decoder on the French novels, sized for a laptop CPU (2 cores: under 10 minutes).
 # python prepare.py && python train.py config/gutenberg.py
-# python sweep.py chose the architecture, precision, optimizer, learning rates, depth and vocabulary:
-# each variant trained for the same 10 minutes, or the same FLOPs, and measured in bits per byte on the
-# held-out books (tables in the README).
+# Each choice below was measured against its alternatives in bits per byte on the held-out books, at the
+# same 10 minutes or the same FLOPs (python sweep.py; docs/experiments.md has the tables).
 out_dir = "out-gutenberg"
 data_dir = "data/gutenberg_bpe8192"  # French BPE of 8,192 tokens, about 4 bytes per token
 
 # The Llama-style decoder of model.py, dense (no experts): RMSNorm, RoPE, SwiGLU, grouped-query
-# attention, QK norm. In 10 minutes it reached 1.55 bits per byte where the course's GPT of the same
-# width (--arch=gpt) reached 1.66 (both with AdamW). 3 layers of width 256: 7.1M parameters (2.1M of
-# them in the untied token table, below), 33 MFLOPs per token.
-# At this budget (a few million tokens) a small model trained on more tokens beats a larger one:
-# 3 layers beat 4 at equal compute on a GPU and in 10 minutes of CPU, with the same matrices (so
-# the same speed per FLOP on any machine); 2 layers tied with 3 in 10 minutes of CPU and lost to them
-# at the compute of a CPU with bf16 units (README).
+# attention, QK norm. It beats the course's GPT of the same width at equal time (config/gpt.py).
+# 3 layers of width 256: 7.1M parameters (2.1M of them in the untied token table, below), 33 MFLOPs
+# per token. At this budget (a few million tokens) a small model that sees more tokens beats a
+# larger one: 3 layers beat 4 and 2 (same matrices, so the same speed per FLOP on any machine).
 arch = "llama"
 n_layer = 3  # with no_rope_interval=4 (Llama 4's), all three rotate: a fourth would not
 n_head = 4
@@ -30,10 +26,10 @@ dropout = 0.0  # one pass over a fraction of the corpus: nothing to regularise
 # emulate bf16, 100x slower than float32.
 dtype = "auto"
 
-# Muon for the blocks' matrices, AdamW for the rest: 0.05 bits per byte better than AdamW alone for
-# the same compute. torch's Muon orthogonalises in bf16, so "auto" takes it where bf16 is fast and
-# AdamW elsewhere. The output layer is untied from the token table, which trains 10x faster: a
-# lookup table's rows see few gradients each (0.015 better; python sweep.py, README).
+# Muon for the blocks' matrices, AdamW for the rest: clearly better than AdamW alone for the same
+# compute. torch's Muon orthogonalises in bf16, so "auto" takes it where bf16 is fast and AdamW
+# elsewhere. The output layer is untied from the token table, which trains at a 10x learning rate
+# (embedding_lr): a lookup table's rows each see few gradients.
 optimizer = "auto"
 tie_embeddings = False
 embedding_lr = 2e-2
