@@ -23,9 +23,11 @@ query heads), SwiGLU feed-forward layers and, every moe_every-th layer, a Mixtur
 Its output layer may be untied from the token table (tie_embeddings=False: the default run's).
 
 The file, in reading order:
-    1. the GPT: GPTConfig, attention, CausalSelfAttention, MLP, Block, GPT
+    1. the GPT: GPTConfig, attention, CausalSelfAttention, MLP, Block, GPT (the course's model:
+       config/gpt.py, config/tp_seed.py)
     2. the Llama: LlamaConfig, RMSNorm, RoPE (rope_tables, apply_rotary_emb), LlamaAttention
-       (GQA), SwiGLU, MoE, LlamaBlock, Llama
+       (GQA), SwiGLU, MoE, LlamaBlock, Llama (the default run, config/gutenberg.py, trains this one,
+       dense: no MoE layers; config/llama_moe.py has them)
     3. settings to checkpoints and back: model_args_from, make_model
     4. generation, shared by both: KVCache, generate (prefill, then one token at a time),
        sample_next (temperature, top-k, top-p)
