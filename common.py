@@ -396,14 +396,14 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
     return iter_num + max(1, int(0.98 * left / (per_iter + eval_seconds / eval_interval)))  # 2 % margin
 
 
-def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float],
+def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], fit_at: int,
                max_time: float, max_iters: int, eval_interval: int, eval_cost: float, log) -> dict | None:
-    """With max_time, how many iterations fit is counted once, 10 iterations after the first
-    (timed_from: its iteration and elapsed seconds), and kept: {"max_time", "iters"}. None before
-    that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
+    """With max_time, how many iterations fit is counted once, at iteration fit_at, from the speed
+    since timed_from (an iteration and its elapsed seconds), and kept: {"max_time", "iters"}. None
+    before that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
     by the caller rather than timed, because the only evaluation timed by then, the first, includes
     compiling the model for evaluation, which later ones do not repeat."""
-    if budget is not None or max_time <= 0 or iter_num != timed_from[0] + 10:
+    if budget is not None or max_time <= 0 or iter_num != fit_at:
         return budget
     n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_cost)
     if n < max_iters:

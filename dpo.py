@@ -543,8 +543,8 @@ if __name__ == "__main__":
             elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
             if iter_num == timed_from[0]:
                 timed_from = (iter_num, elapsed)
-            budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
-                                eval_cost, log)
+            budget = fit_budget(budget, iter_num, elapsed, timed_from, timed_from[0] + 10, max_time,
+                                max_iters, eval_interval, eval_cost, log)
             last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
             if iter_num % log_interval == 0:  # the metrics of the last micro-batch
                 dt = (time.time() - t0) / n_timed

@@ -340,7 +340,11 @@ iter_start, saved_iter = iter_num, (iter_num if init_from == "resume" else None)
 # what an evaluation costs, for the budget: 2 x eval_iters batches, forward only (a third of the work of
 # a training batch), in iterations of gradient_accumulation_steps batches
 eval_cost = 2 * eval_iters / (3 * gradient_accumulation_steps)
-timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first iteration (warm-up)
+# the budget's speed is timed over the second half of the warmup, at least 10 iterations after the first
+# (which compiles): the first iterations run slower than the rest, and the warmup's learning rates do not
+# depend on where the schedule ends, so fitting it at the warmup's end changes no step already taken
+timed_from = (max(iter_start + 1, warmup_iters // 2), 0.0)
+fit_at = max(timed_from[0] + 10, warmup_iters)
 elapsed_at_start = elapsed
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
@@ -406,12 +410,12 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         iter_num += 1
         n_timed += 1
         elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
-        if iter_num == timed_from[0]:  # the first iteration: a compiled model compiles in it
+        if iter_num == iter_start + 1 and use_compile:  # the first iteration: a compiled model compiles in it
+            log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
+                "compile included (it counts in max_time)")
+        if iter_num == timed_from[0]:
             timed_from = (iter_num, elapsed)
-            if use_compile:
-                log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
-                    "compile included (it counts in max_time)")
-        budget = fit_budget(budget, iter_num, elapsed, timed_from, max_time, max_iters, eval_interval,
+        budget = fit_budget(budget, iter_num, elapsed, timed_from, fit_at, max_time, max_iters, eval_interval,
                             eval_cost, log)
         last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
