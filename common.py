@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import make_model, model_args_from
+from model import make_model, model_args_from, other_arch_keys
 from tokenizer import Tokenizer
 
 
@@ -103,9 +103,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float16" if device.startswith("cuda") else "float32"
 
 
-def check_config(c: dict) -> None:
+def check_config(c: dict, given=()) -> None:
     """Impossible values of a training config are one-line errors, raised before any data is read.
-    Checks the keys that c has, so that every training script can use it."""
+    Checks the keys that c has, so that every training script can use it. given: the keys a config
+    file or a flag set (configurator.resolve), where a setting of the other architecture is an error."""
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -132,6 +133,10 @@ def check_config(c: dict) -> None:
             model_args_from(c)
         except ValueError as e:
             need(False, str(e))
+        other = other_arch_keys(c["arch"], given)
+        need(not other, f"{', '.join(other)} set for arch={c['arch']}, which has no such setting (the other "
+                        "architecture's): drop it, or start from that architecture's config (config/gpt.py for "
+                        "the GPT, config/gutenberg.py for the Llama)")
     if "learning_rate" in c:
         need(c["learning_rate"] > 0, f"learning_rate must be positive, got {c['learning_rate']}")
     for k in ("beta1", "beta2"):

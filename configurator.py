@@ -11,6 +11,7 @@ set, so that a resumed run can tell a setting typed from a default left alone.
 """
 
 import difflib
+import os
 import sys
 import types
 
@@ -105,10 +106,14 @@ def resolve(namespace: dict, argv: list[str] | None = None) -> tuple[dict, set[s
             config[k] = _check_type(k, v, defaults[k], f"in {path}")
             given.add(k)
     if "-h" in flags or "--help" in flags:
-        print("config keys and their defaults (config files are applied first, then --key=value flags, "
-              "whatever their order):")
-        for k, v in defaults.items():
-            print(f"  --{k}={v!r}")
+        try:
+            print("config keys and their defaults (config files are applied first, then --key=value flags, "
+                  "whatever their order):")
+            for k, v in defaults.items():
+                print(f"  --{k}={v!r}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # --help | head: the reader closed the pipe, having read what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
         raise SystemExit(0)
     for arg in flags:
         key, eq, raw = arg[2:].partition("=")

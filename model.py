@@ -542,6 +542,14 @@ def model_args_from(settings: dict) -> dict:
     return {"arch": arch, **asdict(cls(**{k: v for k, v in settings.items() if k in names}))}
 
 
+def other_arch_keys(arch: str, keys) -> list[str]:
+    """The keys that set a field of the other architecture's config and none of arch's: given for
+    arch, they would be dropped without a word (n_kv_head for the GPT, bias for the Llama)."""
+    own, other = (GPTConfig, LlamaConfig) if arch == "gpt" else (LlamaConfig, GPTConfig)
+    names = {f.name for f in fields(own)}
+    return [f.name for f in fields(other) if f.name in keys and f.name not in names]
+
+
 def make_model(model_args: dict) -> LanguageModel:
     """The model a checkpoint's model_args describe: {"arch": "gpt" or "llama", config fields...}."""
     args = dict(model_args)

@@ -42,7 +42,7 @@ RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOP
     # a smaller vocabulary: a cheaper output layer, fewer bytes per token
     # (python prepare.py --vocab_size=4096 first)
     "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 2090),
-    "gpt": (["--arch=gpt", "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
+    "gpt": (["config/gpt.py", "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
 }
 
 
@@ -67,7 +67,9 @@ def main(c: dict) -> None:
         if c["fixed_compute"]:
             budget = [f"--max_iters={iters}", "--max_time=0"]
         dev = [f"--device={c['device']}"] if c["device"] else []
-        cmd = [sys.executable, "train.py", "config/gutenberg.py", *overrides, *budget, *dev,
+        # a run that names a config file starts from it instead of config/gutenberg.py
+        config = [] if overrides[:1] and overrides[0].endswith(".py") else ["config/gutenberg.py"]
+        cmd = [sys.executable, "train.py", *config, *overrides, *budget, *dev,
                f"--out_dir={out}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()

@@ -133,7 +133,7 @@ def interrupted(signum, frame):
 
 
 signal.signal(signal.SIGINT, interrupted)  # from here on; during the imports above, Python's traceback
-check_config(config)  # impossible values fail here, before any data is read
+check_config(config, given)  # impossible values fail here, before any data is read
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
 min_lr = min_lr or learning_rate / 10

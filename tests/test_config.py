@@ -1,10 +1,13 @@
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, TINY, run, train_defaults
 
 import sweep
+from common import check_config
 from configurator import configure, resolve
 from model import make_model, model_args_from
 
@@ -99,7 +102,11 @@ def test_sweep_gives_every_run_the_flops_of_the_reference_at_fixed_compute():
     defaults = train_defaults()
 
     def flops_per_iter(overrides: list[str]) -> float:
-        c = configure(defaults, [os.path.join(ROOT, "config", "gutenberg.py"), *overrides])
+        if overrides[:1] and overrides[0].endswith(".py"):  # a run of its own config file (config/gpt.py)
+            overrides = [os.path.join(ROOT, overrides[0]), *overrides[1:]]
+        else:
+            overrides = [os.path.join(ROOT, "config", "gutenberg.py"), *overrides]
+        c = configure(defaults, overrides)
         vocab_size = int(re.search(r"(\d+)$", c["data_dir"])[1])  # data/gutenberg_bpe4096: 4,096 tokens
         model = make_model(model_args_from({**c, "vocab_size": vocab_size}))
         return model.flops_per_token() * c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
@@ -153,3 +160,28 @@ def test_help_says_flags_come_after_config_files(capsys):
     with pytest.raises(SystemExit):
         configure(DEFAULTS, ["--help"])
     assert "config files are applied first, then --key=value flags, whatever their order" in capsys.readouterr().out
+
+
+def test_a_setting_of_the_other_architecture_is_an_error_when_given():
+    """config/gutenberg.py's Llama settings (n_kv_head, tie_embeddings...) with --arch=gpt were dropped
+    without a word; left at their defaults they are no one's choice, and pass."""
+    defaults, gutenberg = train_defaults(), os.path.join(ROOT, "config", "gutenberg.py")
+    for argv, named in (([gutenberg, "--arch=gpt"], "n_kv_head, moe_every, tie_embeddings set for arch=gpt"),
+                        (["--arch=llama", "--bias=True"], "bias set for arch=llama")):
+        config, given = resolve(defaults, argv)
+        with pytest.raises(SystemExit, match=f"^error: {named}, which has no such setting") as e:
+            check_config(config, given)
+        assert "\n" not in str(e.value)
+    for argv in (["--arch=gpt"], [os.path.join(ROOT, "config", "gpt.py")], [gutenberg]):
+        check_config(*resolve(defaults, argv))
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    """python train.py --help | head -1: the reader closes the pipe before the list is written."""
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--help"], stdout=w,
+                         stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    os.close(r)  # before the script has written anything: its import of torch takes a second
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 0 and "Traceback" not in err, err
