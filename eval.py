@@ -112,10 +112,12 @@ def text_stats(texts: list[str]) -> dict:
 
 def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     """Continues num_samples prompts of prompt_tokens drawn from tokens (never across a document's
-    end), all in one batch, and measures the continuations with text_stats."""
+    end), in batches of up to 256 (one batch for the counts the figures in docs/ were measured with),
+    and measures the continuations with text_stats."""
     prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
-    rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"],
-                            batch_size=c["num_samples"], **sampling(c))
+    batch = min(c["num_samples"], 256)
+    rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"], batch_size=batch,
+                            log=print if batch < c["num_samples"] else None, **sampling(c))
     return text_stats([tok.decode(r) for r in rows])
 
 
@@ -222,6 +224,10 @@ def main(c: dict) -> dict:
         source = f"{path} ({meta['val']['documents']} held-out documents)"
     if len(tokens) < 2:
         raise SystemExit("error: the text is too short to score (it needs at least one token)")
+    if c["num_samples"] > len(tokens) // c["prompt_tokens"]:  # more prompts than the text holds: a typo
+        raise SystemExit(f"error: --num_samples={c['num_samples']}: the text holds "
+                         f"{len(tokens) // c['prompt_tokens']:,} prompts of prompt_tokens={c['prompt_tokens']} "
+                         "at most: pass fewer")
     nats, count = score(model, tokens, c["batch_size"], rt, c["stride"])
     res = {"tokens": count, "bytes": n_bytes, "loss": nats / count, "perplexity": math.exp(nats / count),
            "bits_per_byte": nats / math.log(2) / n_bytes}

@@ -102,3 +102,13 @@ def test_eval_refuses_a_data_dir_whose_tokenizer_was_rebuilt(trained, txt_dir, t
     assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
     assert ("the tokenizer of data/tiny differs from the one out-tiny/ckpt.pt was trained with (prepare.py "
             "has run there again since)") in p.stderr and "--text=FILE" in p.stderr
+
+
+def test_more_samples_than_the_text_holds_prompts_is_one_line_before_scoring(trained, tmp_path):
+    """eval.py --num_samples=100000000 (a typo, say) drew every prompt and generated them in one batch."""
+    f = tmp_path / "t.txt"
+    f.write_text("Le soleil se levait sur la ville endormie. " * 20, encoding="utf-8")
+    p = run("eval.py", "--out_dir=out-tiny", f"--text={f}", "--num_samples=100000000", "--device=cpu", cwd=trained,
+            check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: --num_samples=100000000: the text holds "), p.stderr
+    assert "bits per byte" not in p.stdout and len(p.stderr.strip().splitlines()) == 1
