@@ -285,6 +285,12 @@ use_compile = resolve_compile(compile, rt.device_type, log)  # after the inputs'
 log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embedding=False) / 1e6:.2f}M "
     f"without embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, "
     f"{rt.ptdtype}, optimizer {config['optimizer']}, compile {use_compile}")
+tied = raw_model.transformer.wte.weight is raw_model.lm_head.weight
+groups = [(type(o).__name__, g) for o in getattr(optimizer, "optimizers", [optimizer])  # Muon + AdamW, or AdamW
+          for g in o.param_groups]
+log(f"output layer: {'tied to' if tied else 'untied from'} the token table; parameter groups: " + "; ".join(
+    f"{name} {sum(p.numel() for p in g['params']):,} params at lr {learning_rate * g.get('lr_scale', 1):.0e} "
+    f"(peak), weight decay {g['weight_decay']}" for name, g in groups if g["params"]))
 model = wrap_model(model, rt, use_compile)
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "

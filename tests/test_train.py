@@ -306,6 +306,10 @@ def test_the_default_config_runs_either_kind_of_cpu(workdir, fast):
     assert p.returncode == 0, p.stderr
     chosen = "torch.bfloat16, optimizer muon" if fast else "torch.float32, optimizer adamw"
     assert chosen in p.stdout and "iter 2:" in p.stdout, p.stdout
+    # the resolved run in the log: the untied table at its own rate (2e-2), Muon's matrices where it runs
+    groups = re.search(r"^output layer: untied from the token table; parameter groups: (.*)$", p.stdout, re.M)
+    assert groups and "at lr 2e-02 (peak), weight decay 0.0" in groups[1], p.stdout
+    assert ("Muon " in groups[1]) == fast, groups[1]
     ckpt = load_checkpoint(os.path.join(workdir, f"out-auto-{fast}", "ckpt.pt"))
     assert ckpt["config"]["optimizer"] == ("muon" if fast else "adamw")
 
