@@ -286,7 +286,7 @@ log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(embed
     f"without embeddings), {model.flops_per_token() / 1e6:.1f} MFLOPs per token; device {rt.device}, "
     f"{rt.ptdtype}, optimizer {config['optimizer']}, compile {use_compile}")
 tied = raw_model.transformer.wte.weight is raw_model.lm_head.weight
-groups = [(type(o).__name__, g) for o in getattr(optimizer, "optimizers", [optimizer])  # Muon + AdamW, or AdamW
+groups = [(type(o).__name__, g) for o in getattr(optimizer, "optimizers", [optimizer])  # Muon + AdamW
           for g in o.param_groups]
 log(f"output layer: {'tied to' if tied else 'untied from'} the token table; parameter groups: " + "; ".join(
     f"{name} {sum(p.numel() for p in g['params']):,} params at lr {learning_rate * g.get('lr_scale', 1):.0e} "
