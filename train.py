@@ -90,7 +90,7 @@ qk_norm = True
 norm_eps = 1e-5
 aux_loss_coef = 0.01  # load-balancing loss weight
 z_loss_coef = 0.001  # router z-loss weight
-tie_embeddings = True  # llama: the output layer reuses the token table (config/gutenberg.py unties it); gpt: always
+tie_embeddings = True  # llama: the output layer reuses the token table (gutenberg.py unties it); gpt: always
 # optimization
 batch_size = 16  # sequences per micro-step (under DDP, lower if the global batch needs it to split evenly)
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -104,7 +104,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm; 0 = off
 warmup_iters = 100
-lr_decay_iters = 0  # cosine decay ends here; 0 = the last iteration (max_iters, or fewer: what fits in max_time)
+lr_decay_iters = 0  # cosine decay ends here; 0 = the last iteration (max_iters, or what fits in max_time)
 min_lr = 0.0  # learning rate at the end of the decay; 0 = learning_rate / 10
 # system
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
@@ -249,8 +249,8 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
                          "or train anew in another --out_dir")
     optimizer = trained_with
     # and its parameter groups: an untied token table at its own rate is a group of its own
-    config = keep_resumed(config, given, ckpt["config"], [k for k in ("embedding_lr",) if k in ckpt["config"]],
-                          "the checkpoint's optimizer groups")
+    shaping = [k for k in ("embedding_lr",) if k in ckpt["config"]]
+    config = keep_resumed(config, given, ckpt["config"], shaping, "the checkpoint's optimizer groups")
     embedding_lr = config["embedding_lr"]
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
