@@ -6,6 +6,8 @@ import os
 import re
 import runpy
 import shutil
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +17,7 @@ from conftest import ROOT, TINY, run, torchrun
 
 import common
 import dpo
+import eval as eval_script
 from common import completion_logps, curve, draw_windows, load_checkpoint, load_model, pack, read_metrics
 
 
@@ -183,7 +186,11 @@ def metric_lines(stdout: str) -> dict[str, str]:
 def run_dpo_here(monkeypatch, *args: str) -> None:
     """python dpo.py ARGS, run in this process: the test can replace common's functions."""
     monkeypatch.setattr(sys, "argv", ["dpo.py", *args])
-    runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        runpy.run_path(os.path.join(ROOT, "dpo.py"), run_name="__main__")
+    finally:  # dpo.py's Ctrl-C handler is for dpo.py: the tests that follow keep pytest's
+        signal.signal(signal.SIGINT, handler)
 
 
 def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys):
@@ -294,7 +301,7 @@ def test_one_run_per_out_dir(trained):
 def test_ddp_two_processes_give_the_single_process_run(trained):
     """2 processes of 4 pairs each share the global batch of 1 process of 8: the same steps, the same model."""
     args = ["--init_from=out-tiny", "--max_iters=12", "--eval_interval=6", "--log_interval=6",
-            "--learning_rate=3e-3", "--device=cpu", "--dtype=float32"]  # bf16 would round 1 and 2 apart
+            "--learning_rate=3e-3", "--device=cpu", "--dtype=float32"]  # bf16 on a CPU with bf16 units: not equal
     single = run("dpo.py", *args, "--out_dir=out-dpo-single", "--batch_size=8", "--make_pairs=48",
                  "--prompt_tokens=12", "--completion_tokens=10", cwd=trained).stdout
     pairs = ["--pairs=out-dpo-single/pairs.jsonl", "--val_pairs=out-dpo-single/pairs_val.jsonl"]
@@ -311,3 +318,111 @@ def test_ddp_two_processes_give_the_single_process_run(trained):
     assert all(x == pytest.approx(y, abs=2e-4) for s in a for x, y in zip(a[s], b[s], strict=True)), (a, b)
     weights = [load_checkpoint(os.path.join(trained, d, "ckpt.pt"))["model"] for d in ("out-dpo-single", "out-dpo-ddp")]
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4
+
+
+def write_pairs(path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+PAIRS = [{"prompt": "Il était une fois", "chosen": " un roi.", "rejected": " de de de"},
+         {"prompt": "Elle dit :", "chosen": " « Venez donc ! »", "rejected": " la"}] * 4
+
+
+def test_a_diverged_run_never_replaces_its_last_good_checkpoint(trained, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    args = ["--init_from=out-tiny", "--out_dir=out-dpo-nan", f"--pairs={pairs}", f"--val_pairs={pairs}",
+            "--batch_size=4", "--device=cpu"]
+    run("dpo.py", *args, "--max_iters=2", "--eval_interval=2", cwd=trained)
+    # resumed with a learning rate that ruins the weights in one step, evaluated (and saved) at every step
+    p = run("dpo.py", *args, "--resume=True", "--max_iters=6", "--eval_interval=1", "--learning_rate=1e12",
+            cwd=trained, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "error: the held-out loss is nan at step 3: stopped; out-dpo-nan/ckpt.pt keeps step 2" in p.stderr
+    ckpt = load_checkpoint(os.path.join(trained, "out-dpo-nan", "ckpt.pt"))
+    assert ckpt["iter_num"] == 2 and common.all_finite(ckpt["model"])
+
+
+def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_path):
+    def interrupt(after: str, *args: str) -> str:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo.py"), "--init_from=out-tiny",
+                              "--device=cpu", *args], cwd=trained, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            if line.startswith(after):
+                p.send_signal(signal.SIGINT)
+                break
+        out = p.communicate(timeout=60)[0]
+        assert p.returncode == 1 and "Traceback" not in out, out
+        return out.splitlines()[-1]
+
+    # while the pairs are being made: nothing saved
+    last = interrupt("making", "--out_dir=out-dpo-int0", "--make_pairs=5000", "--completion_tokens=48")
+    assert last == "interrupted: nothing was saved, out-tiny is unchanged", last
+    assert not os.path.exists(os.path.join(trained, "out-dpo-int0", "ckpt.pt"))
+    # while training, after a checkpoint: the step the message names is the one on disk
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    last = interrupt("step 3:", "--out_dir=out-dpo-int", f"--pairs={pairs}", f"--val_pairs={pairs}",
+                     "--batch_size=4", "--max_iters=100000", "--eval_interval=2", "--log_interval=1")
+    m = re.fullmatch(r"interrupted at step \d+: out-dpo-int/ckpt.pt keeps step (\d+) \(continue with "
+                     r"--resume=True\)", last)
+    assert m, last
+    kept = load_checkpoint(os.path.join(trained, "out-dpo-int", "ckpt.pt"))["iter_num"]
+    assert kept == int(m.group(1)) >= 2, (kept, last)
+
+
+def test_out_dir_that_is_a_symlink_to_init_from_is_refused(trained):
+    start = open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()
+    os.symlink("out-tiny", os.path.join(trained, "out-tiny-link"))
+    p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-tiny-link", "--overwrite=True", "--make_pairs=8",
+            "--max_iters=1", "--device=cpu", cwd=trained, check=False)
+    assert p.returncode == 1 and "out_dir must differ from init_from" in p.stderr and "making" not in p.stdout
+    assert open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read() == start
+
+
+def test_make_pairs_without_the_training_data_says_where_it_looked(trained, tmp_path):
+    init_from = os.path.join(trained, "out-tiny")  # run from another folder: its data_dir is relative
+    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
+            cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert (f"data/tiny/train.bin is not there (relative to the working folder {tmp_path})" in p.stderr
+            and "run dpo.py from the folder train.py ran in, or pass --pairs=FILE" in p.stderr), p.stderr
+    assert "making" not in p.stdout and not os.path.exists(tmp_path / "out-elsewhere")
+
+
+NO_REPLIES = "a choice needs 'replies', a list of the 2 replies' texts"
+BAD_FEEDBACK = [({"prompt": "P", "replies": ["a"], "choice": 2}, NO_REPLIES),  # a short list
+                ({"prompt": "P", "choice": 1}, NO_REPLIES),  # a missing key
+                ({"prompt": "P", "reply": "r", "rating": "good"}, "rating 'good' is not a number"),
+                ({"prompt": ["P"], "reply": "r", "rating": 1}, "no text 'prompt'"),
+                ({"prompt": "P", "replies": ["a", "b"], "choice": 3}, "choice 3 is not 1, 2, = or null"),
+                ({"prompt": "P", "replies": ["a", "b"], "choice": 1.0}, "choice 1.0 is not 1, 2, = or null")]
+
+
+@pytest.mark.parametrize("row,why", BAD_FEEDBACK)
+def test_malformed_chat_feedback_rows_name_the_file_and_row(tmp_path, row, why):
+    good = {"prompt": "Q", "reply": "good", "rating": 1.0, "update": 1}
+    path = write_pairs(tmp_path / "feedback.jsonl", [good, row])
+    message = f"feedback.jsonl, row 2: not a row of chat.py's feedback log ({why}): correct or delete it"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        dpo.load_pairs(path)
+
+
+def test_pair_files_other_formats_and_a_bom(tmp_path):
+    truncated = tmp_path / "pairs.json"
+    truncated.write_text('[{"prompt": "p", "chosen": "c"', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"pairs\.json: not JSON \(Expecting ',' delimiter"):
+        dpo.load_pairs(str(truncated))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("prompt,chosen,rejected\np,c,r\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"pairs\.csv: pairs are read from \.jsonl, \.json, \.parquet files"):
+        dpo.load_pairs(str(csv))
+    # a BOM, as some editors write first, is not part of the first row (dpo.py's pairs, eval.py's --pairs)
+    pair, bom = {"prompt": "p", "chosen": "c", "rejected": "r"}, b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + json.dumps(pair).encode() + b"\n")
+    assert dpo.load_pairs(str(tmp_path / "bom.jsonl")) == [pair]
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([pair]).encode())
+    assert dpo.load_pairs(str(tmp_path / "bom.json")) == [pair]
+    blimp = {"sentence_good": "Il est.", "sentence_bad": "Il es."}
+    (tmp_path / "blimp.jsonl").write_bytes(bom + json.dumps(blimp).encode())
+    assert eval_script.read_pairs(str(tmp_path / "blimp.jsonl")) == [("Il est.", "Il es.")]
