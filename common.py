@@ -298,8 +298,8 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
                         betas: tuple[float, float], device_type: str,
                         optimizer: str = "adamw", embedding_lr: float = 0.0) -> "torch.optim.Optimizer":
     """AdamW with weight decay on the weights of 2 or more dimensions only (matmuls, embeddings,
-    experts' 3-D weights): decaying biases and norm gains toward zero has no regularising use. The fused kernel (one pass over each tensor
-    instead of a dozen) exists on CUDA and on CPUs.
+    experts' 3-D weights): decaying biases and norm gains toward zero has no regularising use. The
+    fused kernel (one pass over each tensor instead of a dozen) exists on CUDA and on CPUs.
 
     optimizer="muon": Muon for the weight matrices of the blocks, AdamW for the rest (embeddings,
     the output layer, norm gains, experts' 3-D weights), as modded-nanogpt does. Muon
@@ -433,11 +433,11 @@ def same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def all_finite(state_dict: dict) -> bool:
-    """Whether every floating-point tensor of a state_dict is free of NaN and inf: a checkpoint
-    is written only then (a diverged model saved over a good one would lose it)."""
-    return all(torch.isfinite(t).all().item() for t in state_dict.values()
-               if torch.is_tensor(t) and t.is_floating_point())
+def non_finite(state_dict: dict) -> list[str]:
+    """The names of a state_dict's floating-point tensors that hold NaN or inf: the weights of a run
+    that diverged, never to be saved over a good checkpoint, nor loaded."""
+    return [k for k, t in state_dict.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: str = "--out_dir"):
@@ -491,19 +491,17 @@ def save_checkpoint(obj: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points to them
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where it hits
+    except BaseException as e:  # a full disk (OSError or RuntimeError, by where it hits), Ctrl-C: no .tmp left
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError | RuntimeError):
+            raise
         kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
         why = str(e).splitlines()[0][:200]
         if disk_full(e):
             raise SystemExit(f"error: the disk is full: could not write {path} ({why}): {kept}: free some "
                              "space, then resume") from None
         raise SystemExit(f"error: could not write {path} ({why}): {kept}") from None
-    except BaseException:  # Ctrl-C in the middle of the write: the old checkpoint stays, and no .tmp
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
     if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -571,7 +569,7 @@ def model_from_checkpoint(ckpt: dict, path: str, dropout: float | None = None) -
         raise SystemExit(f"error: {path}: its weights do not match its model_args: {'; '.join(what)}: "
                          "the file is damaged or was edited, use another checkpoint")
     # a run that diverged: every sample would fail and every score be nan
-    if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+    if bad := non_finite(weights):
         raise SystemExit(f"error: {path} holds non-finite weights (NaN or inf, in {bad[0]}"
                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it "
                          "diverged; use an earlier checkpoint, or train again (with a lower --learning_rate)")
@@ -645,8 +643,8 @@ def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generat
     """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
     targets y (the same windows shifted by one token), both (batch_size, block_size) int64.
 
-    train.py's get_batch draws its training batches here. A window may cross the <|endoftext|> between two
-    books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
+    train.py's get_batch draws its training batches here. A window may cross the <|endoftext|>
+    between two books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
     begins after it, as when sample.py starts from it, and every window is full, with no padding."""
     data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
     if starts is None:

@@ -40,7 +40,6 @@ import torch
 from torch.nn import functional as F
 
 from common import (
-    all_finite,
     check_config,
     claim_out_dir,
     completion_logps,
@@ -57,6 +56,7 @@ from common import (
     keep_resumed,
     load_model,
     log_metrics,
+    non_finite,
     optimizer_step,
     pack,
     plot_curves,
@@ -495,7 +495,7 @@ if __name__ == "__main__":
                 log(f"eval at step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
                 if iter_num > 0:
                     # a diverged model is never saved: the checkpoint keeps the last good step, as in train.py
-                    if not math.isfinite(m["loss"]) or not all_finite(unwrap(model).state_dict()):
+                    if not math.isfinite(m["loss"]) or non_finite(unwrap(model).state_dict()):
                         what = (f"held-out loss is {m['loss']}" if not math.isfinite(m["loss"])
                                 else "model's weights are not finite")
                         raise SystemExit(f"error: the {what} at step {iter_num}: stopped; {kept()} (try a "

@@ -159,7 +159,7 @@ def training_data(ckpt: dict) -> tuple[str | None, str]:
     try:  # read_meta checks every field this reads: a hand-edited meta.json is ValueError
         meta = read_meta(os.path.join(ckpt["data_dir"], "meta.json"))
     except (ValueError, KeyError):
-        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found, or not readable, at export)"
+        return None, f"{ckpt.get('data_dir', 'unknown')} (its meta.json was not found or not readable at export)"
     hub, source = meta.get("hub_dataset"), meta.get("source", ckpt["data_dir"])
     where = f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else source
     return hub, (f"{where}: {meta['train']['documents']} documents ({meta['train']['tokens']:,} tokens); "

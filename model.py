@@ -98,8 +98,8 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, ma
     """softmax(q k^T / sqrt(head_dim)) v. q: (B, nh, T, hd); k, v: (B, n_kv, S, hd). Causal (S = T)
     without a mask; with a KV cache, S = block_size and mask (T, S) is True where attention is
     allowed (see generation). n_kv = nh for the GPT; the Llama's grouped-query attention has fewer
-    key/value heads, each serving nh / n_kv consecutive query heads. By default F.scaled_dot_product_attention picks a fused kernel (flash attention,
-    on CPUs too) that never materialises the T x S matrix, nor copies of the shared key/value heads
+    key/value heads, each serving nh / n_kv consecutive query heads. By default
+    F.scaled_dot_product_attention picks a fused kernel (flash attention, on CPUs too) that never materialises the T x S matrix, nor copies of the shared key/value heads
     (enable_gqa). With attn_maps, the same is computed step by step and the probabilities
     (B, nh, T, S) are appended to it (for plots)."""
     T, S = q.size(2), k.size(2)
@@ -287,7 +287,7 @@ class LlamaConfig:
     dropout: float = 0.0
     aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
-    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (config/gutenberg.py's)
+    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (gutenberg.py's)
 
     def __post_init__(self):
         check_ranges(self, positive=("rope_theta", "norm_eps"),

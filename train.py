@@ -116,17 +116,17 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config, given = resolve(globals())  # given: the keys a config file or a flag set
 globals().update(config)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 
 def interrupted(signum, frame):
     """Ctrl-C, in the start-up (data checks, model, compile check, peak measurement) as in the training
     loop: one line saying what is kept instead of a traceback, and 130, an interrupted program's status."""
-    ckpt = os.path.join(out_dir, "ckpt.pt")
     if "saved_iter" not in globals():  # set as the loop starts: no checkpoint is written before it
-        where, kept = "during start-up", None if init_from == "scratch" else f"{ckpt} is as it was"
+        where, kept = "during start-up", None if init_from == "scratch" else f"{ckpt_path} is as it was"
     else:
         where = f"at iteration {iter_num}"
-        kept = None if saved_iter is None else f"{ckpt} keeps iteration {saved_iter}"
+        kept = None if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
     kept = f"{kept} (continue with --init_from=resume)" if kept else "no checkpoint was written"
     print(f"interrupted {where}: {kept}", file=sys.stderr, flush=True)
     raise SystemExit(130)
@@ -148,7 +148,6 @@ if micro_batch != batch_size:
     log(f"note: {rt.world_size} processes share the global batch of {config['gradient_accumulation_steps']} x "
         f"{batch_size} sequences as {gradient_accumulation_steps} micro-step(s) each of {micro_batch} sequences "
         f"(batch_size lowered to {micro_batch})")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
     lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))  # the offline corpus and GPT-2 ranks, beside the project
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))  # the offline corpus and GPT-2 ranks
 CORPUS = os.path.join(SHARED, "french_gutenberg", "data", "train-00000-of-00001.parquet")
 GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
 sys.path.insert(0, ROOT)
@@ -19,10 +19,10 @@ sys.path.insert(0, ROOT)
 # would too: with a handler here, they start with the default one, which the Ctrl-C tests need
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# a tiny model: trains in seconds on a CPU, big enough to learn something. float32 whatever the CPU (dtype=auto
-# picks bf16 where it has bf16 units), so that every test sees the same numbers on both kinds of CPU
-TINY = ["--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-        "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--device=cpu", "--compile=False"]
+# a tiny model: trains in seconds on a CPU, big enough to learn something. float32 whatever the CPU
+# (dtype=auto picks bf16 where it has bf16 units), so that every test sees the same numbers on both kinds
+TINY = ["--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--device=cpu", "--compile=False"]
 
 
 def run(script: str, *args: str, cwd: str, check: bool = True) -> subprocess.CompletedProcess:
