@@ -40,7 +40,7 @@ from common import (
     resolve_optimizer,
 )
 from configurator import configure
-from model import MoE, SwiGLU, make_model, model_args_from
+from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
 from tokenizer import load as load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def bench_train() -> None:
 def course_generate(model, idx, n: int, top_k: int):
     """The course's loop: the whole sequence goes through the model again for every new token."""
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.block_size :])
+        logits = model(idx[:, -model.config.block_size :])
         v, _ = torch.topk(logits[:, -1], top_k)
         logits = logits[:, -1].masked_fill(logits[:, -1] < v[:, [-1]], -float("inf"))
         idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
@@ -349,7 +349,7 @@ def bench_moe() -> None:
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(16, 256, 256, requires_grad=True)
     idx = torch.randint(8192, (16, 256))
-    t_step = timed(lambda: model(idx, idx)[1].backward())
+    t_step = timed(lambda: next_token_loss(model(idx), idx).backward())
     t_moe = timed(lambda: moe_layer(x).sum().backward())
     t_dense = timed(lambda: dense_layer(x).sum().backward())
     share = len(model.moe_layers) * max(0.0, t_moe - t_dense) / t_step
@@ -382,7 +382,8 @@ def training_step(model, optimizer, x, y, phases: dict | None = None):
     autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     t0 = time.perf_counter()
     with torch.profiler.record_function("phase: forward"), autocast:
-        _, loss = model(x, y)
+        # the baseline's forward computed its loss (forward(x, y) -> (logits, loss)); today's returns logits
+        loss = model(x, y)[1] if type(model).__module__ != "model" else next_token_loss(model(x), y)
     t1 = time.perf_counter()
     with torch.profiler.record_function("phase: backward"):
         loss.backward()

@@ -762,7 +762,7 @@ def completion_logits(model: torch.nn.Module, prompt: list[int], completion: lis
     the tokens before it, and those tokens (T,)."""
     device = next(model.parameters()).device
     x, y = pack([prompt], [completion], unwrap(model).config.block_size, device)
-    logits, _ = model(x, y)
+    logits = model(x)
     scored = y[0] != -1
     return logits[0, scored], y[0, scored]
 

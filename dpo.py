@@ -277,7 +277,7 @@ def batch_logps(model, batch: list[tuple], block_size: int, device, mean: bool):
     prompts = [p for p, _, _ in batch] * 2
     completions = [cw for _, cw, _ in batch] + [cl for _, _, cl in batch]
     x, y = pack(prompts, completions, block_size, device)
-    logits, _ = model(x, y)
+    logits = model(x)
     logps = completion_logps(logits, y)
     if mean:
         logps = logps / (y != -1).sum(-1)

@@ -83,7 +83,7 @@ def score(model, tokens: np.ndarray, batch_size: int, rt, stride: int = 0) -> tu
             if k > 0:  # targets up to the previous window's end are already scored
                 y[i, : starts[k - 1] + n - s] = -1
         with rt.autocast():
-            logits, _ = model(x, y)
+            logits = model(x)
         nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
                               reduction="sum")
         total += nll.item()
@@ -173,7 +173,7 @@ def sentence_logps(model, tok, sentences: list[str], batch_size: int, rt) -> lis
         chunk = ids[b : b + batch_size]
         x, y = pack([[tok.eot_id]] * len(chunk), chunk, block_size, rt.device)  # y: -1 but on the sentence
         with rt.autocast():
-            logits, _ = model(x, y)
+            logits = model(x)
         out += completion_logps(logits, y).tolist()
     return out
 

@@ -168,11 +168,11 @@ class Block(nn.Module):
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean cross-entropy of logits (B, T, V) against targets (B, T), -1 ignored: the objective
-    of both models, in training and evaluation alike (a training-only change, such as label
-    smoothing, would test model.training, as the Llama's router losses do). In float32 whatever
-    dtype the model ran in: in bf16 (8 significant bits) a loss near 3 would move in steps of 1/64,
-    coarser than the differences between runs that the logs compare."""
+    """The objective of both models: the mean cross-entropy of logits (B, T, V) against targets
+    (B, T), -1 ignored. Computed by the caller, outside forward (train.py's step and evaluation):
+    a training-only change, such as label smoothing, goes there. In float32 whatever dtype the
+    model ran in: in bf16 (8 significant bits) a loss near 3 would move in steps of 1/64, coarser
+    than the differences between runs that the logs compare."""
     logits = logits.float().view(-1, logits.size(-1))  # (B*T, V)
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
 
@@ -180,8 +180,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class LanguageModel(nn.Module):
     """What the GPT and the Llama share: counting parameters and FLOPs, and model.generate (the
     last section of this file). A subclass has .config, .transformer.wte, .lm_head (tied to wte,
-    or not: Llama's tie_embeddings), and forward(idx, targets=None, cache=None, attn_maps=None) ->
-    (logits, loss)."""
+    or not: Llama's tie_embeddings), and forward(idx, cache=None, attn_maps=None) -> logits."""
 
     def num_params(self, embedding: bool = True) -> int:
         """All parameters (the tied wte/lm_head once), or without the embedding tables."""
@@ -241,22 +240,20 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None,
-                input_pos: torch.Tensor | None = None):
-        """idx: (B, T) token ids. With targets (B, T): logits for every position and the mean
-        cross-entropy (targets of -1 are ignored). Without: logits of the last position only
-        (B, 1, V), all that generation needs, and loss None. With a cache, idx holds the
-        positions after the cached ones, or those input_pos (T,) names (see positions()). With
-        attn_maps=[], each layer appends its attention probabilities (B, n_head, T, S)."""
+    def forward(self, idx, *, cache: KVCache | None = None, attn_maps: list | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V): at each position, the scores of the token that
+        follows. The loss is the caller's (next_token_loss): training, evaluation and DPO each score
+        the logits their own way. With a cache (generation), idx holds the positions after the
+        cached ones, or those input_pos (T,) names (see positions()), and only the last position's
+        logits (B, 1, V) are computed, all that sampling needs. With attn_maps=[], each layer
+        appends its attention probabilities (B, n_head, T, S)."""
         pos = positions(idx, self.config.block_size, cache, input_pos)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache, attn_maps)
         x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)  # (B, T, V)
-        return logits, next_token_loss(logits, targets)
+        return self.lm_head(x if cache is None else x[:, [-1], :])
 
 
 # ==================================================================================================
@@ -491,27 +488,21 @@ class Llama(LanguageModel):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, attn_maps: list | None = None,
-                input_pos: torch.Tensor | None = None):
-        """As GPT.forward. In training mode the MoE layers' load-balancing and z-losses are added
-        to the loss (router_loss() is their weighted sum); the val loss stays a pure cross-entropy."""
+    def forward(self, idx, *, cache: KVCache | None = None, attn_maps: list | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """As GPT.forward. Training adds the MoE layers' load-balancing and z-losses of this forward
+        pass to its loss: router_loss() is their weighted sum."""
         pos = positions(idx, self.config.block_size, cache, input_pos)
         rope = self.rope_cos[pos], self.rope_sin[pos]  # (T, head_dim) each
         x = self.transformer.wte(idx)  # no position embedding: RoPE puts positions into q and k
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_maps)
         x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = next_token_loss(logits, targets)
-        if self.training and self.moe_layers:
-            loss = loss + self.router_loss()
-        return logits, loss
+        return self.lm_head(x if cache is None else x[:, [-1], :])
 
     def router_loss(self) -> torch.Tensor:
         """The router loss: each MoE layer's balancing loss (MoE.aux_loss) and z-loss, weighted by
-        aux_loss_coef and z_loss_coef, from the last forward pass."""
+        aux_loss_coef and z_loss_coef, from the last forward pass (0 for a dense Llama)."""
         c = self.config
         return sum(c.aux_loss_coef * m.aux_loss + c.z_loss_coef * m.z_loss for m in self.moe_layers)
 
@@ -614,7 +605,7 @@ def positions(idx: torch.Tensor, block_size: int, cache: KVCache | None,
 
 def decode_step(model: LanguageModel, idx: torch.Tensor, cache: KVCache, input_pos: torch.Tensor):
     """One token per row, idx (B, 1), at position input_pos (1,) -> the next logits (B, 1, V)."""
-    return model(idx, cache=cache, input_pos=input_pos)[0]
+    return model(idx, cache=cache, input_pos=input_pos)
 
 
 @functools.cache
@@ -653,7 +644,7 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
         # (the graph is recorded again once per call, for its new cache)
         for t in cache.k + cache.v:
             torch._dynamo.mark_static_address(t)
-    logits, _ = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
+    logits = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits[:, -1, :], **sampling)  # (B, 1)
@@ -670,7 +661,7 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
             logits = step(model, nxt, cache, input_pos)
         else:  # the window is full: slide it by one and prefill it again
             cache.pos = 0
-            logits, _ = model(seq, cache=cache)
+            logits = model(seq, cache=cache)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

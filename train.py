@@ -55,7 +55,7 @@ from common import (
     wrap_model,
 )
 from configurator import resolve
-from model import make_model, model_args_from
+from model import make_model, model_args_from, next_token_loss
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
 
@@ -291,6 +291,9 @@ log(f"output layer: {'tied to' if tied else 'untied from'} the token table; para
     f"{name} {sum(p.numel() for p in g['params']):,} params at lr {learning_rate * g.get('lr_scale', 1):.0e} "
     f"(peak), weight decay {g['weight_decay']}" for name, g in groups if g["params"]))
 model = wrap_model(model, rt, use_compile)
+# the loss, compiled too: Inductor fuses the float32 cast, the log-softmax over the vocabulary and their
+# backward, which eager PyTorch runs as separate passes over the (B, T, V) logits (a quarter of a step)
+loss_fn = torch.compile(next_token_loss) if use_compile else next_token_loss
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
     "to it")
@@ -312,8 +315,8 @@ def estimate_loss() -> dict[str, float]:
         for k in range(eval_iters):
             x, y = get_batch(split, gen)
             with rt.autocast():
-                _, loss = model(x, y)
-            losses[k] = loss.item()
+                logits = model(x)
+            losses[k] = loss_fn(logits, y).item()
         out[split] = losses.mean().item()
     model.train()
     return out
@@ -406,7 +409,10 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
             x, y = get_batch("train", batch_gen, windows[micro_step])
             with rt.autocast():
-                _, loss = model(x, y)
+                logits = model(x)  # (B, T, V)
+                loss = loss_fn(logits, y)  # the mean cross-entropy (model.next_token_loss), in float32
+                if moe:  # + the routers' load-balancing and z-losses of this forward pass
+                    loss = loss + raw_model.router_loss()
                 loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
             scaler.scale(loss).backward()
             loss_sum += loss.detach()

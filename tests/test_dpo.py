@@ -50,7 +50,7 @@ def test_only_completion_tokens_are_scored(trained):
     for prompt in (tok.encode("Il était une fois"), tok.encode("Tout autre chose, vraiment")):
         x, y = pack([prompt], [completion], model.config.block_size, "cpu")
         assert (y != -1).sum() == len(completion)
-        logits, _ = model(x, y)
+        logits = model(x)
         logp = torch.log_softmax(logits, -1)[0]
         manual = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(completion))
         lps.append(completion_logps(logits, y).item())

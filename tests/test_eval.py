@@ -13,6 +13,7 @@ import eval as eval_script
 from common import load_model, setup_runtime
 from configurator import configure
 from eval import score
+from model import next_token_loss
 
 # sentences a model of French novels has read the like of a thousand times, each against its own
 # words shuffled: any model that learned something prefers the sentence
@@ -58,7 +59,7 @@ def test_minimal_pairs_prefer_the_sentence_to_its_shuffled_words(trained, tmp_pa
         for sentence, logp in ((good, res["logp_good"][i]), (bad, res["logp_bad"][i])):
             ids = tok.encode(sentence)
             with torch.no_grad():
-                logits, _ = model(torch.tensor([[tok.eot_id, *ids[:-1]]]), torch.tensor([ids]))
+                logits = model(torch.tensor([[tok.eot_id, *ids[:-1]]]))
             direct = F.log_softmax(logits[0], dim=-1)[torch.arange(len(ids)), ids].sum().item()
             assert abs(logp - direct) < 1e-4 and direct < 0
     assert res["pairs"] == 5 and res["correct"] == sum(map(float.__gt__, res["logp_good"], res["logp_bad"]))
@@ -86,7 +87,7 @@ def test_stride_block_size_scores_disjoint_windows_as_lm_eval_does(trained):
     total, count = score(model, tokens, 3, setup_runtime("cpu", "float32"), stride=32)
     x, y = torch.from_numpy(tokens[:-1]).view(4, 32), torch.from_numpy(tokens[1:]).view(4, 32)
     with torch.no_grad():
-        _, loss = model(x, y)  # four windows side by side, none sees another
+        loss = next_token_loss(model(x), y)  # four windows side by side, none sees another
     assert count == 128 and abs(total - loss.item() * 128) < 1e-3
     assert abs(score(model, tokens, 3, setup_runtime("cpu", "float32"))[0] - total) > 1e-3  # the default overlaps
 

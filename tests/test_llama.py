@@ -13,6 +13,7 @@ from model import (
     apply_rotary_emb,
     make_model,
     model_args_from,
+    next_token_loss,
     rope_tables,
 )
 
@@ -100,14 +101,17 @@ def test_aux_loss_is_one_for_uniform_routing():
     assert m.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_training_loss_adds_the_router_losses_eval_does_not():
+def test_router_loss_is_the_weighted_sum_of_the_moe_layers_losses():
     m = tiny()
     x = torch.randint(0, 50, (2, 16))
-    _, pure = m(x, x)
     m.train()
-    _, with_aux = m(x, x)
-    assert with_aux.item() == pytest.approx(pure.item() + m.router_loss().item(), abs=1e-5)
+    logits = m(x)  # the router losses of this forward pass: what train.py adds to the cross-entropy
     assert m.router_loss().item() > 0
+    c = m.config
+    assert m.router_loss().item() == pytest.approx(sum(c.aux_loss_coef * layer.aux_loss.item() + c.z_loss_coef
+                                                        * layer.z_loss.item() for layer in m.moe_layers))
+    m.eval()
+    assert torch.equal(m(x), logits)  # the forward pass itself is the same in both modes (no dropout here)
 
 
 def test_causal_and_attention_maps():
@@ -115,11 +119,11 @@ def test_causal_and_attention_maps():
     x = torch.randint(0, 50, (1, 12))
     y = x.clone()
     y[0, 8] = (x[0, 8] + 1) % 50
-    a, _ = m(x, x)
-    b, _ = m(y, y)
+    a = m(x)
+    b = m(y)
     assert torch.allclose(a[0, :8], b[0, :8], atol=1e-5) and not torch.allclose(a[0, 8:], b[0, 8:], atol=1e-3)
     maps = []
-    c, _ = m(x, x, attn_maps=maps)
+    c = m(x, attn_maps=maps)
     assert torch.allclose(a, c, atol=1e-5) and len(maps) == 4 and maps[0].shape == (1, 4, 12, 12)
 
 
@@ -181,7 +185,7 @@ def test_compiled_model_trains_like_the_eager_one():
         losses.append([])
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                _, loss = step(x[:, :-1], x[:, 1:])
+                loss = next_token_loss(step(x[:, :-1]), x[:, 1:]) + m.router_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -231,7 +235,7 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
     x = torch.randint(0, 50, (4, 16))
     losses = []
     for _ in range(6):  # Muon runs its iterations in bf16: slow on CPUs without bf16 units
-        _, loss = m(x[:, :-1], x[:, 1:])
+        loss = next_token_loss(m(x[:, :-1]), x[:, 1:])
         loss.backward()
         for g in opt.param_groups:  # as train.py sets its schedule's learning rate
             g["lr"] = 1e-2

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, GPTConfig, KVCache, next_token_loss, sample_next
 
 
 def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
@@ -15,11 +15,12 @@ def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
 def test_shapes_and_last_position_logits():
     m = tiny()
     x = torch.randint(0, 50, (3, 10))
-    logits, loss = m(x, x)
+    logits = m(x)
+    loss = next_token_loss(logits, x)
     assert logits.shape == (3, 10, 50) and loss.ndim == 0
     assert math.isclose(loss.item(), math.log(50), rel_tol=0.1)  # an untrained model is near uniform
-    last, none = m(x)
-    assert last.shape == (3, 1, 50) and none is None
+    last = m(x, cache=KVCache(m, 3))  # generation: the last position's logits only
+    assert last.shape == (3, 1, 50)
     assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)
 
 
@@ -28,8 +29,8 @@ def test_causality_future_tokens_do_not_change_the_past():
     x = torch.randint(0, 50, (1, 12))
     y = x.clone()
     y[0, 7] = (x[0, 7] + 1) % 50
-    a, _ = m(x, x)
-    b, _ = m(y, y)
+    a = m(x)
+    b = m(y)
     assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6)
     assert not torch.allclose(a[0, 7:], b[0, 7:], atol=1e-3)
 
@@ -37,9 +38,9 @@ def test_causality_future_tokens_do_not_change_the_past():
 def test_sdpa_equals_explicit_attention_and_maps_are_causal_distributions():
     m = tiny()
     x = torch.randint(0, 50, (2, 12))
-    fast, _ = m(x, x)
+    fast = m(x)
     maps = []
-    slow, _ = m(x, x, attn_maps=maps)
+    slow = m(x, attn_maps=maps)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert len(maps) == 2 and maps[0].shape == (2, 2, 12, 12)
     assert torch.allclose(maps[1].sum(-1), torch.ones(2, 2, 12), atol=1e-5)
@@ -48,7 +49,7 @@ def test_sdpa_equals_explicit_attention_and_maps_are_causal_distributions():
 
 def full_recompute_greedy(m: GPT, idx, n):
     for _ in range(n):
-        logits, _ = m(idx[:, -m.config.block_size :])
+        logits = m(idx[:, -m.config.block_size :])
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx
 
@@ -64,11 +65,11 @@ def test_kv_cache_greedy_equals_full_recompute(prompt_len, new):
 def test_kv_cache_logits_match_full_forward():
     m = tiny(block_size=16)
     x = torch.randint(0, 50, (2, 12))
-    full, _ = m(x, x)
+    full = m(x)
     cache = KVCache(m, 2)
     m(x[:, :5], cache=cache)
     for t in range(5, 12):
-        step, _ = m(x[:, t : t + 1], cache=cache)
+        step = m(x[:, t : t + 1], cache=cache)
         assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
@@ -128,7 +129,7 @@ def test_tiny_model_overfits_a_tiny_batch():
     x = torch.randint(0, 50, (4, 17))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for _ in range(150):
-        _, loss = m(x[:, :-1], x[:, 1:])
+        loss = next_token_loss(m(x[:, :-1]), x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
