@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from common import (
     configure_optimizer,
     measure_peak_flops,
-    random_batch,
     resolve_compile,
     resolve_dtype,
     resolve_optimizer,
@@ -249,9 +248,13 @@ def bench_data() -> None:
         for _ in range(n):
             next(it)
 
-    def our_batches(n=200):
+    def our_batches(n=200):  # train.py's get_batch: random windows sliced from a fresh memmap
         for _ in range(n):
-            random_batch(path, 32, 128, gen, device)
+            mm = np.memmap(path, dtype=np.uint16, mode="r")
+            ix = torch.randint(len(mm) - 128, (32,), generator=gen).tolist()
+            x = torch.from_numpy(np.stack([mm[i : i + 128] for i in ix]).astype(np.int64))
+            y = torch.from_numpy(np.stack([mm[i + 1 : i + 129] for i in ix]).astype(np.int64))
+            x.to(device), y.to(device)
 
     course = 20 / timed(course_batches)
     ours = 200 / timed(our_batches)

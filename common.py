@@ -1,9 +1,9 @@
 """
 What the scripts share, by what it is:
   runtime and processes   device and precision, DDP, torch.compile, the machine's matmul speed
-  optimization            AdamW (or Muon), one optimizer step, the learning rate, a max_time budget
+  optimization            AdamW (or Muon) and their parameter groups, the max_time budget
   checkpoints             out_dir claimed, checkpoints written atomically and loaded safely, resume
-  data batches            random training windows, passages inside one document
+  data                    the token files checked, passages inside one document
   generation and scoring  the sampling settings, continuations, log p(completion | prompt)
   plots and metrics       metrics.jsonl and the curves drawn from it
 """
@@ -285,7 +285,7 @@ def fast_bf16(device: str) -> bool:
     return bf16 >= 1.5 * fp32
 
 
-# --- optimization: the optimizer, one step, the learning rate, a time budget ----------------------
+# --- optimization: the optimizer and its parameter groups, the max_time budget ---------------------
 def resolve_optimizer(optimizer: str, device: str) -> str:
     """optimizer="auto": Muon where bf16 matmuls are fast, AdamW elsewhere. torch's Muon orthogonalises
     in bf16 whatever the run's dtype, which a CPU without bf16 units emulates hundreds of times slower."""
@@ -324,7 +324,7 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, learning_ra
     groups = [{"params": [p for p in rest if p.dim() >= 2 and not (own and p is wte)],
                "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    if own:  # lr_scale: the schedule's learning rate times this (see optimizer_step)
+    if own:  # lr_scale: the schedule's learning rate times this (train.py sets each group's lr)
         groups.append({"params": [wte], "weight_decay": 0.0, "lr_scale": embedding_lr / learning_rate})
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if not matrices:
@@ -364,64 +364,55 @@ class Optimizers:
             o.load_state_dict(s)
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, lr: float,
-                   grad_clip: float) -> None:
-    """One update from the gradients the micro-steps accumulated: at learning rate lr, the global
-    gradient norm clipped to grad_clip (0 = no clipping), then the gradients cleared."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: a group with a rate of its own
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)  # skipped if fp16 gradients overflowed (the scale then shrinks)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
-    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
 def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max_time: float,
                     eval_interval: int, eval_cost: float) -> int:
     """The iteration at which a run must stop to end within max_time seconds, at the speed measured
     since (iteration, elapsed) and counting the evaluations still to come, each worth eval_cost
-    iterations. Computed once and saved in the checkpoint: the learning-rate schedule then runs by
-    iterations, so a resumed run repeats an uninterrupted one exactly (two separate runs measure
-    their own speed, and may fit a few iterations more or fewer)."""
+    iterations."""
     per_iter = (elapsed - since[1]) / max(1, iter_num - since[0])
     eval_seconds = eval_cost * per_iter
     left = max_time - elapsed - eval_seconds  # the final evaluation
     return iter_num + max(1, int(0.98 * left / (per_iter + eval_seconds / eval_interval)))  # 2 % margin
 
 
-def fit_budget(budget: dict | None, iter_num: int, elapsed: float, timed_from: tuple[int, float], fit_at: int,
-               max_time: float, max_iters: int, eval_interval: int, eval_cost: float, log) -> dict | None:
-    """With max_time, how many iterations fit is counted once, at iteration fit_at, from the speed
-    since timed_from (an iteration and its elapsed seconds), and kept: {"max_time", "iters"}. None
-    before that, and without max_time. eval_cost: an evaluation's work in training iterations, estimated
-    by the caller rather than timed, because the only evaluation timed by then, the first, includes
-    compiling the model for evaluation, which later ones do not repeat."""
-    if budget is not None or max_time <= 0 or iter_num != fit_at:
-        return budget
-    n = iters_in_budget(iter_num, elapsed, timed_from, max_time, eval_interval, eval_cost)
-    if n < max_iters:
-        log(f"max_time={max_time:.0f}s: {n} of the max_iters={max_iters} iterations fit; the schedule ends "
-            "there")
-    return {"max_time": max_time, "iters": n}
+class Budget:
+    """max_time turned into iterations. How many fit is counted once, at iteration fit_at, from the
+    speed since iteration time_from (the first iterations, which compile, run slower than the rest),
+    and kept: .fitted, saved in the checkpoint. The learning-rate schedule then runs by iterations, so
+    a resumed run repeats an uninterrupted one exactly (two separate runs measure their own speed,
+    and may fit a few iterations more or fewer). max_time itself stays a safety net, for a machine
+    that slows down. eval_cost: an evaluation's work in training iterations, estimated rather than
+    timed (the first evaluation compiles the model for evaluation, which later ones do not repeat)."""
 
+    def __init__(self, max_time: float, max_iters: int, eval_interval: int, eval_cost: float, time_from: int,
+                 fit_at: int, saved: dict | None = None, log=print):
+        self.max_time, self.max_iters, self.eval_interval, self.eval_cost = max_time, max_iters, eval_interval, eval_cost
+        self.timed_from, self.fit_at, self.log = (time_from, 0.0), fit_at, log
+        # a checkpoint's count stands for the same max_time only
+        self.fitted = saved if saved and saved["max_time"] == max_time else None  # {"max_time", "iters"}
 
-def schedule_end(max_iters: int, lr_decay_iters: int, budget: dict | None) -> tuple[int, int]:
-    """The last iteration and the end of the cosine decay: max_iters, or fewer when they do not fit
-    in max_time (budget: how many fit, see iters_in_budget); lr_decay_iters=0 means the last one."""
-    last = min(max_iters, budget["iters"]) if budget else max_iters
-    return last, lr_decay_iters or last
+    @property
+    def last(self) -> int:
+        """The last iteration: max_iters, or fewer where fewer fit in max_time."""
+        return min(self.max_iters, self.fitted["iters"]) if self.fitted else self.max_iters
+
+    def done(self, iter_num: int, elapsed: float, iter_start: int) -> bool:
+        """Whether the run ends now: at its last iteration, or out of time (after one iteration at least)."""
+        out_of_time = self.max_time > 0 and elapsed >= self.max_time and iter_num > iter_start
+        if out_of_time and iter_num < self.last:
+            self.log(f"max_time={self.max_time:.0f}s reached at iteration {iter_num}, before the {self.last} planned")
+        return iter_num >= self.last or out_of_time
+
+    def tick(self, iter_num: int, elapsed: float) -> None:
+        """After each iteration: starts the clock at time_from, counts what fits at fit_at."""
+        if iter_num == self.timed_from[0]:
+            self.timed_from = (iter_num, elapsed)
+        if self.fitted is None and self.max_time > 0 and iter_num == self.fit_at:
+            n = iters_in_budget(iter_num, elapsed, self.timed_from, self.max_time, self.eval_interval, self.eval_cost)
+            if n < self.max_iters:
+                self.log(f"max_time={self.max_time:.0f}s: {n} of the max_iters={self.max_iters} iterations fit; "
+                         "the schedule ends there")
+            self.fitted = {"max_time": self.max_time, "iters": n}
 
 
 # --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------
@@ -613,6 +604,29 @@ def keep_resumed(config: dict, given: set[str], saved: dict, keys, what: str) ->
     return {**config, **{k: saved[k] for k in keys}}
 
 
+def resumed_config(ckpt: dict, path: str, config: dict, given: set[str], model_args: dict, tok: Tokenizer,
+                   data_dir: str) -> dict:
+    """The config train.py resumes a checkpoint with: its tokenizer, its model (a model key given with
+    another value is an error, compared resolved: d_ff=0 is 4 x n_embd; one not given takes the
+    checkpoint's value; dropout may change), its optimizer and parameter groups (its state holds their
+    moments). The log and the saved config then say what the run is."""
+    if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
+        raise SystemExit(f"error: {path} was not written by train.py, so it has no run to resume: "
+                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another out_dir")
+    check_tokenizer(ckpt, path, tok, data_dir, "resume on data prepared with the same tokenizer")
+    model_keys = [k for k in config if k in ckpt["model_args"] and k != "dropout"]
+    asked = {**config, **{k: model_args[k] for k in model_keys if k in model_args}}
+    config = keep_resumed(asked, given, ckpt["model_args"], model_keys, "the checkpoint's model")
+    trained_with = ckpt["config"].get("optimizer", "adamw")
+    if "optimizer" in given and config["optimizer"] not in ("auto", trained_with):
+        raise SystemExit(f"error: {path} was trained with --optimizer={trained_with}: resume with it, "
+                         "or train anew in another --out_dir")
+    config["optimizer"] = trained_with
+    # an untied token table at its own rate is a parameter group of its own
+    shaping = [k for k in ("embedding_lr",) if k in ckpt["config"]]
+    return keep_resumed(config, given, ckpt["config"], shaping, "the checkpoint's optimizer groups")
+
+
 def rng_state(rt: Runtime) -> list[dict]:
     """The random state of every process (dropout masks differ from one to the next), by rank.
     Under DDP all processes must call it together."""
@@ -637,25 +651,58 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-# --- data batches: random windows for training, passages inside one document ----------------------
-def random_batch(path: str, batch_size: int, block_size: int, gen: torch.Generator, device: str,
-                 starts: torch.Tensor | None = None):
-    """batch_size random windows of a tokenized .bin file (or the windows at starts): inputs x and
-    targets y (the same windows shifted by one token), both (batch_size, block_size) int64.
+# --- data: passages inside one document -------------------------------------------------------------
+def check_token_files(data_dir: str, meta: dict) -> None:
+    """Each split's .bin holds the tokens meta.json says, all of them in the vocabulary: a missing,
+    truncated or foreign file is a one-line error before training, not a crash in it."""
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if size != 2 * meta[split]["tokens"]:
+            raise SystemExit(f"error: {path} is missing or damaged ({size} bytes where meta.json says "
+                             f"{meta[split]['tokens']} uint16 tokens): rerun python prepare.py --force")
+        if np.memmap(path, dtype=np.uint16, mode="r").max() >= meta["vocab_size"]:
+            raise SystemExit(f"error: {path} holds token ids beyond the vocabulary of {meta['vocab_size']}: "
+                             "rerun python prepare.py --force")
 
-    train.py's get_batch draws its training batches here. A window may cross the <|endoftext|>
-    between two books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated text
-    begins after it, as when sample.py starts from it, and every window is full, with no padding."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")  # a fresh memmap per batch: numpy's would keep growing
-    if starts is None:
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
-    ix = starts.tolist()
-    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device.startswith("cuda"):  # pinned memory: the copy to the GPU runs alongside compute
-        x, y = x.pin_memory(), y.pin_memory()
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+
+def device_memory(device: str) -> int | None:
+    """Bytes a run may fill: the GPU's free memory, or the machine's (within a container's limit,
+    cgroup v2); None where the system does not say."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows), or no such name
+        return None
+    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as f:
+        ram = min(ram, int(f.read()))  # "max": no limit (ValueError)
+    return ram
+
+
+def check_micro_batch(args: dict, micro_batch: int, meta: dict, data_dir: str, rt: Runtime) -> None:
+    """Before the model is built (args: its model_args): each split must hold a window of block_size + 1 tokens, and one
+    micro-batch must fit in memory. Its activations are estimated from below, at 4 bytes a number,
+    as what backward keeps of the largest tensors: the logits and their gradient (vocab_size each per
+    token) and, per layer, 4 vectors of n_embd (the inputs of attention and MLP, normed or not).
+    Flash attention keeps no block_size x block_size matrix. A real run takes more (temporaries, the
+    weights and optimizer state), so a refusal is never wrong, and a run that this lets through can
+    still be too big."""
+    T = args["block_size"]
+    for split in ("train", "val"):
+        if meta[split]["tokens"] <= T:
+            raise SystemExit(f"error: {data_dir}/{split}.bin holds {meta[split]['tokens']:,} tokens, too few "
+                             f"for a window of block_size={T} (+1): lower --block_size or prepare more text")
+    per_token = 4 * (2 * args["vocab_size"] + 4 * args["n_layer"] * args["n_embd"])
+    need, have = micro_batch * T * per_token, device_memory(rt.device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device_type == "cpu" else 1  # share the RAM
+    if have is not None and processes * need > have:
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        where = "this GPU's free memory" if rt.device_type == "cuda" else "this machine's memory"
+        raise SystemExit(f"error: a micro-batch of batch_size={micro_batch} x block_size={T} tokens needs at "
+                         f"least {need / 2**30:,.1f} GiB for its activations{each}, more than the "
+                         f"{have / 2**30:.1f} GiB of {where}: lower --batch_size (raise "
+                         "--gradient_accumulation_steps to keep the batch) or --block_size")
 
 
 def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[list[int]]:

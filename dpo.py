@@ -40,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from common import (
+    Budget,
     check_config,
     claim_out_dir,
     completion_logps,
@@ -49,15 +50,12 @@ from common import (
     ddp_guard,
     draw_windows,
     end_ddp,
-    fit_budget,
     fit_prompt,
-    get_lr,
     keep_metrics,
     keep_resumed,
     load_model,
     log_metrics,
     non_finite,
-    optimizer_step,
     pack,
     plot_curves,
     rank0_clock,
@@ -66,7 +64,6 @@ from common import (
     rng_state,
     same_dir,
     save_checkpoint,
-    schedule_end,
     setup_runtime,
     unwrap,
     wrap_model,
@@ -352,7 +349,7 @@ if __name__ == "__main__":
     # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
     rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
-    budget = None  # {"max_time", "iters"}: how many steps fit in max_time, fixed once (see fit_budget)
+    fitted = None  # how many steps fit in max_time, counted once (see common.Budget)
     # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
     # with it the policy would differ from the reference before the first step (rewards not 0)
     if resume:  # the model so far; the run's state is restored below
@@ -364,10 +361,9 @@ if __name__ == "__main__":
         config = keep_resumed(config, given, ckpt["config"], RUN_KEYS,
                               "the reference and the pairs the run began with")
         globals().update({k: config[k] for k in RUN_KEYS})
-        if run["budget"] and run["budget"]["max_time"] == max_time:
-            budget = run["budget"]
-        last_iter = schedule_end(max_iters, lr_decay_iters, budget)[0]
-        if ckpt["iter_num"] >= last_iter or 0 < max_time <= run["elapsed"]:
+        fitted = run["budget"]
+        fits = fitted["iters"] if fitted and fitted["max_time"] == max_time else max_iters
+        if ckpt["iter_num"] >= min(max_iters, fits) or 0 < max_time <= run["elapsed"]:
             raise SystemExit(f"{ckpt_path} is at step {ckpt['iter_num']}: its run has ended (raise "
                              "--max_iters or --max_time to train on)")
         saved_iter = ckpt["iter_num"]
@@ -464,22 +460,30 @@ if __name__ == "__main__":
     metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line
     if rt.master:
         keep_metrics(metrics_path, iter_num if resume else -1)  # the steps after the checkpoint are redone
-    last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+    # the steps that fit in max_time, as train.py counts them: timed from the end of the first step (which
+    # compiles), counted 10 steps later. An evaluation scores every held-out pair, forward only (a third of
+    # the work of a training pair), in steps of gradient_accumulation_steps x batch_size pairs
+    eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
+    budget = Budget(max_time, max_iters, eval_interval, eval_cost, time_from=iter_num + 1, fit_at=iter_num + 11,
+                    saved=fitted, log=log)
+
+    def get_lr(it: int) -> float:
+        """train.py's schedule: linear warmup, then cosine decay to min_lr at the last step."""
+        decay_end = lr_decay_iters or budget.last
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if it >= decay_end:
+            return min_lr
+        ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
     model.train()
     t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
     t0, n_timed = time.time(), 0
     iter_start = iter_num
-    # what an evaluation costs, for the budget: every held-out pair, forward only (a third of the work of
-    # a training pair), in steps of gradient_accumulation_steps x batch_size pairs
-    eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
-    timed_from = (iter_start + 1, 0.0)  # the speed is measured from the end of the first step (warm-up)
     with ddp_guard(rt):
         while True:
-            # the run ends at its last step; max_time itself is a safety net for a machine that slowed down
-            out_of_time = max_time > 0 and elapsed >= max_time and iter_num > iter_start
-            done = iter_num >= last_iter or out_of_time
-            if out_of_time and iter_num < last_iter:
-                log(f"max_time={max_time:.0f}s reached at step {iter_num}, before the {last_iter} planned")
+            done = budget.done(iter_num, elapsed, iter_start)  # at the last step that fits, or out of time
 
             # evaluate on the held-out pairs (at step 0 too), every eval_interval steps and at the end,
             # and save after each but step 0's (the model is then init_from's)
@@ -501,7 +505,7 @@ if __name__ == "__main__":
                         raise SystemExit(f"error: the {what} at step {iter_num}: stopped; {kept()} (try a "
                                          "lower learning_rate)")
                     # the run's own state, for --resume=True (train.py refuses a checkpoint without "rng")
-                    run = {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget,
+                    run = {"scaler": scaler.state_dict(), "elapsed": elapsed, "budget": budget.fitted,
                            "ref": ref_logps, "pairs": sources, "gen": batch_gen.get_state(),
                            "rng": rng_state(rt)}  # every process's random state: all ranks take part
                     if rt.master:
@@ -520,7 +524,9 @@ if __name__ == "__main__":
                 break
 
             # one step: gradient_accumulation_steps micro-batches of batch_size pairs, one optimizer step
-            lr = get_lr(iter_num, learning_rate, warmup_iters, decay_end, min_lr)
+            lr = get_lr(iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             for micro_step in range(gradient_accumulation_steps):
                 if rt.ddp:  # all-reduce the gradients on the last micro-step only (see train.py)
                     model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -536,16 +542,17 @@ if __name__ == "__main__":
                     raise SystemExit(f"error: the loss is {loss.item()} at step {iter_num + 1}: stopped; "
                                      f"{kept()} (try a lower learning_rate)")
                 scaler.scale(loss / gradient_accumulation_steps).backward()
-            optimizer_step(model, optimizer, scaler, lr, grad_clip)
+            if grad_clip > 0:  # the optimizer step, as in train.py
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
             iter_num += 1
             n_timed += 1
             elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
-            if iter_num == timed_from[0]:
-                timed_from = (iter_num, elapsed)
-            budget = fit_budget(budget, iter_num, elapsed, timed_from, timed_from[0] + 10, max_time,
-                                max_iters, eval_interval, eval_cost, log)
-            last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+            budget.tick(iter_num, elapsed)
             if iter_num % log_interval == 0:  # the metrics of the last micro-batch
                 dt = (time.time() - t0) / n_timed
                 t0, n_timed = time.time(), 0

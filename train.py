@@ -10,7 +10,6 @@ Every eval_interval it measures train and val loss (and val bits per byte, compa
 tokenizers), saves out_dir/ckpt.pt atomically and redraws out_dir/loss.png.
 """
 
-import contextlib
 import functools
 import json
 import math
@@ -23,32 +22,29 @@ import numpy as np
 import torch
 
 from common import (
+    Budget,
     check_config,
-    check_tokenizer,
+    check_micro_batch,
+    check_token_files,
     claim_out_dir,
     configure_optimizer,
     curve,
     ddp_guard,
     end_ddp,
     fast_bf16,
-    fit_budget,
-    get_lr,
     keep_metrics,
-    keep_resumed,
     load_checkpoint,
     log_metrics,
     measure_peak_flops,
-    optimizer_step,
     plot_curves,
-    random_batch,
     rank0_clock,
     read_metrics,
     resolve_compile,
     resolve_optimizer,
     restore_rng_state,
+    resumed_config,
     rng_state,
     save_checkpoint,
-    schedule_end,
     setup_runtime,
     share_batch,
     unwrap,
@@ -153,68 +149,33 @@ if rt.master and not eval_only:  # one run per out_dir, and a fresh run never re
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
 meta = load_meta(data_dir)  # what prepare.py wrote: tokenizer, vocabulary, tokens and bytes per split
-for split in ("train", "val"):  # a missing, truncated or foreign .bin is an error now, not a crash later
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.exists(path) else -1
-    if size != 2 * meta[split]["tokens"]:
-        raise SystemExit(f"error: {path} is missing or damaged ({size} bytes where meta.json says "
-                         f"{meta[split]['tokens']} uint16 tokens): rerun python prepare.py --force")
-    if np.memmap(path, dtype=np.uint16, mode="r").max() >= meta["vocab_size"]:
-        raise SystemExit(f"error: {path} holds token ids beyond the vocabulary of {meta['vocab_size']}: "
-                         "rerun python prepare.py --force")
+check_token_files(data_dir, meta)  # a missing, truncated or foreign .bin is an error now, not a crash later
 tok = load_tokenizer(data_dir, meta)
 bytes_per_token = meta["val"]["bytes_per_token"]
+
+
+def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = None):
+    """batch_size random windows of split.bin (or the windows at starts): inputs x and targets y, the
+    same windows shifted by one token, (batch, block_size) each. A window may cross the <|endoftext|>
+    between two books, unmasked (as nanoGPT and GPT-3 train): the model learns that a new, unrelated
+    text begins after it, and every window is full, with no padding."""
+    # a fresh memmap per batch: numpy keeps the pages an open one has read, and it would keep growing
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    if starts is None:
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    ix = starts.tolist()
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if rt.device_type == "cuda":  # pinned memory: the copy to the GPU runs alongside compute
+        return x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+    return x.to(rt.device), y.to(rt.device)
+
 
 # batches come from their own generator, so that a resumed run draws the same batches as an
 # uninterrupted one (its state is saved in the checkpoint). Every process draws the whole global
 # batch of an iteration from the same generator and keeps its own share: the global batch, and so
 # the run, is the same with 1 process or 8.
 batch_gen = torch.Generator().manual_seed(seed)
-
-
-def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = None):
-    """Inputs and targets (batch_size, block_size): windows of split.bin (see common.random_batch)."""
-    path = os.path.join(data_dir, f"{split}.bin")
-    return random_batch(path, batch_size, block_size, gen, rt.device, starts)
-
-
-def device_memory(device: str) -> int | None:
-    """Bytes a run may fill: the GPU's free memory, or the machine's (within a container's limit,
-    cgroup v2); None where the system does not say."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows), or no such name
-        return None
-    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as f:
-        ram = min(ram, int(f.read()))  # "max": no limit (ValueError)
-    return ram
-
-
-def check_micro_batch(args: dict) -> None:
-    """Before the model is built: each split must hold a window of block_size + 1 tokens, and one
-    micro-batch must fit in memory. Its activations are estimated from below, at 4 bytes a number,
-    as what backward keeps of the largest tensors: the logits and their gradient (vocab_size each per
-    token) and, per layer, 4 vectors of n_embd (the inputs of attention and MLP, normed or not).
-    Flash attention keeps no block_size x block_size matrix. A real run takes more (temporaries, the
-    weights and optimizer state), so a refusal is never wrong, and a run that this lets through can
-    still be too big."""
-    T = args["block_size"]
-    for split in ("train", "val"):
-        if meta[split]["tokens"] <= T:
-            raise SystemExit(f"error: {data_dir}/{split}.bin holds {meta[split]['tokens']:,} tokens, too few "
-                             f"for a window of block_size={T} (+1): lower --block_size or prepare more text")
-    per_token = 4 * (2 * args["vocab_size"] + 4 * args["n_layer"] * args["n_embd"])
-    need, have = micro_batch * T * per_token, device_memory(rt.device)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if rt.device_type == "cpu" else 1  # share the RAM
-    if have is not None and processes * need > have:
-        each = f" in each of {processes} processes" if processes > 1 else ""
-        where = "this GPU's free memory" if rt.device_type == "cuda" else "this machine's memory"
-        raise SystemExit(f"error: a micro-batch of batch_size={micro_batch} x block_size={T} tokens needs at "
-                         f"least {need / 2**30:,.1f} GiB for its activations{each}, more than the "
-                         f"{have / 2**30:.1f} GiB of {where}: lower --batch_size (raise "
-                         "--gradient_accumulation_steps to keep the batch) or --block_size")
 
 
 def iteration_windows() -> torch.Tensor:
@@ -231,40 +192,22 @@ def iteration_windows() -> torch.Tensor:
 model_args = model_args_from({**config, "vocab_size": tok.vocab_size})
 if init_from == "resume":  # the checkpoint decides the model; the run's state is restored below
     ckpt = load_checkpoint(ckpt_path)
-    if "rng" not in ckpt:  # written by dpo.py or chat.py: weights without a training run's state
-        raise SystemExit(f"error: {ckpt_path} was not written by train.py, so it has no run to resume: "
-                         "fine-tune it with dpo.py, or train anew with --init_from=scratch in another "
-                         "out_dir")
-    check_tokenizer(ckpt, ckpt_path, tok, data_dir, "resume on data prepared with the same tokenizer")
-    # a model key given with another value than the checkpoint's is an error, compared resolved
-    # (d_ff=0 is 4 x n_embd); one not given takes the checkpoint's value (the log and saved config say
-    # so); dropout may change
-    model_keys = [k for k in config if k in ckpt["model_args"] and k != "dropout"]
-    asked = {**config, **{k: model_args[k] for k in model_keys if k in model_args}}
-    config = keep_resumed(asked, given, ckpt["model_args"], model_keys, "the checkpoint's model")
-    trained_with = ckpt["config"].get("optimizer", "adamw")  # its state holds that optimizer's moments
-    if "optimizer" in given and optimizer not in ("auto", trained_with):  # not given: the checkpoint's
-        raise SystemExit(f"error: {ckpt_path} was trained with --optimizer={trained_with}: resume with it, "
-                         "or train anew in another --out_dir")
-    optimizer = trained_with
-    # and its parameter groups: an untied token table at its own rate is a group of its own
-    shaping = [k for k in ("embedding_lr",) if k in ckpt["config"]]
-    config = keep_resumed(config, given, ckpt["config"], shaping, "the checkpoint's optimizer groups")
-    embedding_lr = config["embedding_lr"]
+    # settings given with other values than the checkpoint's are refused; those not given take its values
+    config = resumed_config(ckpt, ckpt_path, config, given, model_args, tok, data_dir)
+    optimizer, embedding_lr = config["optimizer"], config["embedding_lr"]
     model_args = {**ckpt["model_args"], "dropout": dropout}
     block_size = model_args["block_size"]
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * micro_batch * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
     f"micro-steps x {micro_batch} sequences x {block_size} tokens)")
-check_micro_batch(model_args)  # block_size: the checkpoint's, when resuming
+check_micro_batch(model_args, micro_batch, meta, data_dir, rt)  # windows fit the data, a batch the memory
 model = make_model(model_args).to(rt.device)
 config["optimizer"] = resolve_optimizer(optimizer, rt.device)  # auto: Muon where bf16 is fast, else AdamW
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type,
                                 config["optimizer"], embedding_lr)
 # GradScaler: fp16 gradients underflow without loss scaling; a no-op for other dtypes
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.ptdtype == torch.float16)
-iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
-budget = None  # {"max_time", "iters"}: how many iterations fit in max_time, fixed once (see fit_budget)
+iter_num, best_val_loss, elapsed, fitted = 0, float("inf"), 0.0, None
 if init_from == "resume":  # all the run's state, random states included: nothing below draws from them
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -272,8 +215,7 @@ if init_from == "resume":  # all the run's state, random states included: nothin
         scaler.load_state_dict(ckpt["scaler"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     elapsed = ckpt.get("elapsed", 0.0)  # the time already spent counts toward max_time
-    if ckpt.get("budget") and ckpt["budget"]["max_time"] == max_time:
-        budget = ckpt["budget"]  # a resumed run stops where the uninterrupted one would have
+    fitted = ckpt.get("budget")  # the iterations that fit in max_time: it stops where the first run would have
     batch_gen.set_state(ckpt["rng"]["batch"])  # the same batches, and below the same dropout masks
     restore_rng_state(ckpt["rng"].get("ranks") or [ckpt["rng"]], rt, log)  # (older checkpoints: one state)
     log(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -335,33 +277,38 @@ metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and e
 if rt.master and not eval_only:
     log("config: " + json.dumps(config))
     keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after it are done again
-# the last iteration and the end of the cosine decay: max_iters (or lr_decay_iters), or fewer when
-# they do not fit in max_time (the budget, counted once, early on: see fit_budget)
-last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
-if iter_num >= last_iter and not eval_only:
+# max_time as iterations: how many fit is counted at the warmup's end (at least 10 iterations after the
+# first, which compiles), from the speed of its second half; until then the run plans max_iters. The
+# warmup's learning rates do not depend on where the schedule ends: fitting it then changes no step taken.
+# An evaluation costs 2 x eval_iters batches, forward only (a third of the work of a training batch).
+time_from = max(iter_num + 1, warmup_iters // 2)
+budget = Budget(max_time, max_iters, eval_interval, eval_cost=2 * eval_iters / (3 * gradient_accumulation_steps),
+                time_from=time_from, fit_at=max(time_from + 10, warmup_iters), saved=fitted, log=log)
+if iter_num >= budget.last and not eval_only:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
                      "on)")
+
+
+def get_lr(it: int) -> float:
+    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters, or at the
+    run's last iteration (max_iters, or what fits in max_time: budget.last)."""
+    decay_end = lr_decay_iters or budget.last
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_end:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
 model.train()
 t_start = time.time() - elapsed  # elapsed: seconds of this run so far, by rank 0's clock
 t0, n_timed = time.time(), 0
 iter_start, saved_iter = iter_num, (iter_num if init_from == "resume" else None)
-# what an evaluation costs, for the budget: 2 x eval_iters batches, forward only (a third of the work of
-# a training batch), in iterations of gradient_accumulation_steps batches
-eval_cost = 2 * eval_iters / (3 * gradient_accumulation_steps)
-# the budget's speed is timed over the second half of the warmup, at least 10 iterations after the first
-# (which compiles): the first iterations run slower than the rest, and the warmup's learning rates do not
-# depend on where the schedule ends, so fitting it at the warmup's end changes no step already taken
-timed_from = (max(iter_start + 1, warmup_iters // 2), 0.0)
-fit_at = max(timed_from[0] + 10, warmup_iters)
 elapsed_at_start = elapsed
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
-        # the run ends at its last iteration; max_time itself is a safety net for a machine that slowed down
-        out_of_time = max_time > 0 and elapsed >= max_time and iter_num > iter_start
-        done = iter_num >= last_iter or out_of_time
-        if out_of_time and iter_num < last_iter:
-            log(f"max_time={max_time:.0f}s reached at iteration {iter_num}, before the {last_iter} planned")
-
+        done = budget.done(iter_num, elapsed, iter_start)  # at the last iteration that fits, or out of time
         # evaluate and save: every eval_interval iterations (not again at the one resumed from), at the end
         due = iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")
         if due or done or eval_only:
@@ -379,7 +326,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                     "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
                     "val_loss": losses["val"], "best_val_loss": best_val_loss, "elapsed": elapsed,
-                    "budget": budget, "config": config, "tokenizer": tok.state(), "data_dir": data_dir,
+                    "budget": budget.fitted, "config": config, "tokenizer": tok.state(), "data_dir": data_dir,
                     "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
                 log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
                                            "val_loss": losses["val"], "val_bpb": val_bpb, "elapsed": elapsed})
@@ -400,7 +347,9 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             break
 
         # one iteration: gradient_accumulation_steps micro-batches, one optimizer step
-        lr = get_lr(iter_num, learning_rate, warmup_iters, decay_end, min_lr)
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: an untied token table's own rate
         windows, loss_sum = iteration_windows(), torch.zeros((), device=rt.device)
         for micro_step in range(gradient_accumulation_steps):
             if rt.ddp:
@@ -416,7 +365,12 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 loss = loss / gradient_accumulation_steps  # the gradient of the mean over micro-batches
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        optimizer_step(model, optimizer, scaler, lr, grad_clip)
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)  # skipped if fp16 gradients overflowed (the scale then shrinks)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
         iter_num += 1
         n_timed += 1
@@ -424,11 +378,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if iter_num == iter_start + 1 and use_compile:  # the first iteration: a compiled model compiles in it
             log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
                 "compile included (it counts in max_time)")
-        if iter_num == timed_from[0]:
-            timed_from = (iter_num, elapsed)
-        budget = fit_budget(budget, iter_num, elapsed, timed_from, fit_at, max_time, max_iters, eval_interval,
-                            eval_cost, log)
-        last_iter, decay_end = schedule_end(max_iters, lr_decay_iters, budget)
+        budget.tick(iter_num, elapsed)  # times the iterations, and counts how many fit, once
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size
@@ -439,7 +389,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             t0, n_timed = time.time(), 0
             tok_s = tokens_per_iter / dt
             mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
-            left = (last_iter - iter_num) * dt
+            left = (budget.last - iter_num) * dt
             log_metrics(metrics_path, {"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
                                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed": elapsed})
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} "

@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -14,7 +15,6 @@ from conftest import ROOT, TINY, run, train_defaults
 import tokenizer
 from common import (
     curve,
-    get_lr,
     iters_in_budget,
     keep_metrics,
     load_checkpoint,
@@ -180,12 +180,24 @@ def test_resume_without_checkpoint_is_a_clear_error(workdir):
     assert p.returncode == 1 and "no checkpoint at out-none/ckpt.pt" in p.stderr
 
 
-def test_lr_schedule_warmup_then_cosine_to_min():
-    lrs = [get_lr(i, 1.0, 10, 110, 0.1) for i in range(120)]
-    assert lrs[0] < lrs[5] < lrs[9] <= 1.0
-    assert abs(lrs[60] - (0.1 + 0.45)) < 1e-9  # halfway through the decay
-    assert lrs[110] == lrs[119] == 0.1
-    assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
+def get_lr(it: int, peak: float, warmup: int, end: int, floor: float) -> float:
+    """The schedule train.py's get_lr promises, written out again: linear warmup over warmup
+    iterations, then a cosine from peak down to floor at iteration end."""
+    if it < warmup:
+        return peak * (it + 1) / (warmup + 1)
+    return floor if it >= end else floor + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (end - warmup))) * (peak - floor)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min(trained):
+    """The trained fixture's 60 iterations (warmup 5, peak 3e-3, min_lr its default, a tenth): each
+    logged row holds the learning rate of the iteration before it."""
+    rows = read_metrics(os.path.join(trained, "out-tiny", "metrics.jsonl"))
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert [r["iter"] for r in rows if "lr" in r] == list(range(1, 61))
+    assert lrs[0] < lrs[2] < lrs[4] < 3e-3  # warmup
+    assert all(x >= y for x, y in itertools.pairwise(lrs[5:]))  # then the cosine only goes down
+    assert lrs == pytest.approx([get_lr(i, 3e-3, 5, 60, 3e-4) for i in range(60)], rel=1e-9)
+    assert get_lr(32, 3e-3, 5, 60, 3e-4) == pytest.approx(3e-4 + 0.5 * 2.7e-3)  # halfway through the decay
 
 
 def lrs(stdout: str) -> dict[int, str]:
