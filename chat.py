@@ -61,7 +61,7 @@ script = ""  # read the prompt and rating lines from this file instead of standa
 pairwise = False  # two replies per prompt, and the choice of the better one
 auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
 max_new_tokens = 60
-globals().update(SAMPLING)  # temperature, top_k, top_p: common.SAMPLING's defaults, as in sample.py
+globals().update(SAMPLING)  # model.SamplingConfig's settings and defaults, as in sample.py
 learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it)
 kl_coef = 0.1  # weight of the KL penalty to the starting model
 baseline_decay = 0.9  # running mean of the ratings: baseline = decay * baseline + (1 - decay) * rating
@@ -74,7 +74,7 @@ dtype = "auto"
 config = configure(globals())
 globals().update(config)
 
-check_config(config)  # temperature, top_k, max_new_tokens, learning_rate, save_every...
+check_config(config)  # the sampling settings, max_new_tokens, learning_rate, save_every...
 if auto_rate not in ("", "dialogue"):
     raise SystemExit(f"error: --auto_rate={auto_rate} is not a known rule: use dialogue (or leave it empty)")
 if auto_rate and pairwise:

@@ -20,13 +20,13 @@ import pickle
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import make_model, model_args_from, other_arch_keys
+from model import SamplingConfig, make_model, model_args_from, other_arch_keys
 from tokenizer import Tokenizer
 
 
@@ -120,14 +120,14 @@ def check_config(c: dict, given=()) -> None:
         if k in c:
             need(c[k] > 0, f"{k} must be positive, got {c[k]}")
     for k in ("warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "max_time",
-              "make_pairs", "temperature", "top_k", "num_samples", "max_new_tokens", "embedding_lr"):
+              "make_pairs", "num_samples", "max_new_tokens", "embedding_lr"):
         if k in c:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
-    if c.get("temperature"):  # below this, logits / temperature overflow: 0 is greedy
-        need(c["temperature"] >= 1e-3, f"temperature must be 0 (greedy) or at least 0.001, got "
-                                        f"{c['temperature']}")
-    if "top_p" in c:
-        need(0 < c["top_p"] <= 1, f"top_p must be in (0, 1], got {c['top_p']}")
+    if all(k in c for k in SAMPLING):  # the sampling settings: model.SamplingConfig checks them
+        try:
+            sampling(c)
+        except ValueError as e:
+            need(False, str(e))
     if "arch" in c:  # the model's settings: its config dataclass checks them (model.py)
         try:
             model_args_from(c)
@@ -726,22 +726,21 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
 
 
 # --- generation and scoring: sampling settings, continuations, log p(completion | prompt) -----------
-# the sampling settings of sample.py, chat.py, eval.py and export.py's generation config: each script
-# takes these keys, with these defaults, as --flags (see its defaults), and passes them to
-# model.generate by name: a new setting is one entry here and one keyword argument of generate
-SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0}  # temperature 0: greedy; top_k 0, top_p 1: off
+# the sampling settings of sample.py, chat.py, eval.py and export.py: model.SamplingConfig's fields, with
+# its defaults, which each script takes as --flags (globals().update(SAMPLING))
+SAMPLING = asdict(SamplingConfig())
 
 
 def sampling(config: dict) -> dict:
-    """The sampling settings of a script's config, as generate's keyword arguments."""
-    return {k: config[k] for k in SAMPLING}
+    """The sampling settings of a script's config, checked, as generate's keyword arguments."""
+    return asdict(SamplingConfig(**{k: config[k] for k in SAMPLING}))
 
 
 @torch.no_grad()
 def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
                      seed: int, batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
     """The model's continuation of each prompt (all of one length), batch_size prompts generated
-    together, each cut at its first <|endoftext|>. sampling: generate's temperature, top_k, top_p."""
+    together, each cut at its first <|endoftext|>. sampling: SamplingConfig's settings."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
     out: list[list[int]] = []
     for b in range(0, len(prompts), batch_size):

@@ -12,6 +12,7 @@ set, so that a resumed run can tell a setting typed from a default left alone.
 
 import difflib
 import os
+import re
 import sys
 import types
 
@@ -21,6 +22,31 @@ SIMPLE_TYPES = (bool, int, float, str, type(None))
 def config_keys(namespace: dict) -> list[str]:
     """The configurable names of a script: public module-level variables of simple types."""
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)]
+
+
+def declared_comments(namespace: dict) -> dict[str, str]:
+    """Each setting's one-line comment, where it is declared: `name = value  # comment` in the script,
+    or `name: type = value  # comment` in a dataclass of a project module it imported (model.py's
+    configs). The script's own block of settings (before it calls resolve or configure) comes first."""
+    script = namespace.get("__file__") or ""
+    root = os.path.dirname(os.path.abspath(script)) if script else ""
+    modules = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+    files = [script, *sorted(f for f in modules if root and os.path.dirname(f) == root)]
+    comments: dict[str, str] = {}
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        if path == script:  # its settings: module-level assignments before the call that reads them
+            block = next((i for i, line in enumerate(lines) if "(globals()" in line), len(lines))
+            found = [re.match(r"(\w+) = [^#]*#\s*(.+)$", line) for line in lines[:block]]
+        else:  # the fields of its dataclasses
+            found = [re.match(r"    (\w+): [\w| .]+ = [^#]*#\s*(.+)$", line) for line in lines]
+        for m in filter(None, found):
+            comments.setdefault(m.group(1), m.group(2).strip())
+    return comments
 
 
 def _unknown(key: str, known: dict, where: str) -> SystemExit:
@@ -109,8 +135,9 @@ def resolve(namespace: dict, argv: list[str] | None = None) -> tuple[dict, set[s
         try:
             print("config keys and their defaults (config files are applied first, then --key=value flags, "
                   "whatever their order):")
+            comments = declared_comments(namespace)
             for k, v in defaults.items():
-                print(f"  --{k}={v!r}")
+                print(f"  --{k}={v!r}" + (f"  # {comments[k]}" if k in comments else ""))
             sys.stdout.flush()
         except BrokenPipeError:  # --help | head: the reader closed the pipe, having read what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet

@@ -58,7 +58,7 @@ dtype = "auto"
 num_samples = 0  # > 0: also continue this many prompts drawn from the text, and measure the samples
 prompt_tokens = 16  # length of each prompt
 max_new_tokens = 128
-globals().update(SAMPLING)  # temperature, top_k, top_p: common.SAMPLING's defaults, as in sample.py
+globals().update(SAMPLING)  # model.SamplingConfig's settings and defaults, as in sample.py
 seed = 1337  # the same prompts and random draws every time: before/after comparisons are paired
 # -----------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ def score_pairs(model, tok, path: str, rows: list[tuple[str, str]], batch_size: 
 
 def main(c: dict) -> dict:
     # the inputs first: a bad setting or path is an error before the model is loaded
-    check_config(c)  # batch_size, prompt_tokens, temperature, top_k... in range
+    check_config(c)  # batch_size, prompt_tokens, the sampling settings... in range
     if c["pairs"] and c["text"]:
         raise SystemExit("error: --pairs and --text each name what to score: pass one of them")
     rows = read_pairs(c["pairs"]) if c["pairs"] else None
@@ -237,7 +237,7 @@ def main(c: dict) -> dict:
     if c["num_samples"] > 0:
         res |= sample_stats(model, tok, tokens, c, rt)
         print(f"{c['num_samples']} samples of {c['max_new_tokens']} tokens after "
-              f"{c['prompt_tokens']}-token prompts (temperature {c['temperature']}, top-k {c['top_k']}, "
+              f"{c['prompt_tokens']}-token prompts ({', '.join(f'{k} {v}' for k, v in sampling(c).items())}, "
               f"seed {c['seed']}): repeated 4-grams {100 * res['rep_4']:.1f}%, "
               f"distinct-2 {res['distinct_2']:.3f}, with dialogue {100 * res['dialogue']:.0f}%")
     return res

@@ -33,7 +33,7 @@ from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE, read_meta
 out_dir = "out-gutenberg"  # the checkpoint to export
 hf_dir = ""  # where to write; "" = hf-<out_dir>
 overwrite = False  # replace the files of an earlier export in hf_dir (files export does not write are kept)
-globals().update(SAMPLING)  # temperature, top_k, top_p: generation_config.json samples as sample.py does
+globals().update(SAMPLING)  # model.SamplingConfig's settings: generation_config.json samples as sample.py does
 # the model card's license tag, e.g. mit (the project states none; the novels are public domain)
 license = "other"
 # -----------------------------------------------------------------------------
@@ -139,16 +139,16 @@ def hf_tokenizer(tok, ranks_file: str, block_size: int):
     return fast
 
 
-def generation_config(eot_id: int, block_size: int, temperature: float, top_k: int, top_p: float):
-    """How generate() and pipelines sample by default (temperature, top_k, top_p: sample.py's defaults).
+def generation_config(eot_id: int, block_size: int, settings: dict):
+    """How generate() and pipelines sample by default: settings, sample.py's (model.SamplingConfig's
+    fields, named as transformers names them).
     Temperature 0 is sample.py's greedy decoding: do_sample=False (transformers refuses to sample at
     temperature 0). max_length keeps prompt and reply within the context when the caller does not
     say how much to write (a pipeline would write 256 tokens): transformers does not slide the
     context past block_size as sample.py does, and a GPT-2 fails."""
     from transformers import GenerationConfig
 
-    how = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p} if temperature \
-        else {"do_sample": False}
+    how = {"do_sample": True, **settings} if settings["temperature"] else {"do_sample": False}
     return GenerationConfig(**how, max_length=block_size, bos_token_id=eot_id, eos_token_id=eot_id,
                             pad_token_id=eot_id)
 
@@ -230,14 +230,13 @@ def decoding(gen) -> str:
     """How a generation config decodes, in the model card's words."""
     if not gen.do_sample:
         return "decodes greedily (`do_sample=False`), as `sample.py --temperature=0` does,"
-    return (f"samples as `sample.py` does (temperature {gen.temperature}, top-k {gen.top_k}, "
-            f"top-p {gen.top_p}),")
+    return f"samples as `sample.py` does ({', '.join(f'{k} {getattr(gen, k)}' for k in SAMPLING)}),"
 
 
 def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, settings: dict) -> str:
     """Every file of the export into folder d; returns the transformers class."""
     hf_model = to_transformers(model)
-    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size, **settings)
+    hf_model.generation_config = generation_config(tok.eot_id, model.config.block_size, settings)
     hf_model.save_pretrained(d)
     with open(os.path.join(d, "tokenizer_meta.json"), "w") as f:
         json.dump(tok.save(d), f, indent=2)  # as meta.json's "tokenizer": tokenizer.load reads both
@@ -248,7 +247,7 @@ def write_export(d: str, model, tok, ckpt: dict, name: str, license_tag: str, se
 
 
 def main(c: dict) -> str:
-    check_config(c)  # temperature, top_k, top_p: in range, as sample.py checks them
+    check_config(c)  # the sampling settings in range, as sample.py checks them
     hf_dir = c["hf_dir"] or "hf-" + os.path.basename(os.path.normpath(c["out_dir"])).removeprefix("out-")
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise SystemExit(f"error: --hf_dir={hf_dir} is a file: pass a folder (new, or an earlier export)")

@@ -30,7 +30,7 @@ The file, in reading order:
        dense: no MoE layers; config/llama_moe.py has them)
     3. settings to checkpoints and back: model_args_from, make_model
     4. generation, shared by both: KVCache, generate (prefill, then one token at a time),
-       sample_next (temperature, top-k, top-p)
+       SamplingConfig and sample_next (temperature, top-k, top-p)
 
 Under bf16 autocast (--dtype=bfloat16, the default on GPUs that have it) the matmuls run in bf16
 on bf16 copies of the weights. The weights themselves stay float32 (the optimizer's small updates
@@ -59,11 +59,11 @@ from torch.nn import functional as F
 class GPTConfig:
     vocab_size: int = 8192
     block_size: int = 256  # the longest context the model sees (learned positions 0..block_size-1)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    n_layer: int = 6  # blocks
+    n_head: int = 6  # attention heads, of n_embd / n_head dimensions each
+    n_embd: int = 384  # width of the residual stream (the embeddings)
     d_ff: int = 0  # hidden width of the MLP; 0 means the usual 4 * n_embd
-    dropout: float = 0.0
+    dropout: float = 0.0  # probability of zeroing an activation in training (attention, residual branches)
     bias: bool = False  # biases in Linear and LayerNorm layers: GPT-2 had them, they help little
 
     def __post_init__(self):
@@ -268,10 +268,11 @@ class GPT(LanguageModel):
 class LlamaConfig:
     vocab_size: int = 8192
     block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
+    # the fields GPTConfig has too take its defaults: train.py takes one default per setting, either arch
+    n_layer: int = 6
+    n_head: int = 6
     n_kv_head: int = 2  # key/value heads: n_head // n_kv_head query heads share each one; 0 = n_head
-    n_embd: int = 256
+    n_embd: int = 384
     d_ff: int = 0  # hidden width of the dense SwiGLU layers; 0 = 4 * n_embd
     d_expert: int = 0  # hidden width of each expert and of the shared expert; 0 = 2 * n_embd
     n_expert: int = 4
@@ -521,9 +522,9 @@ def model_args_from(settings: dict) -> dict:
     """The model_args a checkpoint stores, from a script's settings (train.py's keys): "arch" and
     the fields of that architecture's config dataclass, 0-defaults resolved (n_kv_head, d_ff,
     d_expert), ranges checked (ValueError). Only those fields reach a checkpoint: a setting that is
-    no field of the dataclass is left out without a word (bias, a GPTConfig field, for the Llama;
-    n_kv_head or n_expert for the GPT). A new model setting is a new field there (and its default
-    in train.py), nothing more. vocab_size, the tokenizer's, comes with the settings or after.
+    no field of the dataclass is left out (bias, a GPTConfig field, for the Llama; n_kv_head or
+    n_expert for the GPT; check_config refuses them given). A new model setting is a new field
+    there, nothing more: train.py takes it as a setting (model_settings). vocab_size, the tokenizer's, comes with the settings or after.
     Given a checkpoint's model_args, it completes them: a field added since takes its default."""
     arch = settings.get("arch", "gpt")
     if arch not in ("gpt", "llama"):
@@ -531,6 +532,13 @@ def model_args_from(settings: dict) -> dict:
     cls = GPTConfig if arch == "gpt" else LlamaConfig
     names = {f.name for f in fields(cls)}
     return {"arch": arch, **asdict(cls(**{k: v for k, v in settings.items() if k in names}))}
+
+
+def model_settings() -> dict:
+    """Every model setting train.py takes, with its default: the fields of GPTConfig and LlamaConfig,
+    declared there once (the fields both have take the same default), vocab_size aside: it is the
+    tokenizer's. arch picks which of them a run uses (a setting of the other one is an error)."""
+    return {f.name: f.default for cls in (GPTConfig, LlamaConfig) for f in fields(cls) if f.name != "vocab_size"}
 
 
 def other_arch_keys(arch: str, keys) -> list[str]:
@@ -664,12 +672,32 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
             logits = model(seq, cache=cache)
 
 
+@dataclass
+class SamplingConfig:
+    """The sampling settings, declared once: sample.py, chat.py and eval.py take them as --flags with
+    these defaults, check_config checks them through this class, and export.py writes them to
+    generation_config.json under the same names, which are transformers' (GenerationConfig). A new
+    filter (min_p, ...) is a field here, its range in __post_init__, and one `if` in sample_next."""
+    temperature: float = 0.8  # 0: greedy (the argmax); below 1 sharpens the distribution, above flattens it
+    top_k: int = 40  # keep the k likeliest tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
+
+    def __post_init__(self):
+        for name in ("temperature", "top_k"):
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails every comparison
+                raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        if 0 < self.temperature < 1e-3:  # logits / temperature would overflow
+            raise ValueError(f"temperature must be 0 (greedy) or at least 0.001, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
                 inverse_cdf: bool = False) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids, drawn from softmax(logits / temperature) once the
     filters have removed tokens; temperature 0 is greedy decoding (the argmax). Every filter lives
-    here: a new one (min-p, ...) is one more `if` below, plus its flag in the scripts."""
+    here, its setting in SamplingConfig above."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # in float32, even from bf16 logits: the filters and the draw compare small probabilities.

@@ -25,7 +25,7 @@ start = ""  # the prompt, or FILE:path to read it from a file; "" starts from <|
 num_samples = 1  # several: generated batch_size at a time, each batch printed as it ends (Ctrl-C stops)
 batch_size = 32  # samples generated together: memory stays bounded whatever num_samples
 max_new_tokens = 200
-globals().update(SAMPLING)  # temperature, top_k (0 = no filter), top_p (1.0 = no filter): see common.py
+globals().update(SAMPLING)  # model.SamplingConfig's settings and defaults: temperature, top_k, top_p
 greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
@@ -92,7 +92,7 @@ def main(c: dict) -> None:
                 c["start"] = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read the prompt file {path}: {e}") from None
-    check_config(c)  # temperature, top_k, top_p, max_new_tokens, batch_size: in range
+    check_config(c)  # the sampling settings, max_new_tokens, batch_size: in range
     if c["num_samples"] < 1:
         raise SystemExit(f"error: num_samples must be at least 1, got {c['num_samples']}")
     if c["attention_map"]:

@@ -51,7 +51,7 @@ from common import (
     wrap_model,
 )
 from configurator import resolve
-from model import make_model, model_args_from, next_token_loss
+from model import make_model, model_args_from, model_settings, next_token_loss
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
 
@@ -65,28 +65,10 @@ eval_interval = 250  # iterations between evaluations and checkpoints
 eval_iters = 20  # batches per split per evaluation
 log_interval = 10
 eval_only = False  # evaluate once and exit
-# model
-arch = "gpt"  # gpt | llama (Llama-4-style decoder: RMSNorm, RoPE, grouped-query attention, experts)
-n_layer = 6
-n_head = 6
-n_embd = 384
-d_ff = 0  # width of the (dense) MLPs; 0 = 4 * n_embd
-block_size = 256
-dropout = 0.0
-bias = False  # gpt only
-# llama only
-n_kv_head = 2  # key/value heads (grouped-query attention), as model.LlamaConfig; 0 = n_head
-n_expert = 4  # experts per MoE layer
-n_expert_per_token = 1
-d_expert = 0  # width of each expert and of the shared expert; 0 = 2 * n_embd
-moe_every = 1  # every moe_every-th layer is a MoE layer; 0 = a dense Llama
-rope_theta = 10000.0
-no_rope_interval = 4  # every no_rope_interval-th layer has no RoPE; 0 = RoPE everywhere
-qk_norm = True
-norm_eps = 1e-5
-aux_loss_coef = 0.01  # load-balancing loss weight
-z_loss_coef = 0.001  # router z-loss weight
-tie_embeddings = True  # llama: the output layer reuses the token table (gutenberg.py unties it); gpt: always
+# model: the architecture, and the fields of its config in model.py (GPTConfig or LlamaConfig), each declared
+# there once with its default, range and comment; every one is a setting here too (--n_layer=4)
+arch = "gpt"  # gpt (the course's GPT-2) | llama (Llama-4-style: RMSNorm, RoPE, grouped-query attention, experts)
+globals().update(model_settings())  # block_size, n_layer, n_head, n_embd, d_ff, dropout, bias, n_kv_head, ...
 # optimization
 batch_size = 16  # sequences per micro-step (under DDP, lower if the global batch needs it to split evenly)
 gradient_accumulation_steps = 1  # micro-steps per iteration (global, divided among DDP processes)
@@ -195,8 +177,8 @@ if init_from == "resume":  # the checkpoint decides the model; the run's state i
     # settings given with other values than the checkpoint's are refused; those not given take its values
     config = resumed_config(ckpt, ckpt_path, config, given, model_args, tok, data_dir)
     optimizer, embedding_lr = config["optimizer"], config["embedding_lr"]
-    model_args = {**ckpt["model_args"], "dropout": dropout}
-    block_size = model_args["block_size"]
+    model_args = {**ckpt["model_args"], "dropout": config["dropout"]}
+block_size = model_args["block_size"]  # a resumed run's is its checkpoint's
 tokens_per_iter = gradient_accumulation_steps * rt.world_size * micro_batch * block_size
 log(f"tokens per iteration: {tokens_per_iter:,} ({rt.world_size} process(es) x {gradient_accumulation_steps} "
     f"micro-steps x {micro_batch} sequences x {block_size} tokens)")

@@ -45,7 +45,9 @@ def torchrun(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
 def train_defaults() -> dict:
     """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
     source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]
-    namespace: dict = {}
+    from model import model_settings
+
+    namespace: dict = {"model_settings": model_settings}  # the model's settings come from model.py
     exec(source, namespace)
     return namespace
 

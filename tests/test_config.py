@@ -162,6 +162,20 @@ def test_help_says_flags_come_after_config_files(capsys):
     assert "config files are applied first, then --key=value flags, whatever their order" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("script, lines", [
+    ("train.py", ["--max_time=0.0  # seconds the run may take", "--n_kv_head=2  # key/value heads",  # model.py's
+                  "--tie_embeddings=True  # the output layer reuses wte"]),
+    ("sample.py", ["--top_k=40  # keep the k likeliest tokens; 0: off", "--start=''  # the prompt"]),
+])
+def test_help_says_each_setting_with_the_comment_where_it_is_declared(script, lines):
+    """Each setting is declared once, with its default and a comment: in the script, or for the model
+    and sampling settings in model.py's config dataclasses, which the scripts take as settings."""
+    out = run(script, "--help", cwd=ROOT).stdout.splitlines()
+    for line in lines:
+        assert any(o.strip().startswith(line) for o in out), (line, out)
+    assert sum(o.strip().startswith("--block_size=256  # the longest context") for o in out) == (script == "train.py")
+
+
 def test_a_setting_of_the_other_architecture_is_an_error_when_given():
     """config/gutenberg.py's Llama settings (n_kv_head, tie_embeddings...) with --arch=gpt were dropped
     without a word; left at their defaults they are no one's choice, and pass."""
