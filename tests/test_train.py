@@ -197,7 +197,7 @@ def test_lr_schedule_warmup_then_cosine_to_min(trained):
     assert lrs[0] < lrs[2] < lrs[4] < 3e-3  # warmup
     assert all(x >= y for x, y in itertools.pairwise(lrs[5:]))  # then the cosine only goes down
     assert lrs == pytest.approx([get_lr(i, 3e-3, 5, 60, 3e-4) for i in range(60)], rel=1e-9)
-    assert 3e-4 < lrs[-1] < 3.01e-4  # the last iteration's rate, near the tenth it decays to
+    assert 3e-4 < lrs[-1] < 3.05e-4  # the last iteration's rate, near the tenth it decays to
 
 
 def lrs(stdout: str) -> dict[int, str]:
