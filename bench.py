@@ -31,15 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (
+from configurator import configure
+from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
+from plumbing import (
     configure_optimizer,
     measure_peak_flops,
     resolve_compile,
     resolve_dtype,
     resolve_optimizer,
 )
-from configurator import configure
-from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
 from tokenizer import load as load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def timed(fn) -> float:
 def bench_generate() -> None:
     path = os.path.join(ROOT, out_dir, "ckpt.pt")
     if os.path.exists(path):
-        from common import load_model
+        from plumbing import load_model
 
         model, _, _ = load_model(os.path.join(ROOT, out_dir), device)
         source = out_dir

@@ -32,8 +32,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-from common import (
-    SAMPLING,
+from configurator import configure
+from model import SAMPLING, sampling
+from plumbing import (
     check_config,
     claim_out_dir,
     completion_logits,
@@ -45,12 +46,10 @@ from common import (
     plot_curves,
     read_metrics,
     same_dir,
-    sampling,
     save_checkpoint,
     setup_runtime,
     stream,
 )
-from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # the starting model: read, never written

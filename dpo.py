@@ -39,24 +39,23 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import (
+from configurator import resolve
+from model import completion_logps, fit_prompt, pack
+from plumbing import (
     Budget,
     check_config,
     claim_out_dir,
-    completion_logps,
     configure_optimizer,
     continue_prompts,
     curve,
     ddp_guard,
     draw_windows,
     end_ddp,
-    fit_prompt,
     keep_metrics,
     keep_resumed,
     load_model,
     log_metrics,
     non_finite,
-    pack,
     plot_curves,
     rank0_clock,
     read_metrics,
@@ -68,7 +67,6 @@ from common import (
     unwrap,
     wrap_model,
 )
-from configurator import resolve
 
 # -----------------------------------------------------------------------------
 init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
@@ -349,7 +347,7 @@ if __name__ == "__main__":
     # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
     rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
-    fitted = None  # how many steps fit in max_time, counted once (see common.Budget)
+    fitted = None  # how many steps fit in max_time, counted once (see plumbing.Budget)
     # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
     # with it the policy would differ from the reference before the first step (rewards not 0)
     if resume:  # the model so far; the run's state is restored below

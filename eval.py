@@ -29,21 +29,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import (
-    SAMPLING,
+from configurator import configure
+from model import SAMPLING, completion_logps, pack, sampling
+from plumbing import (
     check_config,
     check_tokenizer,
-    completion_logps,
     continue_prompts,
     ctrl_c_ends_quietly,
     draw_windows,
     has_dialogue,
     load_model,
-    pack,
-    sampling,
     setup_runtime,
 )
-from configurator import configure
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
 

@@ -25,8 +25,9 @@ import shutil
 
 import torch
 
-from common import SAMPLING, check_config, load_model, sampling
 from configurator import configure
+from model import SAMPLING, sampling
+from plumbing import check_config, load_model
 from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE, read_meta
 
 # -----------------------------------------------------------------------------

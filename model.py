@@ -31,6 +31,10 @@ The file, in reading order:
     3. settings to checkpoints and back: model_args_from, make_model
     4. generation, shared by both: KVCache, generate (prefill, then one token at a time),
        SamplingConfig and sample_next (temperature, top-k, top-p)
+    5. scoring a completion given its prompt: pack, completion_logps (DPO, chat.py, eval.py)
+
+The loss is not in forward: forward returns logits, and each caller scores them its own way,
+train.py with next_token_loss (section 1), DPO with completion_logps (section 5).
 
 Under bf16 autocast (--dtype=bfloat16, the default on GPUs that have it) the matmuls run in bf16
 on bf16 copies of the weights. The weights themselves stay float32 (the optimizer's small updates
@@ -692,6 +696,15 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# SamplingConfig's settings and defaults: sample.py, chat.py, eval.py and export.py take them as settings
+SAMPLING = asdict(SamplingConfig())
+
+
+def sampling(config: dict) -> dict:
+    """The sampling settings of a script's config, checked (ValueError), as generate's keyword arguments."""
+    return asdict(SamplingConfig(**{k: config[k] for k in SAMPLING}))
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
                 inverse_cdf: bool = False) -> torch.Tensor:
@@ -721,3 +734,40 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # in [0, total)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+
+
+# ==================================================================================================
+# 5. Scoring a completion: log p(completion | prompt), what DPO, chat.py and eval.py's minimal pairs
+# compare. The prompt is context, never scored: its targets are -1.
+# ==================================================================================================
+
+
+def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[int]:
+    """The part of a prompt that fits before a completion in block_size + 1 tokens: the oldest
+    tokens go first, one always stays (it predicts the completion's first token)."""
+    return prompt[-max(1, block_size + 1 - completion_len) :]
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], block_size: int, device) -> tuple:
+    """A right-padded batch that scores each completion given its prompt in one forward pass.
+    Returns x (B, T) inputs and y (B, T) targets, -1 where nothing is scored (the prompt's own
+    tokens, padding). Rows longer than block_size + 1 lose prompt tokens first, then the
+    completion's last ones."""
+    rows = []
+    for p, c in zip(prompts, completions, strict=True):
+        c = c[:block_size]
+        rows.append((fit_prompt(p, len(c), block_size), c))
+    T = max(len(p) + len(c) for p, c in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids = torch.tensor(p + c)
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, len(p) - 1 : len(ids) - 1] = ids[len(p) :]
+    return x.to(device), y.to(device)
+
+
+def completion_logps(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p(completion | prompt) per row: the sum of the scored targets' log-probabilities, (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (y != -1)).sum(-1)

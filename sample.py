@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from common import SAMPLING, check_config, ctrl_c_ends_quietly, load_model, sampling, setup_runtime, stream
 from configurator import configure
+from model import SAMPLING, sampling
+from plumbing import check_config, ctrl_c_ends_quietly, load_model, setup_runtime, stream
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # where train.py saved ckpt.pt

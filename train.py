@@ -21,7 +21,9 @@ import time
 import numpy as np
 import torch
 
-from common import (
+from configurator import resolve
+from model import make_model, model_args_from, model_settings, next_token_loss
+from plumbing import (
     Budget,
     check_config,
     check_micro_batch,
@@ -50,8 +52,6 @@ from common import (
     unwrap,
     wrap_model,
 )
-from configurator import resolve
-from model import make_model, model_args_from, model_settings, next_token_loss
 from tokenizer import load as load_tokenizer
 from tokenizer import load_meta
 

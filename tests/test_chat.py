@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run
 from torch.nn import functional as F
 
-from common import completion_logits, load_model, read_metrics
+from plumbing import completion_logits, load_model, read_metrics
 
 
 def chat(cwd: str, stdin: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

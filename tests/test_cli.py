@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import run
 
-import common
-from common import load_model
+import plumbing
 from eval import score
 from model import next_token_loss
+from plumbing import load_model
 
 
 def test_sample_streams_one_and_batches_several(trained):
@@ -67,7 +67,7 @@ def test_eval_on_a_text_file_matches_a_direct_computation(trained, tmp_path):
 
 def test_eval_long_text_scores_every_token_once(trained):
     model, _, _ = load_model(os.path.join(trained, "out-tiny"))
-    rt = common.setup_runtime("cpu", "float32")
+    rt = plumbing.setup_runtime("cpu", "float32")
     tokens = np.fromfile(os.path.join(trained, "data", "tiny", "val.bin"), dtype=np.uint16)[:500]
     total, count = score(model, tokens, 4, rt)
     assert count == len(tokens) - 1 and total > 0

@@ -7,9 +7,9 @@ import pytest
 from conftest import ROOT, TINY, run, train_defaults
 
 import sweep
-from common import check_config
 from configurator import configure, resolve
 from model import make_model, model_args_from
+from plumbing import check_config
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 1e-3, "device": "auto", "compile": None, "bias": False,
             "_private": 1, "np": pytest}

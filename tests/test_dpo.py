@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run, torchrun
 
-import common
 import dpo
 import eval as eval_script
-from common import completion_logps, curve, draw_windows, load_checkpoint, load_model, pack, read_metrics
+import plumbing
+from model import completion_logps, pack
+from plumbing import curve, draw_windows, load_checkpoint, load_model, read_metrics
 
 
 def test_loss_and_metrics_match_a_hand_computation():
@@ -184,7 +185,7 @@ def metric_lines(stdout: str) -> dict[str, str]:
 
 
 def run_dpo_here(monkeypatch, *args: str) -> None:
-    """python dpo.py ARGS, run in this process: the test can replace common's functions."""
+    """python dpo.py ARGS, run in this process: the test can replace plumbing's functions."""
     monkeypatch.setattr(sys, "argv", ["dpo.py", *args])
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -197,8 +198,8 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
     """A run killed after its checkpoint at step 12 (its max_time budget fixed at step 11) and resumed
     gives the uninterrupted run's metrics and weights, without making pairs or a reference pass again."""
     monkeypatch.chdir(trained)
-    monkeypatch.setattr(common, "iters_in_budget", lambda *a: 16)  # the steps that "fit" in max_time: no timing here
-    save = common.save_checkpoint
+    monkeypatch.setattr(plumbing, "iters_in_budget", lambda *a: 16)  # the steps that "fit" in max_time: no timing here
+    save = plumbing.save_checkpoint
 
     def save_and_keep_step_12(obj, path):  # the state a kill -9 right after the step-12 checkpoint leaves
         save(obj, path)
@@ -207,7 +208,7 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
             save(obj, os.path.join("out-dpo-cut", "ckpt.pt"))
             shutil.copy(os.path.join("out-dpo-whole", "metrics.jsonl"), "out-dpo-cut")  # and the log so far
 
-    monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step_12)
+    monkeypatch.setattr(plumbing, "save_checkpoint", save_and_keep_step_12)
     args = ["--init_from=out-tiny", "--make_pairs=16", "--prompt_tokens=12", "--completion_tokens=10",
             "--max_iters=1000000", "--max_time=60", "--eval_interval=12", "--log_interval=1", "--warmup_iters=2",
             "--learning_rate=3e-3", "--device=cpu"]
@@ -340,7 +341,7 @@ def test_a_diverged_run_never_replaces_its_last_good_checkpoint(trained, tmp_pat
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "error: the held-out loss is nan at step 3: stopped; out-dpo-nan/ckpt.pt keeps step 2" in p.stderr
     ckpt = load_checkpoint(os.path.join(trained, "out-dpo-nan", "ckpt.pt"))
-    assert ckpt["iter_num"] == 2 and not common.non_finite(ckpt["model"])
+    assert ckpt["iter_num"] == 2 and not plumbing.non_finite(ckpt["model"])
 
 
 def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_path):

@@ -10,10 +10,10 @@ from conftest import run
 from torch.nn import functional as F
 
 import eval as eval_script
-from common import load_model, setup_runtime
 from configurator import configure
 from eval import score
 from model import next_token_loss
+from plumbing import load_model, setup_runtime
 
 # sentences a model of French novels has read the like of a thousand times, each against its own
 # words shuffled: any model that learned something prefers the sentence

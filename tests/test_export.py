@@ -11,9 +11,9 @@ from conftest import run
 import export
 import sample
 import tokenizer
-from common import load_checkpoint, load_model, read_metrics
 from configurator import configure
 from export import hf_tokenizer
+from plumbing import load_checkpoint, load_model, read_metrics
 
 # what French text throws at a tokenizer: elisions, typographic apostrophes, accents typed as e +
 # combining accent (NFD), dialogue dashes, guillemets with their spaces, an emoji and a character

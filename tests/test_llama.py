@@ -3,7 +3,6 @@ import torch
 from test_model import full_recompute_greedy
 from test_model import tiny as gpt_tiny
 
-from common import configure_optimizer, resolve_compile
 from model import (
     KVCache,
     Llama,
@@ -16,6 +15,7 @@ from model import (
     next_token_loss,
     rope_tables,
 )
+from plumbing import configure_optimizer, resolve_compile
 
 
 def tiny(**kw) -> Llama:

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import losses
 
-import common
+import plumbing
 import tokenizer as tok
-from common import load_checkpoint
 from configurator import configure
 from model import make_model
+from plumbing import load_checkpoint
 
 
 def popen(script: str, *args: str, cwd: str) -> subprocess.Popen:
@@ -49,7 +49,7 @@ def test_kill_9_during_training_then_resume_gives_the_same_losses(workdir):
 @pytest.mark.slow  # writes 16 MB checkpoints over and over
 def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    writer = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; from common import save_checkpoint\n"
+    writer = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; from plumbing import save_checkpoint\n"
               "w = torch.randn(4_000_000)\n"  # 16 MB: each write takes a while, so the kills land inside writes
               "for i in range(10**6):\n"
               f"    save_checkpoint({{'model': {{'w': w}}, 'model_args': {{}}, 'i': i}}, {path!r}); print(i, flush=True)\n")
@@ -59,7 +59,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_pa
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        ckpt = common.load_checkpoint(path)  # always the last complete one
+        ckpt = plumbing.load_checkpoint(path)  # always the last complete one
         assert isinstance(ckpt["i"], int) and ckpt["model"]["w"].shape == (4_000_000,)
 
 
@@ -74,7 +74,7 @@ def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
     out.mkdir()
     torch.save({"model": Evil(), "model_args": {}}, out / "ckpt.pt")
     with pytest.raises(SystemExit, match=r"ckpt\.pt is not a readable checkpoint"):
-        common.load_checkpoint(str(out / "ckpt.pt"))
+        plumbing.load_checkpoint(str(out / "ckpt.pt"))
     p = run("sample.py", f"--out_dir={out}", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "not a readable checkpoint" in p.stderr
     # what it is and why it is refused, in full; never torch's advice to load it with weights_only=False
@@ -87,18 +87,18 @@ def test_truncated_or_foreign_checkpoint_errors_name_the_file(trained, tmp_path)
     good = open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()
     (tmp_path / "half.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(SystemExit, match=r"half\.pt is not a readable checkpoint"):
-        common.load_checkpoint(str(tmp_path / "half.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "half.pt"))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match=r"notes\.pt is not a readable checkpoint"):
-        common.load_checkpoint(str(tmp_path / "notes.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "notes.pt"))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other\.pt is not a checkpoint of this project"):
-        common.load_checkpoint(str(tmp_path / "other.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "other.pt"))
 
 
 def copy_checkpoint(trained: str, out_dir: str, change) -> str:
     """out-tiny's checkpoint, changed by change(ckpt), saved in trained/out_dir; returns out_dir."""
-    ckpt = common.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
+    ckpt = plumbing.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
     change(ckpt)
     os.makedirs(os.path.join(trained, out_dir), exist_ok=True)
     torch.save(ckpt, os.path.join(trained, out_dir, "ckpt.pt"))
@@ -148,7 +148,7 @@ def test_foreign_empty_or_unknown_arch_checkpoints_are_one_line_naming_the_file(
     for i, (change, message) in enumerate(cases):
         out = copy_checkpoint(trained, f"out-foreign{i}", change)
         with pytest.raises(SystemExit, match=re.escape(f"error: {out}/ckpt.pt") + ".*" + re.escape(message)):
-            common.load_model(out)  # what every script loads a model with (chat.py too)
+            plumbing.load_model(out)  # what every script loads a model with (chat.py too)
     # and as each script says it
     one_line_error(run("sample.py", "--out_dir=out-foreign0", cwd=trained, check=False),
                    "out-foreign0/ckpt.pt is not a checkpoint of this project")
@@ -160,7 +160,7 @@ def test_foreign_empty_or_unknown_arch_checkpoints_are_one_line_naming_the_file(
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}, "i": 1}, path)
+    plumbing.save_checkpoint({"model": {"w": torch.ones(3)}, "model_args": {}, "i": 1}, path)
     real_save = torch.save
 
     def save_then_fill_the_disk(obj, f):
@@ -169,9 +169,9 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
 
     monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
     with pytest.raises(SystemExit, match=r"No space left on device.*previous checkpoint is intact"):
-        common.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "i": 2}, path)
+        plumbing.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_args": {}, "i": 2}, path)
     monkeypatch.undo()
-    assert common.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
+    assert plumbing.load_checkpoint(path)["i"] == 1 and not os.path.exists(path + ".tmp")
 
 
 def limit_file_size(nbytes: int):
@@ -201,28 +201,28 @@ def test_full_disk_during_a_checkpoint_save_says_the_disk_is_full(trained, tmp_p
 
 def test_full_disk_during_a_metrics_append_keeps_the_earlier_rows(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
-    common.log_metrics(path, {"iter": 1, "loss": 2.0})
+    plumbing.log_metrics(path, {"iter": 1, "loss": 2.0})
     with pytest.raises(SystemExit) as e:
-        common.log_metrics(str(tmp_path / "no" / "such" / "metrics.jsonl"), {"iter": 1})
+        plumbing.log_metrics(str(tmp_path / "no" / "such" / "metrics.jsonl"), {"iter": 1})
     assert "disk is full" not in str(e.value)  # another failure keeps its own reason
     os.symlink("/dev/full", tmp_path / "full.jsonl")  # every write: No space left on device
     with pytest.raises(SystemExit) as e:
-        common.log_metrics(str(tmp_path / "full.jsonl"), {"iter": 2, "loss": 1.5})
+        plumbing.log_metrics(str(tmp_path / "full.jsonl"), {"iter": 2, "loss": 1.5})
     assert str(e.value) == (f"error: the disk is full: could not append to {tmp_path}/full.jsonl (No space left on "
                             "device): its earlier rows are kept, and so is the last checkpoint: free space, then "
                             "resume")
     # a row that crosses the limit: what was written of it is taken back, the earlier rows stay whole
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from common import log_metrics\n"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from plumbing import log_metrics\n"
             f"log_metrics({path!r}, {{'iter': 2, 'text': 'x' * 1000}})")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        preexec_fn=limit_file_size(os.path.getsize(path) + 100))
     assert p.returncode == 1 and p.stderr.startswith(f"error: could not append to {path} (File too large)"), p.stderr
-    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and open(path).read().endswith("}\n")
+    assert plumbing.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and open(path).read().endswith("}\n")
     # nor does a resume's rewrite of the file (keep_metrics) lose it
     code = code.replace("log_metrics", "keep_metrics").replace("{'iter': 2, 'text': 'x' * 1000}", "1")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit_file_size(10))
     assert p.returncode == 1 and p.stderr == f"error: could not rewrite {path} (File too large): it is as it was\n"
-    assert common.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and not os.path.exists(path + ".tmp")
+    assert plumbing.read_metrics(path) == [{"iter": 1, "loss": 2.0}] and not os.path.exists(path + ".tmp")
 
 
 # --- never lose a trained model, never train on the wrong data (train.py) -----------------------------
@@ -417,7 +417,7 @@ TRAIN_DEFAULTS = train_defaults()
 def test_any_key_value_is_a_config_or_a_one_line_error(key, value):
     try:
         config = configure(TRAIN_DEFAULTS, [f"--{key}={value}"])
-        common.check_config(config)
+        plumbing.check_config(config)
     except SystemExit as e:
         msg = str(e)
         assert msg.startswith("error: ") and "\n" not in msg, msg
@@ -625,11 +625,11 @@ def test_sample_attention_map_names_the_file_it_wrote_and_refuses_a_huge_figure(
     p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", "--attention_map=attn", "--start=Il était", cwd=trained)
     assert p.stdout.startswith(f"wrote {os.path.join(trained, 'attn.png')}:") and os.path.exists(os.path.join(trained, "attn.png"))
     # the tiny model's checkpoint with 6 layers of 8 heads (untrained): 48 heatmaps, at most 1024 // 48 = 21 tokens
-    ckpt = common.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
+    ckpt = plumbing.load_checkpoint(os.path.join(trained, "out-tiny", "ckpt.pt"))
     ckpt["model_args"] = {**ckpt["model_args"], "n_layer": 6, "n_head": 8}
     ckpt["model"] = make_model(ckpt["model_args"]).state_dict()
     os.makedirs(os.path.join(trained, "out-heads"), exist_ok=True)
-    common.save_checkpoint(ckpt, os.path.join(trained, "out-heads", "ckpt.pt"))
+    plumbing.save_checkpoint(ckpt, os.path.join(trained, "out-heads", "ckpt.pt"))
     p = run("sample.py", "--out_dir=out-heads", "--device=cpu", "--attention_map=big.png",
             "--start=" + "Il était une fois un roi et une reine. " * 3, cwd=trained, check=False)
     assert p.returncode == 1 and "use a prompt of at most 21 tokens with this model (this one has 32)" in p.stderr, p.stderr

@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, TINY, run, train_defaults
 
 import tokenizer
-from common import (
+from configurator import configure
+from plumbing import (
     curve,
     iters_in_budget,
     keep_metrics,
@@ -22,7 +23,6 @@ from common import (
     read_metrics,
     share_batch,
 )
-from configurator import configure
 
 
 def losses(stdout: str) -> dict[int, str]:
@@ -272,8 +272,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
 def test_an_untied_embedding_gets_its_own_learning_rate_and_no_flops():
     """--tie_embeddings=False --embedding_lr=X: the token table (a lookup) trains at X without weight
     decay, every other group follows the schedule; the FLOP count (MFU) is the tied model's."""
-    from common import configure_optimizer
     from model import make_model
+    from plumbing import configure_optimizer
 
     args = {"arch": "llama", "vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_kv_head": 1,
             "n_embd": 32, "moe_every": 0}
@@ -293,14 +293,14 @@ def test_an_untied_embedding_gets_its_own_learning_rate_and_no_flops():
 def test_auto_takes_bf16_and_muon_only_where_the_device_computes_bf16_fast(monkeypatch):
     """dtype=auto and optimizer=auto (config/gutenberg.py's): bf16 autocast and Muon (which
     orthogonalises in bf16) where bf16 matmuls are fast, float32 and AdamW on CPUs that emulate bf16."""
-    import common
+    import plumbing
 
     for fast, dtype, optimizer in ((False, torch.float32, "adamw"), (True, torch.bfloat16, "muon")):
-        monkeypatch.setattr(common, "fast_bf16", lambda device, fast=fast: fast)
-        assert common.setup_runtime("cpu", "auto").ptdtype == dtype
-        assert common.resolve_optimizer("auto", "cpu") == optimizer
-        assert common.resolve_optimizer("adamw", "cpu") == "adamw"
-        assert common.setup_runtime("cpu", "float32").ptdtype == torch.float32  # a dtype named is kept
+        monkeypatch.setattr(plumbing, "fast_bf16", lambda device, fast=fast: fast)
+        assert plumbing.setup_runtime("cpu", "auto").ptdtype == dtype
+        assert plumbing.resolve_optimizer("auto", "cpu") == optimizer
+        assert plumbing.resolve_optimizer("adamw", "cpu") == "adamw"
+        assert plumbing.setup_runtime("cpu", "float32").ptdtype == torch.float32  # a dtype named is kept
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -310,8 +310,8 @@ def test_the_default_config_runs_either_kind_of_cpu(workdir, fast):
     config = os.path.join(ROOT, "config", "gutenberg.py")
     argv = [config, "--data_dir=data/tiny", f"--out_dir=out-auto-{fast}", "--max_iters=2", "--eval_interval=2",
             "--max_time=0", *TINY, "--d_ff=64", "--dtype=auto"]
-    fake = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); import common\n"
-            f"common.fast_bf16 = lambda device: {fast}\n"
+    fake = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); import plumbing\n"
+            f"plumbing.fast_bf16 = lambda device: {fast}\n"
             f"sys.argv = ['train.py', *{argv!r}]\n"
             f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
     p = subprocess.run([sys.executable, "-c", fake], cwd=workdir, capture_output=True, text=True, timeout=300)
@@ -330,16 +330,16 @@ def test_fast_bf16_measures_what_the_cpu_has():
     """auto's choice on the machine the suite runs on: a CPU with AMX computes bf16 matmuls several
     times faster than float32; one without AVX512-BF16 or AMX emulates bf16, far slower. (A CPU with
     AVX512-BF16 alone is near the 1.5x line, and is not asserted.)"""
-    import common
+    import plumbing
 
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     if not flags:
         pytest.skip("no x86 CPU flags in /proc/cpuinfo")
-    common.fast_bf16.cache_clear()
+    plumbing.fast_bf16.cache_clear()
     if "amx_bf16" in flags:
-        assert common.fast_bf16("cpu") and common.resolve_dtype("auto", "cpu") == "bfloat16"
+        assert plumbing.fast_bf16("cpu") and plumbing.resolve_dtype("auto", "cpu") == "bfloat16"
     elif "avx512_bf16" not in flags:
-        assert not common.fast_bf16("cpu") and common.resolve_dtype("auto", "cpu") == "float32"
+        assert not plumbing.fast_bf16("cpu") and plumbing.resolve_dtype("auto", "cpu") == "float32"
     else:
         pytest.skip("AVX512-BF16 without AMX: bf16 measures near float32's 1.5x line")
 

@@ -1,10 +1,11 @@
 """
-What the scripts share, by what it is:
+The plumbing the scripts share: what must be right for a run to be safe and repeatable, but is not
+what the course teaches (the model, its loss, the training step and DPO read in their own files).
   runtime and processes   device and precision, DDP, torch.compile, the machine's matmul speed
   optimization            AdamW (or Muon) and their parameter groups, the max_time budget
   checkpoints             out_dir claimed, checkpoints written atomically and loaded safely, resume
   data                    the token files checked, passages inside one document
-  generation and scoring  the sampling settings, continuations, log p(completion | prompt)
+  generation              continuations in batches, streamed output
   plots and metrics       metrics.jsonl and the curves drawn from it
 """
 
@@ -20,13 +21,13 @@ import pickle
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import SamplingConfig, make_model, model_args_from, other_arch_keys
+from model import SAMPLING, make_model, model_args_from, other_arch_keys, pack, sampling
 from tokenizer import Tokenizer
 
 
@@ -651,7 +652,7 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-# --- data: passages inside one document -------------------------------------------------------------
+# --- data: the token files checked, passages inside one document --------------------------------------
 def check_token_files(data_dir: str, meta: dict) -> None:
     """Each split's .bin holds the tokens meta.json says, all of them in the vocabulary: a missing,
     truncated or foreign file is a one-line error before training, not a crash in it."""
@@ -725,17 +726,7 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
     return windows
 
 
-# --- generation and scoring: sampling settings, continuations, log p(completion | prompt) -----------
-# the sampling settings of sample.py, chat.py, eval.py and export.py: model.SamplingConfig's fields, with
-# its defaults, which each script takes as --flags (globals().update(SAMPLING))
-SAMPLING = asdict(SamplingConfig())
-
-
-def sampling(config: dict) -> dict:
-    """The sampling settings of a script's config, checked, as generate's keyword arguments."""
-    return asdict(SamplingConfig(**{k: config[k] for k in SAMPLING}))
-
-
+# --- generation: continuations in batches, streamed output, one completion scored -------------------
 @torch.no_grad()
 def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
                      seed: int, batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
@@ -770,37 +761,6 @@ def stream(steps, tok) -> list[int]:
 def has_dialogue(text: str) -> bool:
     """A French dialogue mark (dash or guillemet) in the text: eval.py measures it, chat.py can rate by it."""
     return any(mark in text for mark in ("—", "–", "«", "»"))
-
-
-def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[int]:
-    """The part of a prompt that fits before a completion in block_size + 1 tokens: the oldest
-    tokens go first, one always stays (it predicts the completion's first token)."""
-    return prompt[-max(1, block_size + 1 - completion_len) :]
-
-
-def pack(prompts: list[list[int]], completions: list[list[int]], block_size: int, device) -> tuple:
-    """A right-padded batch that scores each completion given its prompt in one forward pass.
-    Returns x (B, T) inputs and y (B, T) targets, -1 where nothing is scored (the prompt's own
-    tokens, padding). Rows longer than block_size + 1 lose prompt tokens first, then the
-    completion's last ones."""
-    rows = []
-    for p, c in zip(prompts, completions, strict=True):
-        c = c[:block_size]
-        rows.append((fit_prompt(p, len(c), block_size), c))
-    T = max(len(p) + len(c) for p, c in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        ids = torch.tensor(p + c)
-        x[i, : len(ids) - 1] = ids[:-1]
-        y[i, len(p) - 1 : len(ids) - 1] = ids[len(p) :]
-    return x.to(device), y.to(device)
-
-
-def completion_logps(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log p(completion | prompt) per row: the sum of the scored targets' log-probabilities, (B,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * (y != -1)).sum(-1)
 
 
 def completion_logits(model: torch.nn.Module, prompt: list[int], completion: list[int]):
