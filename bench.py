@@ -379,14 +379,20 @@ def old_model_module() -> types.ModuleType:
     return module
 
 
+compiled_loss = torch.compile(next_token_loss)  # as train.py compiles it beside a compiled model
+
+
 def training_step(model, optimizer, x, y, phases: dict | None = None):
     """train.py's iteration (one micro-step): forward and loss under autocast, backward, gradient
     clipping, AdamW's step. phases, if given, adds the seconds of each part."""
     autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    plain = getattr(model, "_orig_mod", model)  # under torch.compile's wrapper
     t0 = time.perf_counter()
     with torch.profiler.record_function("phase: forward"), autocast:
-        # the baseline's forward computed its loss (forward(x, y) -> (logits, loss)); today's returns logits
-        loss = model(x, y)[1] if type(model).__module__ != "model" else next_token_loss(model(x), y)
+        if type(plain).__module__.startswith("model_"):  # the baseline's forward(x, y) -> (logits, loss)
+            loss = model(x, y)[1]
+        else:  # today's forward returns the logits; the loss is compiled with a compiled model, as in train.py
+            loss = (compiled_loss if plain is not model else next_token_loss)(model(x), y)
     t1 = time.perf_counter()
     with torch.profiler.record_function("phase: backward"):
         loss.backward()

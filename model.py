@@ -28,10 +28,10 @@ The file, in reading order:
     2. the Llama: LlamaConfig, RMSNorm, RoPE (rope_tables, apply_rotary_emb), LlamaAttention
        (GQA), SwiGLU, MoE, LlamaBlock, Llama (the default run, config/gutenberg.py, trains this one,
        dense: no MoE layers; config/llama_moe.py has them)
-    3. settings to checkpoints and back: model_args_from, make_model
+    3. settings to checkpoints and back: model_args_from, model_settings, other_arch_keys, make_model
     4. generation, shared by both: KVCache, generate (prefill, then one token at a time),
        SamplingConfig and sample_next (temperature, top-k, top-p)
-    5. scoring a completion given its prompt: pack, completion_logps (DPO, chat.py, eval.py)
+    5. scoring a completion given its prompt: fit_prompt, pack, completion_logps (DPO, chat.py, eval.py)
 
 The loss is not in forward: forward returns logits, and each caller scores them its own way,
 train.py with next_token_loss (section 1), DPO with completion_logps (section 5).
@@ -62,13 +62,13 @@ from torch.nn import functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int = 8192
-    block_size: int = 256  # the longest context the model sees (learned positions 0..block_size-1)
+    block_size: int = 256  # the longest context the model sees, in tokens
     n_layer: int = 6  # blocks
     n_head: int = 6  # attention heads, of n_embd / n_head dimensions each
     n_embd: int = 384  # width of the residual stream (the embeddings)
     d_ff: int = 0  # hidden width of the MLP; 0 means the usual 4 * n_embd
     dropout: float = 0.0  # probability of zeroing an activation in training (attention, residual branches)
-    bias: bool = False  # biases in Linear and LayerNorm layers: GPT-2 had them, they help little
+    bias: bool = False  # GPT only: biases in Linear and LayerNorm layers (GPT-2 had them; they help little)
 
     def __post_init__(self):
         check_ranges(self, non_negative=("d_ff",))
@@ -184,7 +184,8 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class LanguageModel(nn.Module):
     """What the GPT and the Llama share: counting parameters and FLOPs, and model.generate (the
     last section of this file). A subclass has .config, .transformer.wte, .lm_head (tied to wte,
-    or not: Llama's tie_embeddings), and forward(idx, cache=None, attn_maps=None) -> logits."""
+    or not: Llama's tie_embeddings), and forward(idx, *, cache=None, attn_maps=None, input_pos=None) ->
+    logits (B, T, V), the last position's only (B, 1, V) with a cache."""
 
     def num_params(self, embedding: bool = True) -> int:
         """All parameters (the tied wte/lm_head once), or without the embedding tables."""
@@ -275,7 +276,7 @@ class LlamaConfig:
     # the fields GPTConfig has too take its defaults: train.py takes one default per setting, either arch
     n_layer: int = 6
     n_head: int = 6
-    n_kv_head: int = 2  # key/value heads: n_head // n_kv_head query heads share each one; 0 = n_head
+    n_kv_head: int = 2  # Llama only: key/value heads, n_head // n_kv_head query heads share each; 0 = n_head
     n_embd: int = 384
     d_ff: int = 0  # hidden width of the dense SwiGLU layers; 0 = 4 * n_embd
     d_expert: int = 0  # hidden width of each expert and of the shared expert; 0 = 2 * n_embd
@@ -289,7 +290,7 @@ class LlamaConfig:
     dropout: float = 0.0
     aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss, added to the training loss
     z_loss_coef: float = 0.001  # router z-loss: keeps the router's logits small
-    tie_embeddings: bool = True  # the output layer reuses wte; False = a separate lm_head (gutenberg.py's)
+    tie_embeddings: bool = True  # Llama only (the GPT always ties): the output layer reuses wte; False = its own
 
     def __post_init__(self):
         check_ranges(self, positive=("rope_theta", "norm_eps"),
@@ -505,7 +506,7 @@ class Llama(LanguageModel):
         x = self.transformer.ln_f(x)
         return self.lm_head(x if cache is None else x[:, [-1], :])
 
-    def router_loss(self) -> torch.Tensor:
+    def router_loss(self) -> torch.Tensor | int:
         """The router loss: each MoE layer's balancing loss (MoE.aux_loss) and z-loss, weighted by
         aux_loss_coef and z_loss_coef, from the last forward pass (0 for a dense Llama)."""
         c = self.config
@@ -678,10 +679,10 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
 
 @dataclass
 class SamplingConfig:
-    """The sampling settings, declared once: sample.py, chat.py and eval.py take them as --flags with
-    these defaults, check_config checks them through this class, and export.py writes them to
-    generation_config.json under the same names, which are transformers' (GenerationConfig). A new
-    filter (min_p, ...) is a field here, its range in __post_init__, and one `if` in sample_next."""
+    """The sampling settings, declared once: sample.py, chat.py, eval.py and export.py take them as
+    --flags with these defaults, check_config checks them through this class, and export.py writes
+    them to generation_config.json under the same names, which are transformers' (GenerationConfig).
+    A new filter (min_p, ...) is a field here, its range in __post_init__, and one `if` in sample_next."""
     temperature: float = 0.8  # 0: greedy (the argmax); below 1 sharpens the distribution, above flattens it
     top_k: int = 40  # keep the k likeliest tokens; 0: off
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off

@@ -66,7 +66,8 @@ eval_iters = 20  # batches per split per evaluation
 log_interval = 10
 eval_only = False  # evaluate once and exit
 # model: the architecture, and the fields of its config in model.py (GPTConfig or LlamaConfig), each declared
-# there once with its default, range and comment; every one is a setting here too (--n_layer=4)
+# there once with its default, range and comment; every one is a setting here too (--n_layer=4), and one of
+# the other architecture's (GPT only, Llama only) is an error
 arch = "gpt"  # gpt (the course's GPT-2) | llama (Llama-4-style: RMSNorm, RoPE, grouped-query attention, experts)
 globals().update(model_settings())  # block_size, n_layer, n_head, n_embd, d_ff, dropout, bias, n_kv_head, ...
 # optimization

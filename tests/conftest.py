@@ -43,7 +43,7 @@ def torchrun(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
 
 
 def train_defaults() -> dict:
-    """train.py's defaults: the block between its first two '# ----' lines, run on its own."""
+    """train.py's defaults: the block between its first two '# ----' lines, run with model.model_settings."""
     source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]
     from model import model_settings
 

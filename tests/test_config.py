@@ -163,8 +163,8 @@ def test_help_says_flags_come_after_config_files(capsys):
 
 
 @pytest.mark.parametrize("script, lines", [
-    ("train.py", ["--max_time=0.0  # seconds the run may take", "--n_kv_head=2  # key/value heads",  # model.py's
-                  "--tie_embeddings=True  # the output layer reuses wte"]),
+    ("train.py", ["--max_time=0.0  # seconds the run may take", "--n_kv_head=2  # Llama only: key/value heads",
+                  "--bias=False  # GPT only"]),  # the last two: model.py's
     ("sample.py", ["--top_k=40  # keep the k likeliest tokens; 0: off", "--start=''  # the prompt"]),
 ])
 def test_help_says_each_setting_with_the_comment_where_it_is_declared(script, lines):
