@@ -392,3 +392,14 @@ def test_ddp_processes_share_the_configs_global_batch():
     with pytest.raises(SystemExit, match=r"^error: the global batch of 64 sequences .* cannot be split evenly "
                                          r"among 3 processes: make it a multiple of 3, e.g. --batch_size=15$"):
         share_batch(16, 4, 3)
+
+
+def test_freed_memory_stays_with_the_process_on_linux():
+    """setup_runtime on a CPU keeps freed memory in the process (glibc's mallopt), which spares a training
+    step the kernel's page faults on its large tensors; elsewhere it says it did not apply."""
+    import platform
+
+    from plumbing import keep_freed_memory
+
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
