@@ -34,6 +34,7 @@ from plumbing import (
     ddp_guard,
     end_ddp,
     fast_bf16,
+    keep_freed_memory,
     keep_metrics,
     load_checkpoint,
     log_metrics,
@@ -119,6 +120,8 @@ min_lr = min_lr or learning_rate / 10
 
 # --- setup: device, processes, out_dir ------------------------------------------------------------
 rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
+if rt.device_type == "cpu":  # every step allocates the same large tensors: reuse them, without page faults
+    keep_freed_memory()
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
 # the same global batch whatever the number of processes: gradient_accumulation_steps becomes the
 # micro-steps of each process, of micro_batch sequences (batch_size unless it does not divide evenly)

@@ -395,8 +395,8 @@ def test_ddp_processes_share_the_configs_global_batch():
 
 
 def test_freed_memory_stays_with_the_process_on_linux():
-    """setup_runtime on a CPU keeps freed memory in the process (glibc's mallopt), which spares a training
-    step the kernel's page faults on its large tensors; elsewhere it says it did not apply."""
+    """train.py on a CPU keeps freed memory in the process (glibc's mallopt), which spares a training step
+    the kernel's page faults on its large tensors; elsewhere it says it did not apply."""
     import platform
 
     from plumbing import keep_freed_memory
