@@ -459,8 +459,9 @@ if __name__ == "__main__":
     if rt.master:
         keep_metrics(metrics_path, iter_num if resume else -1)  # the steps after the checkpoint are redone
     # the steps that fit in max_time: timed from the end of the first step (which may compile), counted 10
-    # steps later (train.py waits for its warmup's end, which is longer). An evaluation scores every held-out pair, forward only (a third of
-    # the work of a training pair), in steps of gradient_accumulation_steps x batch_size pairs
+    # steps later (train.py waits for its warmup's end, which is longer). An evaluation scores every
+    # held-out pair, forward only (a third of the work of a training pair), in steps of
+    # gradient_accumulation_steps x batch_size pairs
     eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
     budget = Budget(max_time, max_iters, eval_interval, eval_cost, time_from=iter_num + 1, fit_at=iter_num + 11,
                     saved=fitted, log=log)

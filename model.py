@@ -103,9 +103,10 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, ma
     without a mask; with a KV cache, S = block_size and mask (T, S) is True where attention is
     allowed (see generation). n_kv = nh for the GPT; the Llama's grouped-query attention has fewer
     key/value heads, each serving nh / n_kv consecutive query heads. By default
-    F.scaled_dot_product_attention picks a fused kernel (flash attention, on CPUs too) that never materialises the T x S matrix, nor copies of the shared key/value heads
-    (enable_gqa). With attn_maps, the same is computed step by step and the probabilities
-    (B, nh, T, S) are appended to it (for plots)."""
+    F.scaled_dot_product_attention picks a fused kernel (flash attention, on CPUs too) that never
+    materialises the T x S matrix, nor copies of the shared key/value heads (enable_gqa). With
+    attn_maps, the same is computed step by step and the probabilities (B, nh, T, S) are appended
+    to it (for plots)."""
     T, S = q.size(2), k.size(2)
     if attn_maps is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -529,7 +530,8 @@ def model_args_from(settings: dict) -> dict:
     d_expert), ranges checked (ValueError). Only those fields reach a checkpoint: a setting that is
     no field of the dataclass is left out (bias, a GPTConfig field, for the Llama; n_kv_head or
     n_expert for the GPT; check_config refuses them given). A new model setting is a new field
-    there, nothing more: train.py takes it as a setting (model_settings). vocab_size, the tokenizer's, comes with the settings or after.
+    there, nothing more: train.py takes it as a setting (model_settings). vocab_size, the
+    tokenizer's, comes with the settings or after.
     Given a checkpoint's model_args, it completes them: a field added since takes its default."""
     arch = settings.get("arch", "gpt")
     if arch not in ("gpt", "llama"):

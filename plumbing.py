@@ -701,8 +701,8 @@ def device_memory(device: str) -> int | None:
 
 
 def check_micro_batch(args: dict, micro_batch: int, meta: dict, data_dir: str, rt: Runtime) -> None:
-    """Before the model is built (args: its model_args): each split must hold a window of block_size + 1 tokens, and one
-    micro-batch must fit in memory. Its activations are estimated from below, at 4 bytes a number,
+    """Before the model is built (args: its model_args): each split must hold a window of
+    block_size + 1 tokens, and one micro-batch must fit in memory. Its activations are estimated from below, at 4 bytes a number,
     as what backward keeps of the largest tensors: the logits and their gradient (vocab_size each per
     token) and, per layer, 4 vectors of n_embd (the inputs of attention and MLP, normed or not).
     Flash attention keeps no block_size x block_size matrix. A real run takes more (temporaries, the
