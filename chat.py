@@ -39,6 +39,7 @@ from plumbing import (
     claim_out_dir,
     completion_logits,
     curve,
+    decode_compile,
     has_dialogue,
     keep_metrics,
     load_model,
@@ -61,6 +62,7 @@ pairwise = False  # two replies per prompt, and the choice of the better one
 auto_rate = ""  # "dialogue": a rule rates instead of a person (+1 if the reply has dialogue, -1 otherwise)
 max_new_tokens = 60
 globals().update(SAMPLING)  # model.SamplingConfig's settings and defaults, as in sample.py
+compile = None  # the replies' decode step compiled; None: as in sample.py, so eager for replies this short
 learning_rate = 5e-3  # plain SGD: the step stays proportional to the advantage (Adam would normalise it)
 kl_coef = 0.1  # weight of the KL penalty to the starting model
 baseline_decay = 0.9  # running mean of the ratings: baseline = decay * baseline + (1 - decay) * rating
@@ -177,6 +179,7 @@ else:
 
 # --- setup: device, the frozen reference, chat_dir -------------------------------------------------
 rt = setup_runtime(device, dtype, seed)
+compile = decode_compile(compile, rt.device_type, max_new_tokens)  # a reply at a time: counted per reply
 ref_model, tok, ref_ckpt = load_model(out_dir, rt.device)
 for p in ref_model.parameters():
     p.requires_grad_(False)  # the reference is frozen: no gradient, no change
@@ -263,9 +266,9 @@ try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are
             print(f"[{k + 1}] " if pairwise else "", end="")
             print(text, end="", flush=True)
             x = torch.tensor([prompt], dtype=torch.long, device=rt.device)
-            with torch.no_grad(), rt.autocast():  # the reply streams as it is written
+            with torch.no_grad(), rt.autocast(decode=True):  # the reply streams as it is written
                 steps = policy.generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
-                                        generator=gen)
+                                        generator=gen, compile=compile)
                 replies.append(stream(steps, tok))
         texts = [tok.decode(r) for r in replies]
         if auto_rate:

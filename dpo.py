@@ -49,6 +49,7 @@ from plumbing import (
     continue_prompts,
     curve,
     ddp_guard,
+    decode_compile,
     draw_windows,
     end_ddp,
     keep_metrics,
@@ -97,7 +98,7 @@ eval_interval = 50
 log_interval = 10
 device = "auto"
 dtype = "auto"
-compile = None  # None = on for CUDA
+compile = None  # None: the model compiled on CUDA only; the pairs' decode step as in sample.py (5,000+ steps)
 backend = ""
 ddp_timeout = 300.0
 seed = 1337
@@ -236,14 +237,15 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def self_play_pairs(model, tok, data_dir: str, split: str, n: int, prompt_tokens: int, completion_tokens: int,
-                    seed: int, rt) -> list[dict]:
+                    seed: int, rt, compile: bool = False) -> list[dict]:
     """n pairs from random passages of data_dir/<split>.bin (inside one document each): the passage's
     start, its true continuation, and the model's own continuation of that start (sampled as it is,
     at temperature 1, no top-k)."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     windows = draw_windows(data, n, prompt_tokens + completion_tokens, tok.eot_id, seed + (split == "val"))
     sampled = continue_prompts(model, [w[:prompt_tokens] for w in windows], completion_tokens, tok.eot_id, rt,
-                               seed, log=lambda msg: print(f"  {split}: {msg}", flush=True), temperature=1.0)
+                               seed, log=lambda msg: print(f"  {split}: {msg}", flush=True), compile=compile,
+                               temperature=1.0)
     out = [{"prompt": tok.decode(w[:prompt_tokens]), "chosen": tok.decode(w[prompt_tokens:]),
             "rejected": tok.decode(s)} for w, s in zip(windows, sampled, strict=True)]
     return [pair for pair in out if pair["rejected"].strip()]
@@ -390,9 +392,12 @@ if __name__ == "__main__":
         train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
             n_val = max(10, make_pairs // 10)
+            # decode steps, one after another: batches of 32 (continue_prompts) x completion_tokens
+            n_steps = (-(-make_pairs // 32) + -(-n_val // 32)) * completion_tokens
+            decode = decode_compile(compile, rt.device_type, n_steps, log)
             for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", n_val)):
                 write_jsonl(path, self_play_pairs(model, tok, ckpt["data_dir"], split, n, prompt_tokens,
-                                                  completion_tokens, seed, rt))
+                                                  completion_tokens, seed, rt, decode))
         if rt.ddp:
             torch.distributed.barrier()
         log(f"wrote {train_path} and {val_path} in {time.time() - t0:.0f}s")

@@ -36,6 +36,7 @@ from plumbing import (
     check_tokenizer,
     continue_prompts,
     ctrl_c_ends_quietly,
+    decode_compile,
     draw_windows,
     has_dialogue,
     load_model,
@@ -56,6 +57,7 @@ num_samples = 0  # > 0: also continue this many prompts drawn from the text, and
 prompt_tokens = 16  # length of each prompt
 max_new_tokens = 128
 globals().update(SAMPLING)  # model.SamplingConfig's settings and defaults, as in sample.py
+compile = None  # the samples' decode step compiled; None: as in sample.py (at least 5,000 decode steps)
 seed = 1337  # the same prompts and random draws every time: before/after comparisons are paired
 # -----------------------------------------------------------------------------
 
@@ -113,8 +115,9 @@ def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     and measures the continuations with text_stats."""
     prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
     batch = min(c["num_samples"], 256)
+    compile = decode_compile(c["compile"], rt.device_type, -(-c["num_samples"] // batch) * c["max_new_tokens"])
     rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"], batch_size=batch,
-                            log=print if batch < c["num_samples"] else None, **sampling(c))
+                            log=print if batch < c["num_samples"] else None, compile=compile, **sampling(c))
     return text_stats([tok.decode(r) for r in rows])
 
 

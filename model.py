@@ -618,9 +618,13 @@ def positions(idx: torch.Tensor, block_size: int, cache: KVCache | None,
     return input_pos
 
 
-def decode_step(model: LanguageModel, idx: torch.Tensor, cache: KVCache, input_pos: torch.Tensor):
-    """One token per row, idx (B, 1), at position input_pos (1,) -> the next logits (B, 1, V)."""
-    return model(idx, cache=cache, input_pos=input_pos)
+def decode_step(model: LanguageModel, idx: torch.Tensor, cache: KVCache, input_pos: torch.Tensor,
+                u: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """One token per row, idx (B, 1), at position input_pos (1,) -> the next token (B, 1), drawn
+    with the uniform numbers u (B, 1) (sample_next). The draw is part of the step: compiled, the
+    filters and the draw fuse with the output layer, instead of a dozen small operations a token."""
+    logits = model(idx, cache=cache, input_pos=input_pos)  # (B, 1, V)
+    return sample_next(logits[:, -1, :], temperature, top_k, top_p, u=u)
 
 
 @functools.cache
@@ -635,21 +639,25 @@ def compiled_decode_step(device_type: str):
 
 
 @torch.no_grad()
-def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
-             eot_id: int | None = None, compile: bool = False, **sampling) -> Iterator[torch.Tensor]:
+def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             eot_id: int | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yields the next token of each row of idx (B, T), as (B, 1), max_new_tokens times or until
-    every row has produced eot_id (a finished row then repeats eot_id). sampling: sample_next's
-    keyword arguments (temperature, top_k, top_p, generator, inverse_cdf); temperature 0 is greedy.
+    every row has produced eot_id (a finished row then repeats eot_id). temperature, top_k, top_p:
+    sample_next's filters (temperature 0 is greedy); generator: the random draws' source (seeded,
+    the same tokens every time, compiled or not).
 
     Prefill: the prompt goes through the model once and fills the KV cache. Decode: each next
-    token then goes through alone, one position of compute; compile=True runs this step compiled
-    (compiled_decode_step: the first call compiles it, seconds to a minute). Once the window is
-    full (block_size tokens), the context slides: every token then changes position (and with it
-    every later layer's keys), so each step prefills the last block_size tokens again, which gives
-    exactly what full recomputation gives, at its cost."""
-    bs = model.config.block_size
+    token then goes through alone, one position of compute, and is drawn in the same step
+    (decode_step); compile=True runs that step compiled (compiled_decode_step: the first call
+    compiles it, seconds to a minute). Once the window is full (block_size tokens), the context
+    slides: every token then changes position (and with it every later layer's keys), so each step
+    prefills the last block_size tokens again, which gives exactly what full recomputation gives,
+    at its cost."""
+    bs, B = model.config.block_size, idx.size(0)
+    filters = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     seq = idx[:, -bs:]
-    cache = KVCache(model, idx.size(0))
+    cache = KVCache(model, B)
     # a Mixture of Experts decodes eagerly: its routing splits the tokens by counts read back from the
     # device (MoE.forward's counts.tolist()), which one graph cannot hold
     compile = compile and not getattr(model, "moe_layers", None)
@@ -660,23 +668,25 @@ def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *,
         for t in cache.k + cache.v:
             torch._dynamo.mark_static_address(t)
     logits = model(seq, cache=cache)  # prefill: (B, 1, V), the last position's logits
-    done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1, :], **sampling)  # (B, 1)
+    nxt = sample_next(logits[:, -1, :], **filters, generator=generator)  # (B, 1)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    for i in range(max_new_tokens):
         if eot_id is not None:
             nxt = nxt.masked_fill(done, eot_id)
             done |= nxt == eot_id
         yield nxt
-        if done.all():
+        if i == max_new_tokens - 1 or done.all():
             return
         seq = torch.cat((seq, nxt), dim=1)[:, -bs:]
+        # one uniform number per row, drawn here from the generator (the compiled step takes no generator)
+        u = torch.rand(B, 1, generator=generator, device=idx.device)
         if cache.pos < bs:  # decode one token: (B, 1) in, attending to every cached position
             input_pos = torch.full((1,), cache.pos, device=idx.device)  # a fill, no copy from the host
             cache.pos += 1
-            logits = step(model, nxt, cache, input_pos)
+            nxt = step(model, nxt, cache, input_pos, u, **filters)
         else:  # the window is full: slide it by one and prefill it again
             cache.pos = 0
-            logits = model(seq, cache=cache)
+            nxt = sample_next(model(seq, cache=cache)[:, -1, :], **filters, u=u)
 
 
 @dataclass
@@ -710,10 +720,11 @@ def sampling(config: dict) -> dict:
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
-                inverse_cdf: bool = False) -> torch.Tensor:
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) token ids, drawn from softmax(logits / temperature) once the
-    filters have removed tokens; temperature 0 is greedy decoding (the argmax). Every filter lives
-    here, its setting in SamplingConfig above."""
+    filters have removed tokens; temperature 0 is greedy decoding (the argmax). The draw uses one
+    uniform number per row, u (B, 1) if given, else drawn from generator. Every filter lives here,
+    its setting in SamplingConfig above."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # in float32, even from bf16 logits: the filters and the draw compare small probabilities.
@@ -729,14 +740,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, V), 0 for the filtered tokens
-    if not inverse_cdf:
-        return torch.multinomial(probs, num_samples=1, generator=generator)
-    # the same distribution from one uniform number per row, looked up in the cumulative sum: the
-    # first id whose cdf exceeds u. torch.multinomial draws one random number per vocabulary entry,
-    # which costs a CPU more as batches grow (eval.py and dpo.py generate in batches)
+    # the inverse of the cumulative distribution: the first id whose cdf exceeds u, a token drawn
+    # with its probability from one uniform number (torch.multinomial would draw one per entry)
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # in [0, total)
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+    if u is None:
+        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
 
 
 # ==================================================================================================

@@ -46,9 +46,12 @@ class Runtime:
     def master(self) -> bool:
         return self.rank == 0  # only rank 0 logs and writes files
 
-    def autocast(self):
-        """Mixed precision: matmuls in bf16/fp16, reductions and the loss in fp32."""
-        if self.ptdtype == torch.float32:
+    def autocast(self, decode: bool = False):
+        """Mixed precision: matmuls in bf16/fp16, reductions and the loss in fp32. decode=True: for
+        generation, which on a CPU stays in float32: a decode step reads every weight for one token
+        per row, and autocast would also cast every weight to bf16 at every step (bench.py: float32
+        decodes faster on CPUs with bf16 units too)."""
+        if self.ptdtype == torch.float32 or (decode and self.device_type == "cpu"):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 
@@ -251,6 +254,18 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
             "clang++) and the Python headers (python3-dev) to train faster, or pass --compile=False to skip "
             "this check")
     return works
+
+
+DECODE_COMPILE_STEPS = 5000  # a decode-step compile (5-40 s) is repaid at about 2 ms a step (bench.py)
+
+
+def decode_compile(compile: bool | None, device_type: str, steps: int, log=print) -> bool:
+    """Whether generate compiles its decode step (model.compiled_decode_step): as asked, or with
+    compile=None when the run decodes at least DECODE_COMPILE_STEPS steps one after another (batches
+    x new tokens) and Inductor works here (resolve_compile). Fewer steps never repay the compile."""
+    if compile is not None or steps < DECODE_COMPILE_STEPS:
+        return bool(compile)
+    return resolve_compile(None, device_type, log)
 
 
 def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:
@@ -748,15 +763,17 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
 # --- generation: continuations in batches, streamed output, one completion scored -------------------
 @torch.no_grad()
 def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
-                     seed: int, batch_size: int = 32, log=None, **sampling) -> list[list[int]]:
+                     seed: int, batch_size: int = 32, log=None, compile: bool = False,
+                     **sampling) -> list[list[int]]:
     """The model's continuation of each prompt (all of one length), batch_size prompts generated
-    together, each cut at its first <|endoftext|>. sampling: SamplingConfig's settings."""
+    together, each cut at its first <|endoftext|>. sampling: SamplingConfig's settings; compile:
+    generate's (decode_compile decides it)."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)  # on the device where generate samples
     out: list[list[int]] = []
     for b in range(0, len(prompts), batch_size):
         x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
-        with rt.autocast():
-            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen)
+        with rt.autocast(decode=True):
+            steps = model.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen, compile=compile)
             rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
         out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
         if log:

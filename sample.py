@@ -18,7 +18,7 @@ import torch
 
 from configurator import configure
 from model import SAMPLING, sampling
-from plumbing import check_config, ctrl_c_ends_quietly, load_model, setup_runtime, stream
+from plumbing import check_config, ctrl_c_ends_quietly, decode_compile, load_model, setup_runtime, stream
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
@@ -31,9 +31,9 @@ greedy = False  # always take the likeliest token (same as temperature=0)
 seed = 1337
 device = "auto"
 dtype = "auto"
-# True: decode with the step compiled (model.generate's compile). Off unless asked: compiling takes tens of
-# seconds to save under a millisecond a token, repaid only past ~10^4 tokens, more than a run decodes
-compile = False
+# decode with the step compiled (model.generate's compile); None: when the run takes at least 5,000 decode
+# steps (batches x max_new_tokens): compiling takes 5-40 s and saves about 1-2 ms a step
+compile = None
 attention_map = ""  # a PNG path: plot every layer's and head's attention over the prompt instead of sampling
 # -----------------------------------------------------------------------------
 
@@ -130,18 +130,20 @@ def main(c: dict) -> None:
 
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
+    n_steps = -(-c["num_samples"] // c["batch_size"]) * c["max_new_tokens"]  # one after another
+    compile = decode_compile(c["compile"], rt.device_type, n_steps)
     if c["num_samples"] == 1:  # stream the text as it comes
         steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen,
-                               compile=c["compile"])
+                               compile=compile)
         print(c["start"], end="", flush=True)
-        with rt.autocast():
+        with rt.autocast(decode=True):
             stream(steps, tok)
         return
     for first in range(0, c["num_samples"], c["batch_size"]):
         n = min(c["batch_size"], c["num_samples"] - first)
         steps = model.generate(x.repeat(n, 1), c["max_new_tokens"], **settings, eot_id=tok.eot_id,
-                               generator=gen, compile=c["compile"])
-        with rt.autocast():
+                               generator=gen, compile=compile)
+        with rt.autocast(decode=True):
             out = torch.cat([torch.empty(n, 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
         for i, row in enumerate(out, first + 1):
             row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row

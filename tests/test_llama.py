@@ -199,7 +199,7 @@ def test_compiled_model_trains_like_the_eager_one():
 def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(arch):
     """generate(compile=True) compiles the one-token decode step once, whatever its position and the
     prompt's length (the KV cache has one shape, positions are tensors), and gives the eager greedy
-    tokens, in the window and past it (where the window slides, eagerly)."""
+    tokens, in the window and past it (where the window slides, eagerly), and the eager samples."""
     if not resolve_compile(None, "cpu", log=lambda line: None):
         pytest.skip("Inductor cannot build C++ kernels on this machine")
     m = gpt_tiny(block_size=16) if arch == "gpt" else tiny(n_layer=2, moe_every=0)
@@ -210,6 +210,11 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(arch):
         with torch._dynamo.config.patch(error_on_recompile=prompt_len == 3):  # compiled by the first
             compiled = torch.cat(list(m.generate(idx, 30, temperature=0.0, compile=True)), dim=1)
         assert torch.equal(compiled, eager)
+    # sampling is part of the compiled step: the same seed draws the same tokens as eager decoding
+    idx = torch.randint(0, 50, (2, 4))
+    drawn = [torch.cat(list(m.generate(idx, 30, temperature=1.0, top_k=20, compile=c,
+                                       generator=torch.Generator().manual_seed(7))), dim=1) for c in (False, True)]
+    assert torch.equal(drawn[0], drawn[1])
 
 
 def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):

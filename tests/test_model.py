@@ -94,24 +94,24 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two
 
 
-@pytest.mark.parametrize("inverse_cdf", [False, True])
-def test_sampling_draws_from_the_softmax_and_respects_top_k(inverse_cdf):
+def test_sampling_draws_from_the_softmax_and_respects_top_k():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)
-    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g, inverse_cdf=inverse_cdf).view(20_000, 2)
+    picks = sample_next(logits.repeat(20_000, 1), 0.8, generator=g).view(20_000, 2)
     freq = torch.stack([torch.bincount(picks[:, r], minlength=5) for r in range(2)]).float() / 20_000
     assert (freq - torch.softmax(logits / 0.8, -1)).abs().max() < 0.015  # about 4 standard errors
-    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g, inverse_cdf=inverse_cdf)
+    top2 = sample_next(logits[:1].repeat(1000, 1), 1.0, top_k=2, generator=g)
     assert set(top2.view(-1).tolist()) == {0, 1}  # both of the two likeliest, never another
 
 
-def test_the_default_draw_is_torch_multinomial():
-    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
-    ours = sample_next(logits, 0.7, top_k=20, generator=torch.Generator().manual_seed(1))
-    kept = logits / 0.7
-    kept = kept.masked_fill(kept < kept.topk(20).values[:, [-1]], float("-inf"))
-    theirs = torch.multinomial(kept.softmax(-1), 1, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(ours, theirs)
+def test_the_draw_is_the_first_token_whose_cumulative_probability_exceeds_u():
+    logits = torch.tensor([0.5, 0.3, 0.2, 1e-9]).log()[None].repeat(6, 1)
+    u = torch.tensor([[0.0], [0.49], [0.51], [0.79], [0.81], [0.9999]])
+    assert sample_next(logits, 1.0, u=u).view(-1).tolist() == [0, 0, 1, 1, 2, 2]
+    # a filtered token has probability 0: never drawn, not even at u = 0 where its cdf is 0 too (the
+    # first kept token is), and u = 1 draws the last kept token
+    first_out = torch.tensor([[-9.0, 1.0, 0.0, 0.5]]).repeat(2, 1)
+    assert sample_next(first_out, 1.0, top_k=3, u=torch.tensor([[0.0], [1.0]])).view(-1).tolist() == [1, 3]
 
 
 def test_weight_tying_counting_and_init():
