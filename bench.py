@@ -288,26 +288,31 @@ def best_times(paths: dict, rounds: int = 3) -> dict[str, float]:
 
 @torch.no_grad()
 def bench_compile_decode() -> None:
-    """Decode at batch 1 and 8 (8-token prompt, n new tokens, top-k 40): eager, the whole forward
-    compiled with dynamic shapes (the cache grows: one graph for every length), and the decode step
-    compiled over the static KV cache (generate(compile=True): one shape, compiled once)."""
+    """Decode (8-token prompt, n new tokens, top-k 40), at batch 1 and 32 (dpo.py's pair making):
+    eager, the whole forward compiled with dynamic shapes (the cache grows: one graph for every
+    length), and the decode step compiled over the static KV cache (generate(compile=True): one
+    shape, compiled once, the draw included); in float32, as the scripts decode on CPUs, and under
+    bf16 autocast, as they decoded before (on CPUs with bf16 units, where training autocasts)."""
     n = 128
     x = torch.randint(8192, (1, 8))
     model = make_model(DEFAULT_MODEL).eval()
     dynamic = make_model(DEFAULT_MODEL).eval()
     dynamic.forward = torch.compile(dynamic.forward, dynamic=True)
 
-    def decode(m, rows=1, **kw):
-        return lambda: list(m.generate(x.repeat(rows, 1), n, temperature=1.0, top_k=40, **kw))
+    def decode(m, rows=1, bf16=False, **kw):
+        def run():
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                return list(m.generate(x.repeat(rows, 1), n, temperature=1.0, top_k=40, **kw))
+        return run
 
-    compile_s = {}
-    for name, fn in (("dynamic", decode(dynamic)), ("static", decode(model, compile=True)),
-                     ("static8", decode(model, 8, compile=True))):
-        t0 = time.perf_counter()
-        fn()  # the first call compiles
-        compile_s[name] = time.perf_counter() - t0
     paths = {"eager": decode(model), "dynamic": decode(dynamic), "static": decode(model, compile=True),
-             "eager8": decode(model, 8), "static8": decode(model, 8, compile=True)}
+             "eager32": decode(model, 32), "static32": decode(model, 32, compile=True),
+             "eager_bf16": decode(model, bf16=True), "static_bf16": decode(model, bf16=True, compile=True)}
+    compile_s = {}
+    for name in ("dynamic", "static", "static32", "static_bf16"):
+        t0 = time.perf_counter()
+        paths[name]()  # the first call compiles
+        compile_s[name] = time.perf_counter() - t0
     hf = None
     try:
         from export import to_transformers
@@ -318,17 +323,20 @@ def bench_compile_decode() -> None:
                                           use_cache=True, pad_token_id=eos)
     except ImportError:
         pass
-    tok_s = {name: (8 if name.endswith("8") else 1) * n / t for name, t in best_times(paths).items()}
+    tok_s = {name: (32 if "32" in name else 1) * n / t for name, t in best_times(paths).items()}
     eager, static = tok_s["eager"], tok_s["static"]
-    report("compile", f"decode, batch 1, {n} tokens, eager", f"{eager:,.0f} tokens/s")
+    report("compile", f"decode, batch 1, {n} tokens, eager (float32)", f"{eager:,.0f} tokens/s")
     report("compile", "decode, torch.compile(model.forward, dynamic=True)", f"{tok_s['dynamic']:,.0f} tokens/s",
            f"{tok_s['dynamic'] / eager:.2f}x eager, after {compile_s['dynamic']:.0f} s of compiling")
     report("compile", "decode, generate(compile=True): the step over a static KV cache",
            f"{static:,.0f} tokens/s", f"{static / eager:.2f}x eager, {static / tok_s['dynamic']:.2f}x "
            f"dynamic=True, after {compile_s['static']:.0f} s of compiling")
-    report("compile", "decode, batch 8, eager", f"{tok_s['eager8']:,.0f} tokens/s")
-    report("compile", "decode, batch 8, generate(compile=True)", f"{tok_s['static8']:,.0f} tokens/s",
-           f"{tok_s['static8'] / tok_s['eager8']:.2f}x eager, after {compile_s['static8']:.0f} s of "
+    report("compile", "decode, batch 1 under bf16 autocast, eager / compiled",
+           f"{tok_s['eager_bf16']:,.0f} / {tok_s['static_bf16']:,.0f} tokens/s",
+           f"float32 {eager / tok_s['eager_bf16']:.2f}x / {static / tok_s['static_bf16']:.2f}x faster")
+    report("compile", "decode, batch 32, eager", f"{tok_s['eager32']:,.0f} tokens/s")
+    report("compile", "decode, batch 32, generate(compile=True)", f"{tok_s['static32']:,.0f} tokens/s",
+           f"{tok_s['static32'] / tok_s['eager32']:.2f}x eager, after {compile_s['static32']:.0f} s of "
            "compiling for the new batch size")
     if hf is not None:
         report("compile", f"decode, batch 1, transformers {type(hf).__name__}.generate", f"{tok_s['hf']:,.0f} "
