@@ -265,7 +265,10 @@ def decode_compile(compile: bool | None, device_type: str, steps: int, log=print
     x new tokens) and Inductor works here (resolve_compile). Fewer steps never repay the compile."""
     if compile is not None or steps < DECODE_COMPILE_STEPS:
         return bool(compile)
-    return resolve_compile(None, device_type, log)
+    works = resolve_compile(None, device_type, log=lambda line: None)
+    log(f"decode: {steps:,} steps one after another, " + ("so the decode step compiles first (5-40 s; "
+        "--compile=False decodes eagerly)" if works else "but Inductor cannot build C++ kernels here: eager"))
+    return works
 
 
 def wrap_model(model: torch.nn.Module, rt: Runtime, compile: bool) -> torch.nn.Module:

@@ -1,8 +1,11 @@
+import pathlib
+
 import pytest
 import torch
 from test_model import full_recompute_greedy
 from test_model import tiny as gpt_tiny
 
+import plumbing
 from model import (
     KVCache,
     Llama,
@@ -15,7 +18,9 @@ from model import (
     next_token_loss,
     rope_tables,
 )
-from plumbing import configure_optimizer, resolve_compile
+from plumbing import DECODE_COMPILE_STEPS, configure_optimizer, decode_compile, resolve_compile
+
+README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
 
 def tiny(**kw) -> Llama:
@@ -228,6 +233,19 @@ def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
     assert resolve_compile(True, "cpu", lines.append) is True and len(lines) == 1  # asked for: no check
     assert resolve_compile(None, "cuda", lines.append) is True
     assert resolve_compile(None, "mps", lines.append) is False
+
+
+def test_the_decode_step_compiles_by_a_rule_the_readme_states(monkeypatch):
+    """decode_compile: as asked; else compiled from DECODE_COMPILE_STEPS decode steps on, where Inductor works."""
+    lines = []
+    assert decode_compile(True, "cpu", 1, lines.append) and not decode_compile(False, "cpu", 10**6, lines.append)
+    assert not decode_compile(None, "cpu", DECODE_COMPILE_STEPS - 1, lines.append) and not lines  # no check run
+    monkeypatch.setattr(plumbing, "resolve_compile", lambda compile, device_type, log: True)
+    assert decode_compile(None, "cpu", DECODE_COMPILE_STEPS, lines.append)
+    monkeypatch.setattr(plumbing, "resolve_compile", lambda compile, device_type, log: False)
+    assert not decode_compile(None, "cpu", DECODE_COMPILE_STEPS, lines.append)
+    assert len(lines) == 2 and "compiles first" in lines[0] and "eager" in lines[1]
+    assert f"{DECODE_COMPILE_STEPS:,} steps" in README  # the rule, as the README states it
 
 
 def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
