@@ -76,7 +76,7 @@ resume = False  # continue the run in out_dir (from its ckpt.pt), on the pairs i
 overwrite = False  # let a fresh run replace a model already in out_dir
 pairs = ""  # JSONL, JSON, parquet or a Hub dataset of prompt / chosen / rejected; or chat.py's feedback.jsonl
 val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
-make_pairs = 0  # build this many self-play pairs (and a tenth as many held out), write them, train on them
+make_pairs = 0  # build this many self-play pairs (and a tenth as many held out, 100 at least), train on them
 prompt_tokens = 64  # self-play: length of the prompt passage, in tokens
 completion_tokens = 48  # self-play: length of the true and the sampled continuations
 beta = 0.1
@@ -391,7 +391,7 @@ if __name__ == "__main__":
         log(f"making {make_pairs} self-play pairs from {ckpt['data_dir']} with {init_from}...")
         train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
-            n_val = max(10, make_pairs // 10)
+            n_val = max(100, make_pairs // 10)  # at least 100: one pair is then at most 1 % of the accuracy
             # decode steps, one after another: batches of 32 (continue_prompts) x completion_tokens
             n_steps = (-(-make_pairs // 32) + -(-n_val // 32)) * completion_tokens
             decode = decode_compile(compile, rt.device_type, n_steps, log)

@@ -81,6 +81,8 @@ def test_dpo_run_raises_reward_accuracy_and_keeps_the_reference(trained):
     with open(os.path.join(d, "pairs.jsonl"), encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f]
     assert len(pairs) >= 40 and all(set(r) == {"prompt", "chosen", "rejected"} for r in pairs)
+    with open(os.path.join(d, "pairs_val.jsonl"), encoding="utf-8") as f:
+        assert sum(1 for _ in f) >= 80  # 100 held out at least (less the samples that came out empty)
     # on its own pairs: evaluated on the training file itself
     p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-tiny-dpo2", "--pairs=out-tiny-dpo/pairs.jsonl",
             "--val_pairs=out-tiny-dpo/pairs.jsonl", "--max_iters=60", "--eval_interval=60", "--learning_rate=3e-3",
