@@ -108,7 +108,9 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, ma
     attn_maps, the same is computed step by step and the probabilities (B, nh, T, S) are appended
     to it (for plots)."""
     T, S = q.size(2), k.size(2)
-    if attn_maps is None:
+    # compiled on a CPU, the explicit product below runs faster: Inductor fuses its mask, scale and
+    # softmax, and its backward beats flash attention's CPU kernel at these lengths (docs/experiments.md)
+    if attn_maps is None and not (q.device.type == "cpu" and torch.compiler.is_compiling()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
     rep = q.size(1) // k.size(1)
@@ -116,7 +118,8 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, ma
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
     att = att.masked_fill(~(causal_mask(T, S, q.device) if mask is None else mask), float("-inf"))
     att = F.softmax(att.float(), dim=-1).type_as(q)  # float32: bf16 sums S terms to 3 digits
-    attn_maps.append(att.detach())
+    if attn_maps is not None:
+        attn_maps.append(att.detach())
     att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hd)
 
