@@ -14,9 +14,7 @@ reference stood; beta sets how far the model may move from the reference. log p(
 over the completion's tokens only: the prompt is context, never scored. The reference's log-probs
 never change, so they are computed once per pair before training: no second model is kept.
 Variants: loss_type=ipo (Azar et al., 2023: a squared loss that does not push h to infinity, on
-per-token mean log-probs as in TRL), label_smoothing (conservative DPO: the labels may be wrong) and
-rpo_alpha (RPO, Pang et al., 2024, TRL's rpo_alpha: plus the chosen completions' negative log-likelihood
-per token, which keeps their probability from falling with the rejected ones').
+per-token mean log-probs as in TRL) and label_smoothing (conservative DPO: the labels may be wrong).
 
 Without pairs of your own, --make_pairs=N builds self-play pairs from the corpus (SPIN, Chen et
 al., 2024): the prompt is a passage of a training book, chosen its true continuation, rejected
@@ -84,7 +82,6 @@ completion_tokens = 48  # self-play: length of the true and the sampled continua
 beta = 0.1
 loss_type = "sigmoid"  # sigmoid (DPO) | ipo
 label_smoothing = 0.0  # conservative DPO: the probability that a pair's labels are swapped
-rpo_alpha = 0.0  # RPO: the loss adds rpo_alpha x the chosen completions' mean negative log-likelihood per token
 batch_size = 8  # pairs per micro-step
 gradient_accumulation_steps = 1
 learning_rate = 1e-4
@@ -319,8 +316,8 @@ if __name__ == "__main__":
     check_config(config)  # impossible values fail here, before any model is loaded
     if loss_type not in ("sigmoid", "ipo"):
         raise SystemExit(f"error: loss_type must be sigmoid or ipo, got {loss_type!r}")
-    if beta <= 0 or not 0 <= label_smoothing < 0.5 or not 0 <= rpo_alpha < math.inf:
-        raise SystemExit("error: need beta > 0, 0 <= label_smoothing < 0.5 and rpo_alpha >= 0")
+    if beta <= 0 or not 0 <= label_smoothing < 0.5:
+        raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
     if loss_type == "ipo" and label_smoothing:
         raise SystemExit("error: label_smoothing applies to loss_type=sigmoid only: IPO's squared loss has "
                          "no labels to smooth")
@@ -540,13 +537,9 @@ if __name__ == "__main__":
                 idx = torch.randint(len(train_data), (rt.world_size, batch_size), generator=batch_gen)
                 idx = idx[rt.rank]  # this process's share of the global batch
                 with rt.autocast():
-                    batch = [train_data[i] for i in idx]
-                    pi_c, pi_r = batch_logps(model, batch, block_size, rt.device, mean)
+                    pi_c, pi_r = batch_logps(model, [train_data[i] for i in idx], block_size, rt.device, mean)
                     ref_c, ref_r = ref_logps["train"][0][idx], ref_logps["train"][1][idx]
                     loss, metrics = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing)
-                    if rpo_alpha:  # the chosen's NLL per token (tokenize cut each completion to what is scored)
-                        n_c = torch.tensor([len(cw) for _, cw, _ in batch], device=pi_c.device)
-                        loss = loss - rpo_alpha * (pi_c if mean else pi_c / n_c).mean()
                     if getattr(raw_model, "moe_layers", None):  # MoE: balanced routers, as in pretraining
                         loss = loss + raw_model.router_loss()
                 if not torch.isfinite(loss):  # stop before the bad step touches the weights

@@ -9,10 +9,10 @@ completion_tokens = 192  # long completions: more evidence per pair (short ones 
 
 dtype = "auto"  # as config/gutenberg.py: bf16 autocast where the device computes bf16 fast, else float32
 
-beta = 0.1
+beta = 0.03  # lower than TRL's 0.1: the policy moves further; held out 0.84 and 0.83 (2 seeds) against 0.81
 loss_type = "sigmoid"
 batch_size = 16
-learning_rate = 3e-4
+learning_rate = 6e-4  # with beta 0.03: 0.87 held out (one seed); 1e-4 and 3e-5 fell to 0.71 and 0.66
 warmup_iters = 10
 max_iters = 150  # 2,400 pairs drawn at random (with replacement): about 1.6 passes
 max_time = 240.0  # seconds of training (the steps that fit are counted early, the schedule ends there): under 10 minutes in all

@@ -285,7 +285,7 @@ def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
     (["--init_from=no-such-model", "--make_pairs=8"], "no checkpoint at no-such-model/ckpt.pt: train one first "
                                                       "(python train.py config/gutenberg.py) or pass --init_from=DIR"),
     (["--resume=True"], "no checkpoint at out-dpo-bad/ckpt.pt to resume"),
-    (["--rpo_alpha=-1", "--make_pairs=8"], "need beta > 0, 0 <= label_smoothing < 0.5 and rpo_alpha >= 0"),
+    (["--beta=0", "--make_pairs=8"], "need beta > 0 and 0 <= label_smoothing < 0.5"),
 ])
 def test_bad_settings_are_one_line_before_any_sampling(trained, args, message):
     p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-bad", *args, "--device=cpu", cwd=trained, check=False)
