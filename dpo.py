@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from configurator import resolve
 from model import completion_logps, fit_prompt, pack
 from plumbing import (
+    GENERATE_BATCH,
     Budget,
     check_config,
     claim_out_dir,
@@ -50,6 +51,7 @@ from plumbing import (
     curve,
     ddp_guard,
     decode_compile,
+    decode_steps,
     draw_windows,
     end_ddp,
     keep_metrics,
@@ -392,8 +394,7 @@ if __name__ == "__main__":
         train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
             n_val = max(100, make_pairs // 10)  # at least 100: one pair is then at most 1 % of the accuracy
-            # decode steps, one after another: batches of 32 (continue_prompts) x completion_tokens
-            n_steps = (-(-make_pairs // 32) + -(-n_val // 32)) * completion_tokens
+            n_steps = sum(decode_steps(n, GENERATE_BATCH, completion_tokens) for n in (make_pairs, n_val))
             decode = decode_compile(compile, rt.device_type, n_steps, log)
             for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", n_val)):
                 write_jsonl(path, self_play_pairs(model, tok, ckpt["data_dir"], split, n, prompt_tokens,

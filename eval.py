@@ -37,6 +37,7 @@ from plumbing import (
     continue_prompts,
     ctrl_c_ends_quietly,
     decode_compile,
+    decode_steps,
     draw_windows,
     has_dialogue,
     load_model,
@@ -115,7 +116,7 @@ def sample_stats(model, tok, tokens: np.ndarray, c: dict, rt) -> dict:
     and measures the continuations with text_stats."""
     prompts = draw_windows(tokens, c["num_samples"], c["prompt_tokens"], tok.eot_id, c["seed"])
     batch = min(c["num_samples"], 256)
-    compile = decode_compile(c["compile"], rt.device_type, -(-c["num_samples"] // batch) * c["max_new_tokens"])
+    compile = decode_compile(c["compile"], rt.device_type, decode_steps(c["num_samples"], batch, c["max_new_tokens"]))
     rows = continue_prompts(model, prompts, c["max_new_tokens"], tok.eot_id, rt, c["seed"], batch_size=batch,
                             log=print if batch < c["num_samples"] else None, compile=compile, **sampling(c))
     return text_stats([tok.decode(r) for r in rows])

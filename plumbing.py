@@ -257,6 +257,12 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
 
 
 DECODE_COMPILE_STEPS = 5000  # a decode-step compile (5-40 s) is repaid at about 2 ms a step (bench.py)
+GENERATE_BATCH = 32  # continue_prompts' rows generated together
+
+
+def decode_steps(rows: int, batch_size: int, new_tokens: int) -> int:
+    """The decode steps run one after another to continue rows prompts, batch_size at a time."""
+    return -(-rows // batch_size) * new_tokens
 
 
 def decode_compile(compile: bool | None, device_type: str, steps: int, log=print) -> bool:
@@ -769,7 +775,7 @@ def draw_windows(tokens, n: int, length: int, eot_id: int, seed: int) -> list[li
 # --- generation: continuations in batches, streamed output, one completion scored -------------------
 @torch.no_grad()
 def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_id: int, rt: Runtime,
-                     seed: int, batch_size: int = 32, log=None, compile: bool = False,
+                     seed: int, batch_size: int = GENERATE_BATCH, log=None, compile: bool = False,
                      **sampling) -> list[list[int]]:
     """The model's continuation of each prompt (all of one length), batch_size prompts generated
     together, each cut at its first <|endoftext|>. sampling: SamplingConfig's settings; compile:

@@ -18,7 +18,7 @@ import torch
 
 from configurator import configure
 from model import SAMPLING, sampling
-from plumbing import check_config, ctrl_c_ends_quietly, decode_compile, load_model, setup_runtime, stream
+from plumbing import check_config, ctrl_c_ends_quietly, decode_compile, decode_steps, load_model, setup_runtime, stream
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
@@ -130,7 +130,7 @@ def main(c: dict) -> None:
 
     gen = torch.Generator(device=rt.device).manual_seed(c["seed"])
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
-    n_steps = -(-c["num_samples"] // c["batch_size"]) * c["max_new_tokens"]  # one after another
+    n_steps = decode_steps(c["num_samples"], c["batch_size"], c["max_new_tokens"])
     compile = decode_compile(c["compile"], rt.device_type, n_steps, log=lambda line: print(line, file=sys.stderr))
     if c["num_samples"] == 1:  # stream the text as it comes
         steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen,
