@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from configurator import configure
 from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
 from plumbing import (
+    BatchedMuon,
     configure_optimizer,
     measure_peak_flops,
     resolve_compile,
@@ -489,6 +490,24 @@ def bench_profile() -> None:
             vs += f"; its first step took {compile_s:.0f} s (compiling)"
         figure = f"{tok_s[name]:,.0f} tokens/s, MFU {100 * mfu:.0f}%"
         report("profile", f"default step, {labels[name]}", figure, vs)
+    if settings["optimizer"] == "muon":
+        bench_muon(new)
+
+
+def bench_muon(model) -> None:
+    """Muon's step over the default's 21 block matrices: torch.optim.Muon runs Newton-Schulz matrix by
+    matrix, BatchedMuon (train.py's) one batched product per shape."""
+    matrices = [torch.nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()
+                if p.dim() == 2 and n.startswith("transformer.h.")]
+    for p in matrices:
+        p.grad = 1e-3 * torch.randn_like(p)
+    ms = {}
+    for _ in range(5):  # in turn, the best of each: a busy machine slows both alike
+        for cls in (torch.optim.Muon, BatchedMuon):
+            opt = cls(matrices, lr=1e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+            ms[cls.__name__] = min(ms.get(cls.__name__, 1e9), 1000 * timed(opt.step))
+    report("profile", f"Muon step, {len(matrices)} matrices: torch.optim.Muon / BatchedMuon",
+           f"{ms['Muon']:.1f} / {ms['BatchedMuon']:.1f} ms", f"{ms['Muon'] / ms['BatchedMuon']:.2f}x")
 
 
 SECTIONS = {"peak": bench_peak, "train": bench_train, "generate": bench_generate, "data": bench_data,

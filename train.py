@@ -225,11 +225,10 @@ loss_fn = torch.compile(next_token_loss) if use_compile else next_token_loss
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
     "to it")
-# autocast and Muon's orthogonalisation compute in bf16: CPUs without bf16 units emulate it, slowly
-if rt.device_type == "cpu" and not fast_bf16(rt.device) and (rt.ptdtype != torch.float32
-                                                             or config["optimizer"] == "muon"):
-    log("warning: this CPU emulates bf16 matmuls (100x slower than float32), which bf16 autocast and "
-        "Muon use: --dtype=auto --optimizer=auto choose float32 and AdamW here, and train faster")
+# bf16 autocast on a CPU without bf16 units: emulated, slowly (Muon orthogonalises in float32 there)
+if rt.device_type == "cpu" and not fast_bf16(rt.device) and rt.ptdtype != torch.float32:
+    log("warning: this CPU emulates bf16 matmuls (100x slower than float32), which bf16 autocast uses: "
+        "--dtype=auto chooses float32 here, and trains faster")
 
 
 @torch.no_grad()

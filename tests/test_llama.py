@@ -257,7 +257,7 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
     assert any(p is m.lm_head.weight for g in adamw.param_groups for p in g["params"])  # tied embedding
     x = torch.randint(0, 50, (4, 16))
     losses = []
-    for _ in range(6):  # Muon runs its iterations in bf16: slow on CPUs without bf16 units
+    for _ in range(6):
         loss = next_token_loss(m(x[:, :-1]), x[:, 1:])
         loss.backward()
         for g in opt.param_groups:  # as train.py sets its schedule's learning rate
@@ -270,3 +270,37 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest_and_both_train():
     again.load_state_dict(opt.state_dict())  # a checkpoint's round trip
     assert torch.equal(again.optimizers[0].state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"],
                        muon.state[m.transformer.h[0].attn.q_proj.weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("ns_dtype, atol", [(torch.bfloat16, 1e-3), (torch.float32, 5e-3)])
+def test_batched_muon_steps_as_torchs_muon(ns_dtype, atol):
+    """BatchedMuon orthogonalises same-shape matrices together: the weights after 3 steps are
+    torch.optim.Muon's, momentum and decay included: up to bf16 rounding in the batched products, and
+    within a tenth of a step in float32 (the path of CPUs without bf16 units; torch's runs in bf16)."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64, 32), (32, 64), (16, 32), (32, 32)]  # tall ones join the wide of their shape
+    start = [torch.randn(s) for s in shapes]
+    ours, theirs = ([torch.nn.Parameter(w.clone()) for w in start] for _ in range(2))
+    opts = [plumbing.BatchedMuon(ours, lr=0.1, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype),
+            torch.optim.Muon(theirs, lr=0.1, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for params, opt in zip((ours, theirs), opts, strict=True):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, w in zip(ours, theirs, start, strict=True):
+        assert (b - w).abs().mean() > 0.02  # the 3 steps moved the weights (by about 0.04)
+        assert torch.allclose(a, b, atol=atol, rtol=0), (a.shape, (a - b).abs().max())
+
+
+def test_muon_orthogonalises_in_float32_where_bf16_is_emulated(monkeypatch):
+    """On a CPU without bf16 units bf16 products run 100x slower than float32: Newton-Schulz takes float32."""
+    m = tiny(n_layer=1, moe_every=0)
+    for fast, ns_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(plumbing, "fast_bf16", lambda device, fast=fast: fast)
+        opt = configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+        assert opt.optimizers[0].ns_dtype == ns_dtype
+    X = plumbing.newton_schulz(torch.randn(3, 8, 16), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    s = torch.linalg.svdvals(X)  # (3, 8): the quintic pushes every singular value near 1, not exactly
+    assert X.dtype == torch.float32 and s.min() > 0.5 and s.max() < 1.3, s
