@@ -38,7 +38,8 @@ def torchrun(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
     """Runs one of the project's scripts under torchrun, in 2 processes; returns the finished run."""
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]  # every process ended cleanly
+    # every process ended cleanly; else the whole stderr: a process's own error comes before torchrun's summary
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr}"
     return p
 
 
