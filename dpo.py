@@ -79,14 +79,14 @@ overwrite = False  # let a fresh run replace a model already in out_dir
 pairs = ""  # JSONL, JSON, parquet or a Hub dataset of prompt / chosen / rejected; or chat.py's feedback.jsonl
 val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
 make_pairs = 0  # build this many self-play pairs (and a tenth as many held out, 100 at least), train on them
-prompt_tokens = 64  # self-play: length of the prompt passage, in tokens
-completion_tokens = 48  # self-play: length of the true and the sampled continuations
-beta = 0.1
+prompt_tokens = 32  # self-play: length of the prompt passage, in tokens
+completion_tokens = 192  # self-play: the true and the sampled continuations; long ones hold more evidence per pair
+beta = 0.03  # lower than TRL's 0.1: the policy may move further (docs/experiments.md has the sweep)
 loss_type = "sigmoid"  # sigmoid (DPO) | ipo
 label_smoothing = 0.0  # conservative DPO: the probability that a pair's labels are swapped
-batch_size = 8  # pairs per micro-step
+batch_size = 16  # pairs per micro-step
 gradient_accumulation_steps = 1
-learning_rate = 1e-4
+learning_rate = 3e-4
 max_iters = 300
 max_time = 0.0  # seconds of training (the steps that fit are counted early on, as in train.py); 0 = no limit
 weight_decay = 0.0
