@@ -70,10 +70,10 @@ def keep_freed_memory() -> bool:
     16 x 256 x 8,192 float32 numbers are 134 MB) with fresh pages from the kernel, and returns them
     when freed, so every step faulted in and zeroed hundreds of MB again: a quarter of the CPU step
     of the default run. mallopt(M_MMAP_MAX, 0) serves them from the heap, and a trim threshold of
-    1 GiB keeps the heap's free memory. For train.py only, whose steps allocate the same sizes every
-    time: where sizes vary from batch to batch (dpo.py), the heap fragments, and a DPO run of 3,000
-    pairs peaked at 9.8 GB with it, 3.0 GB without. Returns whether it applied (not on macOS,
-    Windows, or a libc without mallopt)."""
+    1 GiB keeps the heap's free memory. For steps that allocate the same few sizes every time
+    (train.py, dpo.py's training loop): where sizes vary from batch to batch the heap fragments,
+    and a DPO run of 3,000 pairs, with it from the start, peaked at 9.8 GB against 3.0 GB. Returns
+    whether it applied (not on macOS, Windows, or a libc without mallopt)."""
     import ctypes
 
     try:
@@ -467,28 +467,33 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
                     eval_interval: int, eval_cost: float) -> int:
     """The iteration at which a run must stop to end within max_time seconds, at the speed measured
     since (iteration, elapsed) and counting the evaluations still to come, each worth eval_cost
-    iterations."""
-    per_iter = (elapsed - since[1]) / max(1, iter_num - since[0])
+    iterations (those run since then, before iterations since[0] + 1 .. iter_num, are taken out of
+    the speed)."""
+    evals_since = (iter_num - 1) // eval_interval - (since[0] - 1) // eval_interval
+    per_iter = (elapsed - since[1]) / (max(1, iter_num - since[0]) + eval_cost * evals_since)
     eval_seconds = eval_cost * per_iter
     left = max_time - elapsed - eval_seconds  # the final evaluation
     return iter_num + max(1, int(0.98 * left / (per_iter + eval_seconds / eval_interval)))  # 2 % margin
 
 
 class Budget:
-    """max_time turned into iterations. How many fit is counted once, at iteration fit_at, from the
-    speed since iteration time_from (the first iterations, which compile, run slower than the rest),
-    and kept: .fitted, saved in the checkpoint. The learning-rate schedule then runs by iterations, so
-    a resumed run repeats an uninterrupted one exactly (two separate runs measure their own speed,
-    and may fit a few iterations more or fewer). max_time itself stays a safety net, for a machine
-    that slows down. eval_cost: an evaluation's work in training iterations, estimated rather than
-    timed (the first evaluation compiles the model for evaluation, which later ones do not repeat)."""
+    """max_time turned into iterations. How many fit is counted at iteration fit_at, from the speed
+    since iteration time_from (the first iterations, which compile, run slower than the rest), and
+    counted again once at refit_at (0: never), from the speed since fit_at: a shared machine that ran
+    slowly at the start would otherwise leave minutes of the budget unused. The count is kept in
+    .fitted, saved in the checkpoint. The learning-rate schedule runs by iterations, so a run resumed
+    after the last count repeats an uninterrupted one exactly (two separate runs measure their own
+    speed, and may fit a few iterations more or fewer). max_time itself stays a safety net, for a
+    machine that slows down. eval_cost: an evaluation's work in training iterations, estimated rather
+    than timed (the first evaluation compiles the model for evaluation, which later ones do not repeat)."""
 
     def __init__(self, max_time: float, max_iters: int, eval_interval: int, eval_cost: float, time_from: int,
-                 fit_at: int, saved: dict | None = None, log=print):
+                 fit_at: int, refit_at: int = 0, saved: dict | None = None, log=print):
         self.max_time, self.max_iters, self.eval_interval, self.eval_cost = max_time, max_iters, eval_interval, eval_cost
-        self.timed_from, self.fit_at, self.log = (time_from, 0.0), fit_at, log
-        # a checkpoint's count stands for the same max_time only
-        self.fitted = saved if saved and saved["max_time"] == max_time else None  # {"max_time", "iters"}
+        self.timed_from, self.fit_at, self.refit_at, self.log = (time_from, 0.0), fit_at, refit_at, log
+        # a checkpoint's count stands for the same max_time only. {"max_time", "iters", "again": whether it
+        # is still to be counted at refit_at} (checkpoints from before the second count have no "again")
+        self.fitted = saved if saved and saved["max_time"] == max_time else None
 
     @property
     def last(self) -> int:
@@ -503,15 +508,24 @@ class Budget:
         return iter_num >= self.last or out_of_time
 
     def tick(self, iter_num: int, elapsed: float) -> None:
-        """After each iteration: starts the clock at time_from, counts what fits at fit_at."""
+        """After each iteration: starts the clock at time_from, counts what fits at fit_at and again at
+        refit_at (a resumed run that had not reached refit_at counts from its own start)."""
         if iter_num == self.timed_from[0]:
             self.timed_from = (iter_num, elapsed)
-        if self.fitted is None and self.max_time > 0 and iter_num == self.fit_at:
-            n = iters_in_budget(iter_num, elapsed, self.timed_from, self.max_time, self.eval_interval, self.eval_cost)
-            if n < self.max_iters:
-                self.log(f"max_time={self.max_time:.0f}s: {n} of the max_iters={self.max_iters} iterations fit; "
-                         "the schedule ends there")
-            self.fitted = {"max_time": self.max_time, "iters": n}
+        first = self.fitted is None and iter_num == self.fit_at
+        again = self.fitted is not None and self.fitted.get("again") and iter_num == self.refit_at
+        if self.max_time <= 0 or not (first or again):
+            return
+        n = iters_in_budget(iter_num, elapsed, self.timed_from, self.max_time, self.eval_interval, self.eval_cost)
+        if first and n < self.max_iters:
+            self.log(f"max_time={self.max_time:.0f}s: {n} of the max_iters={self.max_iters} iterations fit; "
+                     "the schedule ends there")
+        elif again and n != self.fitted["iters"] and min(n, self.fitted["iters"]) < self.max_iters:
+            self.log(f"max_time={self.max_time:.0f}s: counted again at iteration {iter_num}, at the speed since "
+                     f"iteration {self.timed_from[0]}: {min(n, self.max_iters)} iterations fit; the schedule "
+                     "ends there")
+        self.fitted = {"max_time": self.max_time, "iters": n, "again": first and self.refit_at > iter_num}
+        self.timed_from = (iter_num, elapsed)  # the second count times the iterations after the first
 
 
 # --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------

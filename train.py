@@ -224,7 +224,7 @@ model = wrap_model(model, rt, use_compile)
 loss_fn = torch.compile(next_token_loss) if use_compile else next_token_loss
 peak_flops = measure_peak_flops(rt.device, rt.ptdtype)
 log(f"measured matmul peak of this device: {peak_flops / 1e9:.0f} GFLOP/s ({rt.ptdtype}); MFU is relative "
-    "to it")
+    "to it, or to a higher one measured again at an evaluation (a shared machine's speed varies)")
 # bf16 autocast on a CPU without bf16 units: emulated, slowly (Muon orthogonalises in float32 there)
 if rt.device_type == "cpu" and not fast_bf16(rt.device) and rt.ptdtype != torch.float32:
     log("warning: this CPU emulates bf16 matmuls (100x slower than float32), which bf16 autocast uses: "
@@ -265,10 +265,13 @@ if rt.master and not eval_only:
 # max_time as iterations: how many fit is counted at the warmup's end (at least 10 iterations after the
 # first, which compiles), from the speed of its second half; until then the run plans max_iters. The
 # warmup's learning rates do not depend on where the schedule ends: fitting it then changes no step taken.
+# Counted once more at 4x that iteration (200 for the default), from the speed since: a shared machine slow
+# at the start otherwise leaves minutes unused. That moves the cosine's end by a few percent, early on.
 # An evaluation costs 2 x eval_iters batches, forward only (a third of the work of a training batch).
 time_from = max(iter_num + 1, warmup_iters // 2)
 budget = Budget(max_time, max_iters, eval_interval, eval_cost=2 * eval_iters / (3 * gradient_accumulation_steps),
-                time_from=time_from, fit_at=max(time_from + 10, warmup_iters), saved=fitted, log=log)
+                time_from=time_from, fit_at=max(time_from + 10, warmup_iters),
+                refit_at=4 * max(warmup_iters // 2 + 10, warmup_iters), saved=fitted, log=log)
 if iter_num >= budget.last and not eval_only:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
                      "on)")
@@ -325,6 +328,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 plot_curves(os.path.join(out_dir, "loss.png"), curves, "iteration", ylabel,
                             f"training curves of {out_dir}")
             saved_iter = iter_num
+            if rt.master:  # the peak again (0.1 s): a shared machine measured at a slow moment logs MFUs over 100 %
+                peak_flops = max(peak_flops, measure_peak_flops(rt.device, rt.ptdtype, seconds=0.1))
             t0, n_timed = time.time(), 0  # evaluation time is not training time
         if done:
             log(f"done: {iter_num} iterations in {(time.time() - t_start) / 60:.1f} min; checkpoint "
@@ -363,7 +368,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if iter_num == iter_start + 1 and use_compile:  # the first iteration: a compiled model compiles in it
             log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
                 "compile included (it counts in max_time)")
-        budget.tick(iter_num, elapsed)  # times the iterations, and counts how many fit, once
+        budget.tick(iter_num, elapsed)  # times the iterations, and counts how many fit (twice)
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size

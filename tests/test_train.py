@@ -15,6 +15,7 @@ from conftest import ROOT, TINY, run, train_defaults
 import tokenizer
 from configurator import configure
 from plumbing import (
+    Budget,
     curve,
     iters_in_budget,
     keep_metrics,
@@ -208,6 +209,32 @@ def test_iters_in_budget_counts_the_speed_and_the_evaluations_to_come():
     # 10 iterations in 1 s after the first: 0.1 s each, plus an evaluation worth 10 of them (1 s) every 50
     n = iters_in_budget(11, 1.1, (1, 0.1), 100.0, 50, 10.0)
     assert n == 11 + int(0.98 * (100 - 1.1 - 1.0) / 0.12)
+    # iterations 51-200 at 0.2 s, with the evaluation at 150 (worth 10 iterations: 2 s) among them
+    n = iters_in_budget(200, 10.0 + 150 * 0.2 + 2.0, (50, 10.0), 100.0, 150, 10.0)
+    assert n == 200 + int(0.98 * (100 - 42.0 - 2.0) / (0.2 + 2.0 / 150))
+
+
+def test_budget_counts_again_what_fits_once_the_machine_runs_faster():
+    """Counted at fit_at from a slow start (1 s an iteration), counted again at refit_at from the
+    faster iterations since (0.5 s): the run plans what now fits, and the checkpoint keeps it."""
+    lines = []
+    budget = Budget(100.0, 10**6, 10**6, 0.0, time_from=1, fit_at=11, refit_at=44, log=lines.append)
+    clock = {i: 1.0 * i if i <= 11 else 11 + 0.5 * (i - 11) for i in range(1, 45)}
+    for i in range(1, 44):
+        budget.tick(i, clock[i])
+    assert budget.last == 11 + int(0.98 * (100 - 11) / 1.0) and budget.fitted["again"]  # 98, at 1 s each
+    budget.tick(44, clock[44])
+    assert budget.last == 44 + int(0.98 * (100 - 27.5) / 0.5)  # 186: the 33 iterations since ran at 0.5 s
+    assert budget.fitted == {"max_time": 100.0, "iters": budget.last, "again": False}
+    assert "counted again at iteration 44, at the speed since iteration 11: 186 iterations fit" in lines[1]
+    # a run resumed at 30 from the first count counts again at 44 from its own start; one whose
+    # checkpoint predates the second count (no "again") keeps its count
+    for saved, last in (({"max_time": 100.0, "iters": 98, "again": True}, 44 + int(0.98 * (100 - 27.5) / 0.5)),
+                        ({"max_time": 100.0, "iters": 98}, 98)):
+        resumed = Budget(100.0, 10**6, 10**6, 0.0, time_from=31, fit_at=41, refit_at=44, saved=saved, log=print)
+        for i in range(31, 45):
+            resumed.tick(i, clock[i])
+        assert resumed.last == last
 
 
 def test_a_run_under_max_time_fits_its_iterations_and_ends_its_schedule(workdir):
@@ -216,12 +243,15 @@ def test_a_run_under_max_time_fits_its_iterations_and_ends_its_schedule(workdir)
     n = int(re.search(r"max_time=15s: (\d+) of the max_iters=1000000 iterations fit", p.stdout).group(1))
     # counted at the warmup's end, from the speed of its second half (the first iterations run slower)
     assert re.search(r"^iter 19: .*\nmax_time=15s: ", p.stdout, re.M), p.stdout  # logged in iteration 20
+    # counted again at 4 x 20, from the speed since (logged where the count changed)
+    again = re.search(r"counted again at iteration 80, at the speed since iteration 20: (\d+) iterations", p.stdout)
+    m = int(again.group(1)) if again else n
     ckpt = load_checkpoint(os.path.join(workdir, "out-clock", "ckpt.pt"))
-    assert ckpt["budget"] == {"max_time": 15.0, "iters": n} and ckpt["elapsed"] > 0
-    # the schedule runs by iterations, with its cosine ending at the n that fit (not at max_iters)
-    assert all(lr == f"{get_lr(i - 1, 3e-3, 20, n, 3e-4):.2e}" for i, lr in lrs(p.stdout).items())
+    assert ckpt["budget"] == {"max_time": 15.0, "iters": m, "again": False} and ckpt["elapsed"] > 0
+    # the schedule runs by iterations, with its cosine ending at the n that fit (not at max_iters), then at m
+    assert all(lr == f"{get_lr(i - 1, 3e-3, 20, n if i <= 80 else m, 3e-4):.2e}" for i, lr in lrs(p.stdout).items())
     if "max_time=15s reached" not in p.stdout:  # (unless the machine slowed down: max_time is a safety net)
-        assert ckpt["iter_num"] == n and max(lrs(p.stdout)) == n
+        assert ckpt["iter_num"] == m and max(lrs(p.stdout)) == m
 
 
 def test_resume_keeps_a_trained_models_settings(workdir):
