@@ -54,6 +54,7 @@ from plumbing import (
     decode_steps,
     draw_windows,
     end_ddp,
+    keep_freed_memory,
     keep_metrics,
     keep_resumed,
     load_model,
@@ -272,10 +273,11 @@ def tokenize(rows: list[dict], tok, block_size: int) -> tuple[list[tuple], int]:
 
 def batch_logps(model, batch: list[tuple], block_size: int, device, mean: bool):
     """log pi(chosen|prompt) and log pi(rejected|prompt) for a batch of pairs, (B,) each, in one
-    forward pass over 2B rows (chosen rows first). mean=True: per-token means (IPO)."""
+    forward pass over 2B rows (chosen rows first), padded to a multiple of 32 tokens (see the
+    training loop). mean=True: per-token means (IPO)."""
     prompts = [p for p, _, _ in batch] * 2
     completions = [cw for _, cw, _ in batch] + [cl for _, _, cl in batch]
-    x, y = pack(prompts, completions, block_size, device)
+    x, y = pack(prompts, completions, block_size, device, multiple=32)
     logits = model(x)
     logps = completion_logps(logits, y)
     if mean:
@@ -482,6 +484,11 @@ if __name__ == "__main__":
         ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
+    # from here on the batches come in a few sizes (batch_logps pads them to a multiple of 32 tokens):
+    # keeping freed memory, as train.py does, then saves refaulting their pages at every step. Not
+    # earlier: sampling and the reference's pass allocate sizes of their own, and the heap would fragment
+    if rt.device_type == "cpu":
+        keep_freed_memory()
     model.train()
     t_start = time.time() - elapsed  # max_time counts from here: the pairs and the reference are not training
     t0, n_timed = time.time(), 0

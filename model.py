@@ -763,16 +763,19 @@ def fit_prompt(prompt: list[int], completion_len: int, block_size: int) -> list[
     return prompt[-max(1, block_size + 1 - completion_len) :]
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], block_size: int, device) -> tuple:
+def pack(prompts: list[list[int]], completions: list[list[int]], block_size: int, device,
+         multiple: int = 1) -> tuple:
     """A right-padded batch that scores each completion given its prompt in one forward pass.
     Returns x (B, T) inputs and y (B, T) targets, -1 where nothing is scored (the prompt's own
     tokens, padding). Rows longer than block_size + 1 lose prompt tokens first, then the
-    completion's last ones."""
+    completion's last ones. T: the longest row's, rounded up to a multiple of multiple (at most
+    block_size): batches of a few shapes, whose memory a process that keeps freed memory reuses."""
     rows = []
     for p, c in zip(prompts, completions, strict=True):
         c = c[:block_size]
         rows.append((fit_prompt(p, len(c), block_size), c))
     T = max(len(p) + len(c) for p, c in rows) - 1
+    T = min(block_size, -(-T // multiple) * multiple)
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for i, (p, c) in enumerate(rows):
