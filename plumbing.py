@@ -478,21 +478,21 @@ def iters_in_budget(iter_num: int, elapsed: float, since: tuple[int, float], max
 
 class Budget:
     """max_time turned into iterations. How many fit is counted at iteration fit_at, from the speed
-    since iteration time_from (the first iterations, which compile, run slower than the rest), and
-    counted again once at refit_at (0: never), from the speed since fit_at: a shared machine that ran
-    slowly at the start would otherwise leave minutes of the budget unused. The count is kept in
-    .fitted, saved in the checkpoint. The learning-rate schedule runs by iterations, so a run resumed
-    after the last count repeats an uninterrupted one exactly (two separate runs measure their own
-    speed, and may fit a few iterations more or fewer). max_time itself stays a safety net, for a
-    machine that slows down. eval_cost: an evaluation's work in training iterations, estimated rather
-    than timed (the first evaluation compiles the model for evaluation, which later ones do not repeat)."""
+    since iteration time_from (the first iterations, which compile, run slower than the rest), then
+    counted again every refit_every iterations (0: never), from the speed since fit_at: a shared
+    machine's speed moves by a third within minutes, and a single count either left minutes unused or
+    was cut by max_time before its schedule ended. The count is kept in .fitted, saved in the
+    checkpoint. The learning-rate schedule runs by iterations, so a resumed run repeats an
+    uninterrupted one exactly until the next count (two runs measure their own speeds). max_time
+    itself stays a safety net, for a machine that slows down at the end. eval_cost: an evaluation's
+    work in training iterations, estimated rather than timed (the first evaluation compiles the model
+    for evaluation, which later ones do not repeat)."""
 
     def __init__(self, max_time: float, max_iters: int, eval_interval: int, eval_cost: float, time_from: int,
-                 fit_at: int, refit_at: int = 0, saved: dict | None = None, log=print):
+                 fit_at: int, refit_every: int = 0, saved: dict | None = None, log=print):
         self.max_time, self.max_iters, self.eval_interval, self.eval_cost = max_time, max_iters, eval_interval, eval_cost
-        self.timed_from, self.fit_at, self.refit_at, self.log = (time_from, 0.0), fit_at, refit_at, log
-        # a checkpoint's count stands for the same max_time only. {"max_time", "iters", "again": whether it
-        # is still to be counted at refit_at} (checkpoints from before the second count have no "again")
+        self.timed_from, self.fit_at, self.refit_every, self.log = (time_from, 0.0), fit_at, refit_every, log
+        # a checkpoint's count stands for the same max_time only: {"max_time", "iters"}
         self.fitted = saved if saved and saved["max_time"] == max_time else None
 
     @property
@@ -508,24 +508,25 @@ class Budget:
         return iter_num >= self.last or out_of_time
 
     def tick(self, iter_num: int, elapsed: float) -> None:
-        """After each iteration: starts the clock at time_from, counts what fits at fit_at and again at
-        refit_at (a resumed run that had not reached refit_at counts from its own start)."""
+        """After each iteration: starts the clock at time_from, counts what fits at fit_at and every
+        refit_every iterations after it (a resumed run times from its own start)."""
         if iter_num == self.timed_from[0]:
             self.timed_from = (iter_num, elapsed)
         first = self.fitted is None and iter_num == self.fit_at
-        again = self.fitted is not None and self.fitted.get("again") and iter_num == self.refit_at
+        again = (self.fitted is not None and self.refit_every > 0 and iter_num > self.fit_at
+                 and (iter_num - self.fit_at) % self.refit_every == 0)
         if self.max_time <= 0 or not (first or again):
             return
         n = iters_in_budget(iter_num, elapsed, self.timed_from, self.max_time, self.eval_interval, self.eval_cost)
-        if first and n < self.max_iters:
-            self.log(f"max_time={self.max_time:.0f}s: {n} of the max_iters={self.max_iters} iterations fit; "
-                     "the schedule ends there")
-        elif again and n != self.fitted["iters"] and min(n, self.fitted["iters"]) < self.max_iters:
+        if first:
+            if n < self.max_iters:
+                self.log(f"max_time={self.max_time:.0f}s: {n} of the max_iters={self.max_iters} iterations fit; "
+                         "the schedule ends there")
+            self.timed_from = (iter_num, elapsed)  # the later counts time the iterations after this one
+        elif min(n, self.max_iters) != self.last:
             self.log(f"max_time={self.max_time:.0f}s: counted again at iteration {iter_num}, at the speed since "
-                     f"iteration {self.timed_from[0]}: {min(n, self.max_iters)} iterations fit; the schedule "
-                     "ends there")
-        self.fitted = {"max_time": self.max_time, "iters": n, "again": first and self.refit_at > iter_num}
-        self.timed_from = (iter_num, elapsed)  # the second count times the iterations after the first
+                     f"iteration {self.timed_from[0]}: {min(n, self.max_iters)} iterations fit; the schedule ends there")
+        self.fitted = {"max_time": self.max_time, "iters": n}
 
 
 # --- checkpoints: out_dir, atomic saves, safe loads, what a resume keeps --------------------------

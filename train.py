@@ -265,13 +265,14 @@ if rt.master and not eval_only:
 # max_time as iterations: how many fit is counted at the warmup's end (at least 10 iterations after the
 # first, which compiles), from the speed of its second half; until then the run plans max_iters. The
 # warmup's learning rates do not depend on where the schedule ends: fitting it then changes no step taken.
-# Counted once more at 4x that iteration (200 for the default), from the speed since: a shared machine slow
-# at the start otherwise leaves minutes unused. That moves the cosine's end by a few percent, early on.
+# Then counted again every 3x that many iterations (at 200, 350, ... for the default), from the speed since:
+# a shared machine slow at the start would leave minutes unused, one slow later would cut the schedule
+# short. Each count moves the cosine's end a little; fewer and fewer as the timed stretch grows.
 # An evaluation costs 2 x eval_iters batches, forward only (a third of the work of a training batch).
 time_from = max(iter_num + 1, warmup_iters // 2)
 budget = Budget(max_time, max_iters, eval_interval, eval_cost=2 * eval_iters / (3 * gradient_accumulation_steps),
                 time_from=time_from, fit_at=max(time_from + 10, warmup_iters),
-                refit_at=4 * max(warmup_iters // 2 + 10, warmup_iters), saved=fitted, log=log)
+                refit_every=3 * max(warmup_iters // 2 + 10, warmup_iters), saved=fitted, log=log)
 if iter_num >= budget.last and not eval_only:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
                      "on)")
@@ -368,7 +369,7 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         if iter_num == iter_start + 1 and use_compile:  # the first iteration: a compiled model compiles in it
             log(f"first iteration done {elapsed - elapsed_at_start:.1f} s after the start, the model's "
                 "compile included (it counts in max_time)")
-        budget.tick(iter_num, elapsed)  # times the iterations, and counts how many fit (twice)
+        budget.tick(iter_num, elapsed)  # times the iterations, and counts how many fit
         if iter_num % log_interval == 0 and rt.ddp:  # the mean over the global batch, as 1 process logs it
             torch.distributed.all_reduce(loss_sum)  # a sum (gloo has no average)
             loss_sum /= rt.world_size

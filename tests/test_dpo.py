@@ -225,7 +225,7 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(trained, monkeypatch, capsys
     assert sorted(resumed) == sorted(["step 13", "step 14", "step 15", "step 16", "eval at step 16"])
     assert all(resumed[k] == whole[k] for k in resumed), (resumed, whole)
     a, b = (load_checkpoint(os.path.join(trained, d, "ckpt.pt")) for d in ("out-dpo-whole", "out-dpo-cut"))
-    assert b["iter_num"] == 16 and b["dpo"]["budget"] == {"max_time": 60.0, "iters": 16, "again": False}
+    assert b["iter_num"] == 16 and b["dpo"]["budget"] == {"max_time": 60.0, "iters": 16}
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     metrics = [read_metrics(os.path.join(trained, d, "metrics.jsonl")) for d in ("out-dpo-whole", "out-dpo-cut")]
     assert metrics[0] == metrics[1]  # the steps redone after the cut are logged once

@@ -214,27 +214,30 @@ def test_iters_in_budget_counts_the_speed_and_the_evaluations_to_come():
     assert n == 200 + int(0.98 * (100 - 42.0 - 2.0) / (0.2 + 2.0 / 150))
 
 
-def test_budget_counts_again_what_fits_once_the_machine_runs_faster():
-    """Counted at fit_at from a slow start (1 s an iteration), counted again at refit_at from the
-    faster iterations since (0.5 s): the run plans what now fits, and the checkpoint keeps it."""
+def test_budget_counts_again_what_fits_as_the_machine_changes_speed():
+    """Counted at fit_at from a slow start (1 s an iteration), counted again every 33 iterations from
+    the speed since fit_at: 0.5 s, then slower again: the run plans what fits now."""
     lines = []
-    budget = Budget(100.0, 10**6, 10**6, 0.0, time_from=1, fit_at=11, refit_at=44, log=lines.append)
-    clock = {i: 1.0 * i if i <= 11 else 11 + 0.5 * (i - 11) for i in range(1, 45)}
+    budget = Budget(100.0, 10**6, 10**6, 0.0, time_from=1, fit_at=11, refit_every=33, log=lines.append)
+    clock = {i: 1.0 * i if i <= 11 else 11 + 0.5 * (i - 11) if i <= 44 else 27.5 + 1.5 * (i - 44) for i in range(1, 80)}
     for i in range(1, 44):
         budget.tick(i, clock[i])
-    assert budget.last == 11 + int(0.98 * (100 - 11) / 1.0) and budget.fitted["again"]  # 98, at 1 s each
+    assert budget.last == 11 + int(0.98 * (100 - 11) / 1.0)  # 98, at 1 s each
     budget.tick(44, clock[44])
     assert budget.last == 44 + int(0.98 * (100 - 27.5) / 0.5)  # 186: the 33 iterations since ran at 0.5 s
-    assert budget.fitted == {"max_time": 100.0, "iters": budget.last, "again": False}
+    assert budget.fitted == {"max_time": 100.0, "iters": budget.last}  # what the checkpoint keeps
     assert "counted again at iteration 44, at the speed since iteration 11: 186 iterations fit" in lines[1]
-    # a run resumed at 30 from the first count counts again at 44 from its own start; one whose
-    # checkpoint predates the second count (no "again") keeps its count
-    for saved, last in (({"max_time": 100.0, "iters": 98, "again": True}, 44 + int(0.98 * (100 - 27.5) / 0.5)),
-                        ({"max_time": 100.0, "iters": 98}, 98)):
-        resumed = Budget(100.0, 10**6, 10**6, 0.0, time_from=31, fit_at=41, refit_at=44, saved=saved, log=print)
-        for i in range(31, 45):
-            resumed.tick(i, clock[i])
-        assert resumed.last == last
+    for i in range(45, 78):
+        budget.tick(i, clock[i])
+    assert budget.last == 77 + int(0.98 * (100 - clock[77]) / ((clock[77] - 11) / 66))  # 1 s a step since 11
+    # a run resumed at 30 keeps the checkpoint's count, and counts again from its own start
+    resumed = Budget(100.0, 10**6, 10**6, 0.0, time_from=31, fit_at=41, refit_every=3,
+                     saved={"max_time": 100.0, "iters": 98}, log=print)
+    for i in range(31, 44):
+        resumed.tick(i, clock[i])
+    assert resumed.last == 98
+    resumed.tick(44, clock[44])
+    assert resumed.last == 44 + int(0.98 * (100 - 27.5) / ((27.5 - clock[31]) / 13))
 
 
 def test_a_run_under_max_time_fits_its_iterations_and_ends_its_schedule(workdir):
@@ -243,15 +246,18 @@ def test_a_run_under_max_time_fits_its_iterations_and_ends_its_schedule(workdir)
     n = int(re.search(r"max_time=15s: (\d+) of the max_iters=1000000 iterations fit", p.stdout).group(1))
     # counted at the warmup's end, from the speed of its second half (the first iterations run slower)
     assert re.search(r"^iter 19: .*\nmax_time=15s: ", p.stdout, re.M), p.stdout  # logged in iteration 20
-    # counted again at 4 x 20, from the speed since (logged where the count changed)
-    again = re.search(r"counted again at iteration 80, at the speed since iteration 20: (\d+) iterations", p.stdout)
-    m = int(again.group(1)) if again else n
+    # counted again every 60 iterations (3 x 20), from the speed since 20: logged where the count changed
+    counts = {20: n} | {int(k): int(m) for k, m in re.findall(
+        r"counted again at iteration (\d+), at the speed since iteration 20: (\d+) iterations", p.stdout)}
+    assert all(k % 60 == 20 for k in counts)
     ckpt = load_checkpoint(os.path.join(workdir, "out-clock", "ckpt.pt"))
-    assert ckpt["budget"] == {"max_time": 15.0, "iters": m, "again": False} and ckpt["elapsed"] > 0
-    # the schedule runs by iterations, with its cosine ending at the n that fit (not at max_iters), then at m
-    assert all(lr == f"{get_lr(i - 1, 3e-3, 20, n if i <= 80 else m, 3e-4):.2e}" for i, lr in lrs(p.stdout).items())
+    assert ckpt["budget"] == {"max_time": 15.0, "iters": counts[max(counts)]} and ckpt["elapsed"] > 0
+    # the schedule runs by iterations, its cosine ending at the last count made before each one (not at max_iters)
+    def end(i: int) -> int:
+        return counts[max((k for k in counts if k < i), default=20)]  # the warmup's rates do not depend on it
+    assert all(lr == f"{get_lr(i - 1, 3e-3, 20, end(i), 3e-4):.2e}" for i, lr in lrs(p.stdout).items())
     if "max_time=15s reached" not in p.stdout:  # (unless the machine slowed down: max_time is a safety net)
-        assert ckpt["iter_num"] == m and max(lrs(p.stdout)) == m
+        assert ckpt["iter_num"] == counts[max(counts)] and max(lrs(p.stdout)) == ckpt["iter_num"]
 
 
 def test_resume_keeps_a_trained_models_settings(workdir):
