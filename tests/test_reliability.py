@@ -341,8 +341,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(trained, tmp_path
 
 
 def test_resume_is_exact_under_a_max_time_budget(workdir):
-    """The budget (iterations that fit in max_time) is fixed once and saved: a run killed after it
-    and resumed repeats the same learning rates and losses, and keeps the same last iteration."""
+    """The budget (iterations that fit in max_time) is saved: a run killed after its first count and
+    resumed repeats the same learning rates and losses, and keeps the same last iteration (until its
+    next count, at iteration 60 here)."""
     args = ["--data_dir=data/tiny", "--out_dir=out-budget", "--eval_interval=5", *TINY, "--warmup_iters=10",
             "--dropout=0.1", "--max_iters=1000000", "--max_time=120"]  # fitted at 15, timed from 5
     first = popen("train.py", *args, cwd=workdir)
