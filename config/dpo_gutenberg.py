@@ -1,8 +1,8 @@
 # DPO on the default model with self-play pairs (SPIN): the model learns to prefer the books' true
-# continuations to its own samples. About 4.5 minutes on 2 CPU cores, pairs included (docs/experiments.md).
+# continuations to its own samples. About 4 minutes on 2 CPU cores, pairs included (docs/experiments.md).
 # python train.py config/gutenberg.py && python dpo.py config/dpo_gutenberg.py
 # The loss settings are dpo.py's defaults, the best of the sweep in docs/experiments.md: 32-token prompts and
-# 192-token completions, beta 0.03, learning rate 3e-4, 16 pairs a step (held out 0.81 on this model).
+# 192-token completions, beta 0.03, learning rate 3e-4, 16 pairs a step (held out 0.82 on the default model).
 init_from = "out-gutenberg"
 out_dir = "out-gutenberg-dpo"
 make_pairs = 1500  # and 150 held out, from the validation books
