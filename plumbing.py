@@ -407,13 +407,13 @@ class BatchedMuon(torch.optim.Muon):
 
     def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(params, **kwargs)
+        if any(group["adjust_lr_fn"] != "match_rms_adamw" for group in self.param_groups):
+            raise ValueError("BatchedMuon scales its steps as AdamW's (adjust_lr_fn='match_rms_adamw') only")
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            if group["adjust_lr_fn"] != "match_rms_adamw":
-                raise ValueError("BatchedMuon scales its steps as AdamW's (adjust_lr_fn='match_rms_adamw') only")
             lr, momentum = group["lr"], group["momentum"]
             by_shape: dict[tuple, list] = {}  # (rows, cols), rows <= cols: [(param, its update)]
             for p in group["params"]:

@@ -270,9 +270,10 @@ if rt.master and not eval_only:
 # short. Each count moves the cosine's end a little; fewer and fewer as the timed stretch grows.
 # An evaluation costs 2 x eval_iters batches, forward only (a third of the work of a training batch).
 time_from = max(iter_num + 1, warmup_iters // 2)
+first_count = max(warmup_iters // 2 + 10, warmup_iters)  # a fresh run's first count (50 for the default)
 budget = Budget(max_time, max_iters, eval_interval, eval_cost=2 * eval_iters / (3 * gradient_accumulation_steps),
-                time_from=time_from, fit_at=max(time_from + 10, warmup_iters),
-                refit_every=3 * max(warmup_iters // 2 + 10, warmup_iters), saved=fitted, log=log)
+                time_from=time_from, fit_at=max(time_from + 10, warmup_iters), refit_every=3 * first_count,
+                saved=fitted, log=log)
 if iter_num >= budget.last and not eval_only:
     raise SystemExit(f"{ckpt_path} is at iteration {iter_num}: its run has ended (raise --max_iters to train "
                      "on)")
