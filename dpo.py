@@ -574,4 +574,5 @@ if __name__ == "__main__":
                     + f", {dt * 1000:.0f} ms/step")
     log(f"done in {(time.time() - t_start) / 60:.1f} min: {ckpt_path} (works with sample.py and eval.py), "
         f"curves {out_dir}/dpo_*.png")
+    del model  # the DDP wrapper: end_ddp frees it before the process group ends
     end_ddp(rt)

@@ -390,4 +390,5 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                 log("  tokens per expert (%): " + " | ".join(
                     " ".join(f"{100 * x:.0f}" for x in layer) for layer in raw_model.expert_shares()))
 
+model = None  # drops the DDP wrapper: end_ddp frees it before the process group ends
 end_ddp(rt)
