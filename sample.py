@@ -132,6 +132,7 @@ def main(c: dict) -> None:
     settings = {**sampling(c), "temperature": 0.0} if c["greedy"] else sampling(c)
     n_steps = decode_steps(c["num_samples"], c["batch_size"], c["max_new_tokens"])
     compile = decode_compile(c["compile"], rt.device_type, n_steps, log=lambda line: print(line, file=sys.stderr))
+    model = rt.decoder(model, compile)  # a compiled step on a CPU with bf16 units reads bf16 weights
     if c["num_samples"] == 1:  # stream the text as it comes
         steps = model.generate(x, c["max_new_tokens"], **settings, eot_id=tok.eot_id, generator=gen,
                                compile=compile)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from test_model import full_recompute_greedy
 from test_model import tiny as gpt_tiny
+from torch._dynamo.utils import counters
 
 import plumbing
 from model import (
@@ -220,6 +221,36 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_once(arch):
     drawn = [torch.cat(list(m.generate(idx, 30, temperature=1.0, top_k=20, compile=c,
                                        generator=torch.Generator().manual_seed(7))), dim=1) for c in (False, True)]
     assert torch.equal(drawn[0], drawn[1])
+
+
+@pytest.mark.slow  # compiles the batch-1 decode step twice (float32, bf16): 10-20 s
+def test_a_compiled_step_at_batch_1_decodes_the_weights_read_as_one_product_or_in_bf16():
+    """At batch 1 the compiled step's matrix products are Inductor's fused reductions: the eager greedy
+    tokens in float32. Runtime.decoder gives a compiled step on a bf16 CPU a bf16 copy of the weights
+    (the model itself untouched): each token it picks is, by the float32 model's own scores, within
+    bf16's rounding of the likeliest, not one a broken kernel would pick."""
+    if not resolve_compile(None, "cpu", log=lambda line: None):
+        pytest.skip("Inductor cannot build C++ kernels on this machine")
+    m = tiny(n_layer=2, moe_every=0, vocab_size=3000)  # an output layer past the pass's own limit (2,048)
+    idx = torch.randint(0, 3000, (1, 5))
+    torch._dynamo.reset()
+    counters["inductor"].clear()
+    eager = torch.cat(list(m.generate(idx, 10, temperature=0.0)), dim=1)
+    assert torch.equal(torch.cat(list(m.generate(idx, 10, temperature=0.0, compile=True)), dim=1), eager)
+    assert counters["inductor"]["decompose_mm"] == 2 * 7 + 1  # q, k, v, o, gate, up, down a layer; the output
+
+    bf16 = plumbing.Runtime("cpu", "cpu", torch.bfloat16, False, 0, 0, 1)
+    fp32 = plumbing.Runtime("cpu", "cpu", torch.float32, False, 0, 0, 1)
+    assert bf16.decoder(m, False) is m and fp32.decoder(m, True) is m  # eager, or float32: the model itself
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    d = bf16.decoder(m, True)
+    assert all(p.dtype == torch.bfloat16 for p in d.parameters())
+    assert all(torch.equal(v, m.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
+    tokens = torch.cat(list(d.generate(idx, 10, temperature=0.0, compile=True)), dim=1)  # (1, 10)
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.cat((idx, tokens[:, :-1]), dim=1))[0, -10:], dim=-1)
+    gap = logp.max(dim=-1).values - logp.gather(-1, tokens[0][:, None]).squeeze(-1)
+    assert gap.max() < 0.05, gap
 
 
 def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
