@@ -267,8 +267,8 @@ try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are
             print(text, end="", flush=True)
             x = torch.tensor([prompt], dtype=torch.long, device=rt.device)
             with torch.no_grad(), rt.autocast(decode=True):  # the reply streams as it is written
-                steps = rt.decoder(policy, compile).generate(x, max_new_tokens, **sampling(config), eot_id=tok.eot_id,
-                                        generator=gen, compile=compile)
+                steps = rt.decoder(policy, compile).generate(x, max_new_tokens, **sampling(config),
+                                                             eot_id=tok.eot_id, generator=gen, compile=compile)
                 replies.append(stream(steps, tok))
         texts = [tok.decode(r) for r in replies]
         if auto_rate:

@@ -639,17 +639,17 @@ def compiled_decode_step(device_type: str):
     if device_type == "cuda":
         return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
     # one token per row: each matrix product is a matrix-vector product, bound by reading the weights.
-    # Inductor's decompose_mm_pass writes it as a fused multiply-and-sum that reads the weights once at
-    # memory speed, bf16 ones included (oneDNN's call costs more at this size), for matrices of up to
-    # `largest` rows and columns: the output layer's vocabulary included (the pass reads its limits
-    # when first imported, and a compile may reuse a cached graph: set in both places)
+    # Inductor's decompose_mm_pass writes it as a fused multiply-and-sum that reads them at memory speed,
+    # bf16 ones too (oneDNN reads one row's bf16 weights no faster than float32 ones). Its limit on the
+    # matrix's size is raised past any vocabulary, for the output layer; the pass reads the limit once,
+    # when first imported, and a cached graph is keyed on the options: so it is set in both places.
     largest = 1 << 17
     options = {"cpp_wrapper": True}
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
     except ImportError:
         mm_pass = None
-    if hasattr(mm_pass, "cpu_max_other_dimension_decomposition"):  # an older torch: oneDNN's products
+    if hasattr(mm_pass, "cpu_max_other_dimension_decomposition"):  # else an older torch: oneDNN's products
         mm_pass.cpu_max_other_dimension_decomposition = largest
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": largest}}
     return torch.compile(decode_step, fullgraph=True, options=options)

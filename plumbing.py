@@ -59,10 +59,10 @@ class Runtime:
 
     def decoder(self, model: torch.nn.Module, compile: bool) -> torch.nn.Module:
         """The model that generates. A compiled decode step on a CPU with bf16 units (dtype bf16) reads
-        a bf16 copy of the weights: each token reads every weight, and Inductor's fused reductions read
-        bf16 at memory speed, half the bytes (bench.py: 1.3x at batch 1). Eager, oneDNN multiplies one
-        token by bf16 weights no faster than by float32, and a CPU without bf16 units would emulate
-        the prefill's bf16 matmuls: the model itself, in float32, there."""
+        a bf16 copy of the weights: each token reads every weight, and the step's fused reductions read
+        bf16 at memory speed, half the bytes (bench.py: 1.17x float32 at batch 1 and 32). Eager, oneDNN
+        multiplies one row by bf16 weights no faster than by float32; without bf16 units it emulates the
+        bf16 products of the prefill and of batches: the model itself, in float32, there."""
         if compile and self.device_type == "cpu" and self.ptdtype == torch.bfloat16:
             return copy.deepcopy(model).to(torch.bfloat16)
         return model
