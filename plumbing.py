@@ -21,7 +21,9 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -256,11 +258,20 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
     if device_type != "cpu":
         return device_type == "cuda"
     t0 = time.time()
+    interrupted = []  # a Ctrl-C during the check stops the script, even where Inductor turns it into an error
+    on_main = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGINT, lambda *a: (interrupted.append(1), signal.default_int_handler(*a))) \
+        if on_main else None
     try:
         works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
         why = "wrong result"
     except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
         works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     if works:
         log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); "
             "the model compiles during its first iterations, counted in max_time; --compile=False trains "
