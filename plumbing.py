@@ -258,20 +258,21 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
     if device_type != "cpu":
         return device_type == "cuda"
     t0 = time.time()
-    interrupted = []  # a Ctrl-C during the check stops the script, even where Inductor turns it into an error
-    on_main = threading.current_thread() is threading.main_thread()  # where Python delivers signals
-    previous = signal.signal(signal.SIGINT, lambda *a: (interrupted.append(1), signal.default_int_handler(*a))) \
-        if on_main else None
+    # a Ctrl-C during the check goes to the script's handler, even where Inductor turns it into an error
+    interrupted = []
+    ctrl_c = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if callable(ctrl_c):  # Python's (KeyboardInterrupt) or the script's own; signals reach the main thread only
+        signal.signal(signal.SIGINT, lambda signum, frame: (interrupted.append(signum), ctrl_c(signum, frame)))
     try:
         works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
         why = "wrong result"
     except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
         works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     finally:
-        if on_main:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        raise KeyboardInterrupt
+        if callable(ctrl_c):
+            signal.signal(signal.SIGINT, ctrl_c)
+    if interrupted:  # the check caught what the handler raised: raise it again
+        ctrl_c(signal.SIGINT, None)
     if works:
         log(f"compile: on (Inductor builds C++ kernels on this CPU, checked in {time.time() - t0:.1f} s); "
             "the model compiles during its first iterations, counted in max_time; --compile=False trains "

@@ -1,4 +1,5 @@
 import pathlib
+import signal
 
 import pytest
 import torch
@@ -264,6 +265,34 @@ def test_resolve_compile_says_in_one_line_why_it_stays_eager(monkeypatch):
     assert resolve_compile(True, "cpu", lines.append) is True and len(lines) == 1  # asked for: no check
     assert resolve_compile(None, "cuda", lines.append) is True
     assert resolve_compile(None, "mps", lines.append) is False
+
+
+def test_a_ctrl_c_during_the_compile_check_reaches_the_scripts_handler(monkeypatch):
+    """Inductor may turn a Ctrl-C during resolve_compile's check into an error of its own: the script's
+    handler (dpo.py's line, or Python's KeyboardInterrupt) still stops the script, and the check does
+    not report that Inductor cannot build (eval.py once decoded on eagerly after such a Ctrl-C)."""
+    def interrupted_compile(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here and raises
+        except BaseException as e:
+            raise RuntimeError("C++ compile failed") from e
+
+    def scripts_handler(signum, frame):
+        raise SystemExit("interrupted: the script's line")
+
+    monkeypatch.setattr(torch, "compile", interrupted_compile)
+    lines = []
+    previous = signal.signal(signal.SIGINT, scripts_handler)
+    try:
+        with pytest.raises(SystemExit, match="the script's line"):
+            resolve_compile(None, "cpu", lines.append)
+        assert signal.getsignal(signal.SIGINT) is scripts_handler  # put back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt):
+            resolve_compile(None, "cpu", lines.append)
+        assert not lines  # no "compile: off" line
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_decode_step_compiles_by_a_rule_the_readme_states(monkeypatch):
