@@ -43,6 +43,17 @@ def torchrun(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
     return p
 
 
+def finish(p: subprocess.Popen, timeout: float = 60) -> str:
+    """The rest of a running script's output, once it exits. One still running after timeout (a Ctrl-C
+    it missed) is killed, not left to slow the rest of the suite, and the test fails saying so."""
+    try:
+        return p.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError(f"still running {timeout:.0f} s after the Ctrl-C, killed:\n{p.communicate()[0][-2000:]}") \
+            from None
+
+
 def train_defaults() -> dict:
     """train.py's defaults: the block between its first two '# ----' lines, run with model.model_settings."""
     source = open(os.path.join(ROOT, "train.py")).read().split("# " + "-" * 77 + "\n")[1]

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run, torchrun
+from conftest import ROOT, TINY, finish, run, torchrun
 
 import dpo
 import eval as eval_script
@@ -356,7 +356,7 @@ def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_
             if line.startswith(after):
                 p.send_signal(signal.SIGINT)
                 break
-        out = p.communicate(timeout=60)[0]
+        out = finish(p)
         assert p.returncode == 1 and "Traceback" not in out, out
         return out.splitlines()[-1]
 

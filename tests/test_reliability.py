@@ -13,7 +13,7 @@ import unicodedata
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run, torchrun, train_defaults
+from conftest import ROOT, TINY, finish, run, torchrun, train_defaults
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import losses
@@ -297,7 +297,7 @@ def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
               "--max_iters=100000", cwd=workdir)
     read_until(p, "iter 7:")
     p.send_signal(signal.SIGINT)
-    rest = p.communicate(timeout=60)[0]
+    rest = finish(p)
     assert p.returncode == 130 and "Traceback" not in rest, rest
     assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
 
@@ -318,7 +318,7 @@ def test_ctrl_c_in_sample_and_eval_is_one_line_and_status_130(trained, script, a
         assert c, before  # the process ended before it was interrupted
         before += c
     p.send_signal(signal.SIGINT)
-    rest = p.communicate(timeout=60)[0]
+    rest = finish(p)
     assert p.returncode == 130 and rest.splitlines()[-1] == "interrupted" and "Traceback" not in rest, rest
 
 
@@ -332,7 +332,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(trained, tmp_path
     p = popen("train.py", *args, *(["--init_from=resume"] if resume else []), cwd=str(tmp_path))
     read_until(p, "tokens per iteration")  # data checked, model not built yet: then a compile check, a peak
     p.send_signal(signal.SIGINT)
-    rest = p.communicate(timeout=60)[0]
+    rest = finish(p)
     assert p.returncode == 130 and "Traceback" not in rest, rest
     kept = f"{out}/ckpt.pt is as it was (continue with --init_from=resume)" if resume else "no checkpoint was written"
     assert rest.splitlines()[-1] == f"interrupted during start-up: {kept}", rest
