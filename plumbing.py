@@ -261,15 +261,21 @@ def resolve_compile(compile: bool | None, device_type: str, log=print) -> bool:
     # a Ctrl-C during the check goes to the script's handler, even where Inductor turns it into an error
     interrupted = []
     ctrl_c = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if callable(ctrl_c):  # Python's (KeyboardInterrupt) or the script's own; signals reach the main thread only
-        signal.signal(signal.SIGINT, lambda signum, frame: (interrupted.append(signum), ctrl_c(signum, frame)))
+    guard = callable(ctrl_c)  # Python's (KeyboardInterrupt) or the script's own; signals reach the main thread only
+
+    def on_ctrl_c(signum, frame):
+        interrupted.append(signum)
+        ctrl_c(signum, frame)
+
+    if guard:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         works = torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).tolist() == [3.0] * 4
         why = "wrong result"
     except Exception as e:  # Inductor raises when it finds no working compiler or cannot build
         works, why = False, (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     finally:
-        if callable(ctrl_c):
+        if guard:
             signal.signal(signal.SIGINT, ctrl_c)
     if interrupted:  # the check caught what the handler raised: raise it again
         ctrl_c(signal.SIGINT, None)
