@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, next_token_loss, sample_next
+from model import GPT, CrossEntropy, GPTConfig, KVCache, next_token_loss, sample_next
 
 
 def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
@@ -22,6 +22,34 @@ def test_shapes_and_last_position_logits():
     last = m(x, cache=KVCache(m, 3))  # generation: the last position's logits only
     assert last.shape == (3, 1, 50)
     assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cross_entropy_with_its_gradient_from_the_forward_matches_pytorchs(dtype, monkeypatch):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(40, 64)).to(dtype)
+    targets = torch.randint(0, 64, (40,))
+    targets[[3, 17, 18]] = -1  # ignored: no loss, no gradient
+
+    def loss_and_grad(fn):
+        z = logits.clone().requires_grad_()
+        loss = fn(z, targets)
+        (0.5 * loss).backward()  # a scaled loss, as gradient accumulation divides it
+        return loss, z.grad
+
+    want, want_grad = loss_and_grad(lambda z, t: torch.nn.functional.cross_entropy(z.float(), t, ignore_index=-1))
+    got, got_grad = loss_and_grad(CrossEntropy.apply)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert got_grad.dtype == dtype and got_grad[[3, 17, 18]].abs().max() == 0
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: each gradient rounded to 8 bits, either way
+    assert torch.allclose(got_grad.float(), want_grad.float(), atol=tol)
+    # next_token_loss takes this path when compiled (eager, PyTorch's kernels are faster), and agrees
+    assert type(loss_and_grad(next_token_loss)[0].grad_fn).__name__ == "NllLossBackward0"
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert type(loss_and_grad(next_token_loss)[0].grad_fn).__name__ == "CrossEntropyBackward"
+    compiled, compiled_grad = loss_and_grad(torch.compile(next_token_loss))
+    assert torch.allclose(compiled, want, atol=1e-5) and torch.allclose(compiled_grad.float(), want_grad.float(), atol=tol)
 
 
 def test_causality_future_tokens_do_not_change_the_past():
