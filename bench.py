@@ -38,6 +38,7 @@ from plumbing import (
     Runtime,
     configure_optimizer,
     fast_bf16,
+    keep_freed_memory,
     measure_peak_flops,
     resolve_compile,
     resolve_dtype,
@@ -535,6 +536,7 @@ def main(c: dict) -> None:
         raise SystemExit(f"error: unknown section(s) {', '.join(unknown)}: choose among "
                          f"{', '.join(SECTIONS)}")
     torch.manual_seed(0)
+    keep_freed_memory()  # as train.py: the training steps timed here are its steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", flush=True)
     for s in chosen:
         print(f"[{s}]", flush=True)
