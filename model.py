@@ -114,13 +114,15 @@ def attention(q, k, v, dropout_p: float = 0.0, attn_maps: list | None = None, ma
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
     B, nh, _, hd = q.shape
-    n_kv = k.size(1)
-    # grouped-query attention: the nh / n_kv query heads that share a key/value head are stacked
-    # into one taller matrix, so that each key/value head meets all of its queries in one product
-    q = q.reshape(B, n_kv, nh // n_kv * T, hd)  # (B, n_kv, rep*T, hd)
+    rep = nh // k.size(1)  # query heads per key/value head
+    if T == 1:  # decoding: a product per head, which compiled_decode_step writes as a multiply-and-sum
+        k, v, rep = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), 1
+    # grouped-query attention: the rep query heads that share a key/value head are stacked into one
+    # taller matrix, so that each key/value head meets all of its queries in one product
+    q = q.reshape(B, nh // rep, rep * T, hd)  # (B, n_kv, rep*T, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_kv, rep*T, S)
     allowed = causal_mask(T, S, q.device) if mask is None else mask  # (T, S)
-    att = att.masked_fill(~allowed.repeat(nh // n_kv, 1), float("-inf"))
+    att = att.masked_fill(~allowed.repeat(rep, 1), float("-inf"))
     # in the input's dtype (bf16 under autocast): softmax kernels sum in float32 whatever their
     # input, and the probabilities, rounded once to bf16, are what att @ v and the backward read
     att = F.softmax(att, dim=-1)
