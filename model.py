@@ -202,8 +202,10 @@ class CrossEntropy(torch.autograd.Function):
     (in the logits' dtype, as autograd would keep the logits), and the backward only subtracts 1
     at each row's target, N entries. Autograd's own backward computes the N x V exponentials a
     second time and compares every column with the target. With 8,192 classes the loss was 17 %
-    of the default's compiled step; this makes the step 5 % faster. Only under torch.compile,
-    which fuses each pass into one loop: eager, PyTorch's own kernels are faster (docs/experiments.md)."""
+    of the default's compiled step; this makes the step 5 % faster (Inductor, free to trade memory
+    for work, keeps the logits and recomputes the softmax in the backward's one pass). Only under
+    torch.compile: eager, PyTorch's own kernels are faster (docs/experiments.md). Where every row
+    is ignored the loss is 0 (F.cross_entropy's is nan)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, V), (N,)
