@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, CrossEntropy, GPTConfig, KVCache, next_token_loss, sample_next
+from model import GPT, CrossEntropy, GPTConfig, KVCache, causal_mask, next_token_loss, sample_next
 
 
 def tiny(block_size=16, vocab_size=50, **kw) -> GPT:
@@ -73,6 +73,8 @@ def test_sdpa_equals_explicit_attention_and_maps_are_causal_distributions():
     assert len(maps) == 2 and maps[0].shape == (2, 2, 12, 12)
     assert torch.allclose(maps[1].sum(-1), torch.ones(2, 2, 12), atol=1e-5)
     assert maps[0].triu(diagonal=1).abs().max() == 0  # nothing attends to the future
+    # the last 5 of 9 positions (a cache's shape): query i sees keys 0 .. 4 + i
+    assert torch.equal(causal_mask(5, 9, "cpu"), torch.ones(5, 9, dtype=torch.bool).tril(diagonal=4))
 
 
 def full_recompute_greedy(m: GPT, idx, n):
