@@ -36,7 +36,7 @@ embedding_lr = 2e-2
 batch_size = 16  # 4,096 tokens per iteration
 learning_rate = 2e-3  # small models tolerate (and need, with few steps) a high learning rate
 warmup_iters = 50
-max_iters = 4000  # the cosine schedule ends here, or earlier where fewer fit in max_time (1,830-2,920 on a 2-core AMX CPU)
+max_iters = 4000  # the cosine schedule ends here, or earlier where fewer fit in max_time (2,596-3,510 on a 2-core AMX CPU)
 max_time = 570.0  # a slower machine fits fewer iterations in 9.5 minutes, and its schedule ends there
 
 eval_interval = 150
