@@ -40,6 +40,7 @@ from plumbing import (
     fast_bf16,
     keep_freed_memory,
     measure_peak_flops,
+    peak_matmul_size,
     resolve_compile,
     resolve_dtype,
     resolve_optimizer,
@@ -120,12 +121,19 @@ def need_data(tokenizer: str, data_dir: str) -> None:
 
 
 # --- 1. the limit ------------------------------------------------------------------------------------
+def side(dtype: torch.dtype) -> str:
+    """The square matrices measure_peak_flops multiplies in dtype here: "2048x2048"."""
+    n = peak_matmul_size(device, dtype)
+    return f"{n}x{n}"
+
+
 def bench_peak() -> float:
     fp32 = measure_peak_flops(device, torch.float32, seconds=1.0)
-    report("peak", "matmul fp32 (1024x1024)", f"{fp32 / 1e9:,.0f} GFLOP/s")
+    report("peak", f"matmul fp32 ({side(torch.float32)})", f"{fp32 / 1e9:,.0f} GFLOP/s")
     bf16 = measure_peak_flops(device, torch.bfloat16, seconds=1.0)
-    report("peak", "matmul bf16 (1024x1024)", f"{bf16 / 1e9:,.0f} GFLOP/s", f"{bf16 / fp32:.2f}x fp32")
+    report("peak", f"matmul bf16 ({side(torch.bfloat16)})", f"{bf16 / 1e9:,.0f} GFLOP/s", f"{bf16 / fp32:.2f}x fp32")
     return fp32
+
 
 
 # --- 2. training -------------------------------------------------------------------------------------
@@ -447,7 +455,7 @@ def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float],
 
 def bench_profile() -> None:
     peak = measure_peak_flops(device, getattr(torch, dtype), seconds=1.0)
-    report("profile", f"matmul peak {dtype} (1024x1024)", f"{peak / 1e9:,.0f} GFLOP/s",
+    report("profile", f"matmul peak {dtype} ({side(getattr(torch, dtype))})", f"{peak / 1e9:,.0f} GFLOP/s",
            "MFU is relative to it")
     torch.manual_seed(0)
     old_model = old_model_module()  # given the default's settings that its config knows
