@@ -68,6 +68,7 @@ from plumbing import (
     same_dir,
     save_checkpoint,
     setup_runtime,
+    share_batch,
     unwrap,
     wrap_model,
 )
@@ -85,8 +86,8 @@ completion_tokens = 192  # self-play: the true and the sampled continuations; lo
 beta = 0.03  # lower than TRL's 0.1: the policy may move further (docs/experiments.md has the sweep)
 loss_type = "sigmoid"  # sigmoid (DPO) | ipo
 label_smoothing = 0.0  # conservative DPO: the probability that a pair's labels are swapped
-batch_size = 16  # pairs per micro-step
-gradient_accumulation_steps = 1
+batch_size = 16  # pairs per micro-step (under DDP, lower if the global batch needs it to split evenly)
+gradient_accumulation_steps = 1  # micro-steps per step (global, divided among DDP processes)
 learning_rate = 3e-4
 max_iters = 300
 max_time = 0.0  # seconds of training (the steps that fit are counted early on, as in train.py); 0 = no limit
@@ -353,6 +354,12 @@ if __name__ == "__main__":
     # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
     rt = setup_runtime(device, dtype, seed, backend, ddp_timeout)
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
+    # the same global batch whatever the number of processes, as in train.py: gradient_accumulation_steps
+    # becomes each process's micro-steps, of micro_batch pairs (batch_size unless it does not divide evenly)
+    gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size)
+    if micro_batch != batch_size:
+        log(f"note: {rt.world_size} processes share the global batch of {config['gradient_accumulation_steps']} x "
+            f"{batch_size} pairs as {gradient_accumulation_steps} micro-step(s) each of {micro_batch} pairs")
     fitted = None  # how many steps fit in max_time, counted once (see plumbing.Budget)
     # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
     # with it the policy would differ from the reference before the first step (rewards not 0)
@@ -470,7 +477,7 @@ if __name__ == "__main__":
     # steps later (train.py waits for its warmup's end, which is longer). An evaluation scores every
     # held-out pair, forward only (a third of the work of a training pair), in steps of
     # gradient_accumulation_steps x batch_size pairs
-    eval_cost = len(val_data) / (3 * gradient_accumulation_steps * batch_size)
+    eval_cost = len(val_data) / (3 * gradient_accumulation_steps * micro_batch)
     budget = Budget(max_time, max_iters, eval_interval, eval_cost, time_from=iter_num + 1, fit_at=iter_num + 11,
                     saved=fitted, log=log)
 
@@ -535,15 +542,19 @@ if __name__ == "__main__":
             if done:
                 break
 
-            # one step: gradient_accumulation_steps micro-batches of batch_size pairs, one optimizer step
+            # one step: gradient_accumulation_steps micro-batches of micro_batch pairs, one optimizer step
             lr = get_lr(iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # the step's global batch, drawn whole by every process: (processes, micro-steps, micro_batch),
+            # of which this process takes its row. The same pairs with 1 process or 8
+            n_draws = rt.world_size * gradient_accumulation_steps
+            step_idx = torch.randint(len(train_data), (n_draws, micro_batch), generator=batch_gen)
+            step_idx = step_idx.view(rt.world_size, gradient_accumulation_steps, micro_batch)[rt.rank]
             for micro_step in range(gradient_accumulation_steps):
                 if rt.ddp:  # all-reduce the gradients on the last micro-step only (see train.py)
                     model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-                idx = torch.randint(len(train_data), (rt.world_size, batch_size), generator=batch_gen)
-                idx = idx[rt.rank]  # this process's share of the global batch
+                idx = step_idx[micro_step]
                 with rt.autocast():
                     pi_c, pi_r = batch_logps(model, [train_data[i] for i in idx], block_size, rt.device, mean)
                     ref_c, ref_r = ref_logps["train"][0][idx], ref_logps["train"][1][idx]

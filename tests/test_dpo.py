@@ -303,14 +303,15 @@ def test_one_run_per_out_dir(trained):
 
 
 def test_ddp_two_processes_give_the_single_process_run(trained):
-    """2 processes of 4 pairs each share the global batch of 1 process of 8: the same steps, the same model."""
+    """2 processes share the global batch of 8 pairs, 4 each: the steps and the model of 1 process."""
     args = ["--init_from=out-tiny", "--max_iters=12", "--eval_interval=6", "--log_interval=6",
             "--learning_rate=3e-3", "--device=cpu", "--dtype=float32"]  # bf16 on a CPU with bf16 units: not equal
     single = run("dpo.py", *args, "--out_dir=out-dpo-single", "--batch_size=8", "--make_pairs=48",
                  "--prompt_tokens=12", "--completion_tokens=10", cwd=trained).stdout
     pairs = ["--pairs=out-dpo-single/pairs.jsonl", "--val_pairs=out-dpo-single/pairs_val.jsonl"]
     # every process ends cleanly, after rank 0 has saved
-    ddp = torchrun("dpo.py", *args, *pairs, "--out_dir=out-dpo-ddp", "--batch_size=4", cwd=trained).stdout
+    ddp = torchrun("dpo.py", *args, *pairs, "--out_dir=out-dpo-ddp", "--batch_size=8", cwd=trained).stdout
+    assert "as 1 micro-step(s) each of 4 pairs" in ddp, ddp
 
     def evals(log: str) -> dict[str, list[float]]:
         return {k: [float(v) for v in re.findall(r" (-?[\d.]+)(?:,|$)", line)]
