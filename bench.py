@@ -135,7 +135,6 @@ def bench_peak() -> float:
     return fp32
 
 
-
 # --- 2. training -------------------------------------------------------------------------------------
 def bench_train() -> None:
     need_data("bpe", "data/gutenberg_bpe8192")

@@ -475,8 +475,8 @@ if __name__ == "__main__":
         keep_metrics(metrics_path, iter_num if resume else -1)  # the steps after the checkpoint are redone
     # the steps that fit in max_time: timed from the end of the first step (which may compile), counted 10
     # steps later (train.py waits for its warmup's end, which is longer). An evaluation scores every
-    # held-out pair, forward only (a third of the work of a training pair), in steps of
-    # gradient_accumulation_steps x batch_size pairs
+    # held-out pair, forward only (a third of the work of a training pair), in steps of this process's
+    # gradient_accumulation_steps x micro_batch pairs
     eval_cost = len(val_data) / (3 * gradient_accumulation_steps * micro_batch)
     budget = Budget(max_time, max_iters, eval_interval, eval_cost, time_from=iter_num + 1, fit_at=iter_num + 11,
                     saved=fitted, log=log)
@@ -576,7 +576,7 @@ if __name__ == "__main__":
             n_timed += 1
             elapsed = rank0_clock(t_start, rt)  # under DDP rank 0's clock decides for everyone
             budget.tick(iter_num, elapsed)
-            if iter_num % log_interval == 0:  # the metrics of the last micro-batch
+            if iter_num % log_interval == 0:  # the metrics of rank 0's last micro-batch
                 dt = (time.time() - t0) / n_timed
                 t0, n_timed = time.time(), 0
                 if rt.master:

@@ -329,7 +329,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def peak_matmul_size(device: str, dtype: torch.dtype) -> int:
-    """The side of the square matrices measure_peak_flops multiplies: 4096 on a GPU; on a CPU 2048 in
+    """The side of the square matrices measure_peak_flops multiplies: 4096 on CUDA; on a CPU 2048 in
     bf16 where it has bf16 units (AMX reaches its speed on products of 1536 and up: at 1024 it measured
     half of it, 1,677 against 3,210 GFLOP/s), else 1024 (float32 is as fast at 1024 as at 2048, and an
     emulated bf16 product of 2048 would take seconds)."""

@@ -22,7 +22,7 @@ dropout = 0.0  # one pass over a fraction of the corpus: nothing to regularise
 
 # bf16 autocast (float32 weights and optimizer) where the device computes bf16 fast: CUDA GPUs, and
 # CPUs with bf16 units (AVX512-BF16, AMX; measured at start-up), where matmuls run 4-7x faster than
-# in float32 (by their size) and this model's step about 2.5x, for the same loss per step. Elsewhere
+# in float32 (by their size) and this model's step 2-2.5x, for the same loss per step. Elsewhere
 # float32: other CPUs emulate bf16, 100x slower than float32.
 dtype = "auto"
 

@@ -348,6 +348,9 @@ def test_the_default_config_runs_either_kind_of_cpu(workdir, fast):
             "--max_time=0", *TINY, "--d_ff=64", "--dtype=auto"]
     fake = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); import plumbing\n"
             f"plumbing.fast_bf16 = lambda device: {fast}\n"
+            # and its matmul peak on small products: a CPU without bf16 units would emulate the 2048 x 2048
+            # bf16 ones of a CPU with them for seconds, at start-up and at every evaluation
+            "plumbing.peak_matmul_size = lambda device, dtype: 256\n"
             f"sys.argv = ['train.py', *{argv!r}]\n"
             f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
     p = subprocess.run([sys.executable, "-c", fake], cwd=workdir, capture_output=True, text=True, timeout=300)
