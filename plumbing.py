@@ -9,6 +9,7 @@ what the course teaches (the model, its loss, the training step and DPO read in 
   plots and metrics       metrics.jsonl and the curves drawn from it
 """
 
+import atexit
 import codecs
 import contextlib
 import copy
@@ -602,11 +603,14 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     if fresh and os.path.exists(ckpt) and not overwrite:
         raise SystemExit(f"error: {ckpt} already holds a model, and a fresh run would replace it: {hint}, "
                          f"pass another {flag}, or --overwrite=True to replace it")
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:
         raise SystemExit(f"error: cannot write in {out_dir} ({e.strerror}): pass another {flag}") from None
+    if created:  # a run stopped before it wrote anything (a bad setting, Ctrl-C) leaves no empty folder
+        atexit.register(remove_if_unused, out_dir)
     try:
         import fcntl  # POSIX; elsewhere runs go unlocked
 
@@ -621,6 +625,14 @@ def claim_out_dir(out_dir: str, fresh: bool, overwrite: bool, hint: str, flag: s
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def remove_if_unused(out_dir: str) -> None:
+    """Removes out_dir if it holds nothing but its lock file (at exit, for claim_out_dir)."""
+    with contextlib.suppress(OSError):
+        if os.listdir(out_dir) == [".lock"]:
+            os.remove(os.path.join(out_dir, ".lock"))
+            os.rmdir(out_dir)
 
 
 def disk_full(e: BaseException) -> bool:

@@ -267,6 +267,17 @@ def test_an_out_dir_that_cannot_take_the_run_is_one_line(workdir, tmp_path):
     assert (tmp_path / "a_file").read_text() == "notes"
 
 
+def test_a_run_refused_before_it_wrote_anything_leaves_no_folder(workdir):
+    """The out_dir a fresh run made is removed when the run stops with nothing in it; one that was
+    there before is kept."""
+    os.makedirs(os.path.join(workdir, "out-mine"))
+    for out_dir in ("out-new", "out-mine"):
+        p = run("train.py", "--data_dir=data/no-such", f"--out_dir={out_dir}", *TINY, cwd=workdir, check=False)
+        assert p.returncode == 1 and "no prepared data in data/no-such" in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(workdir, "out-new"))
+    assert os.path.isdir(os.path.join(workdir, "out-mine"))
+
+
 def test_resuming_on_data_with_another_tokenizer_is_refused(trained, txt_dir, tmp_path):
     shutil.copytree(os.path.join(trained, "out-tiny"), tmp_path / "out-tiny")
     # other books, a vocabulary of the same size: the same ids would mean other strings
@@ -336,7 +347,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(trained, tmp_path
     assert p.returncode == 130 and "Traceback" not in rest, rest
     kept = f"{out}/ckpt.pt is as it was (continue with --init_from=resume)" if resume else "no checkpoint was written"
     assert rest.splitlines()[-1] == f"interrupted during start-up: {kept}", rest
-    after = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"}
+    assert out.exists() == resume  # the folder a fresh run made, with nothing in it, is gone
+    after = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"} if resume else {}
     assert after == {f: b for f, b in before.items() if f != ".lock"}  # nothing written, nothing half-written
 
 
