@@ -21,6 +21,7 @@ time, update count), which dpo.py can read as preference pairs. The tuned model 
 starting checkpoint is never written. rewards.png plots the ratings and their running mean.
 """
 
+import codecs
 import hashlib
 import json
 import os
@@ -168,8 +169,8 @@ def ask_rating(lines, pairwise: bool):
 interactive = not script and sys.stdin.isatty()  # a person at the keyboard
 if script:
     try:
-        with open(script, "rb") as f:
-            lines = read_lines(f.read().splitlines(), echo=True)
+        with open(script, "rb") as f:  # less the byte-order mark some editors write first (Windows Notepad)
+            lines = read_lines(f.read().removeprefix(codecs.BOM_UTF8).splitlines(), echo=True)
     except OSError as e:
         raise SystemExit(f"error: cannot read the script {script}: {e}") from None
 else:

@@ -85,11 +85,13 @@ def test_bad_input_is_asked_again_and_end_of_input_saves(trained):
 
 def test_pairwise_choices_and_script_file(trained, tmp_path):
     script = tmp_path / "session.txt"
-    script.write_text("La mer\n3\n1\nLe vent\n=\nLa pluie\nq\nnever read\n", encoding="utf-8")
+    # with a byte-order mark first, as Windows Notepad writes: it is no part of the first prompt
+    script.write_text("La mer\n3\n1\nLe vent\n=\nLa pluie\nq\nnever read\n", encoding="utf-8-sig")
     p = chat(trained, "", "--chat_dir=chat-pair", "--pairwise", f"--script={script}")
     assert "'3' is not a choice" in p.stdout and "never read" not in p.stdout.split("choice [")[-1]
     log = feedback(trained, "chat-pair")
     assert [e["choice"] for e in log] == [1, "="] and all(len(e["replies"]) == 2 for e in log)
+    assert [e["prompt"] for e in log] == ["La mer", "Le vent"]
     assert [e["update"] for e in log] == [1, 1]  # a tie teaches nothing
 
 
