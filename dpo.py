@@ -45,6 +45,7 @@ from plumbing import (
     GENERATE_BATCH,
     Budget,
     check_config,
+    check_tokenizer,
     claim_out_dir,
     configure_optimizer,
     continue_prompts,
@@ -72,6 +73,8 @@ from plumbing import (
     unwrap,
     wrap_model,
 )
+from tokenizer import load as load_tokenizer
+from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 init_from = "out-gutenberg"  # the pretrained checkpoint: the starting policy and the frozen reference
@@ -81,6 +84,7 @@ overwrite = False  # let a fresh run replace a model already in out_dir
 pairs = ""  # JSONL, JSON, parquet or a Hub dataset of prompt / chosen / rejected; or chat.py's feedback.jsonl
 val_pairs = ""  # held-out pairs; "" = out_dir/pairs_val.jsonl when made here, else 10% of pairs held out
 make_pairs = 0  # build this many self-play pairs (and a tenth as many held out, 100 at least), train on them
+data_dir = ""  # self-play: the prepared data to draw passages from; "" = the data init_from was trained on
 prompt_tokens = 32  # self-play: length of the prompt passage, in tokens
 completion_tokens = 192  # self-play: the true and the sampled continuations; long ones hold more evidence per pair
 beta = 0.03  # lower than TRL's 0.1: the policy may move further (docs/experiments.md has the sweep)
@@ -380,15 +384,19 @@ if __name__ == "__main__":
         saved_iter = ckpt["iter_num"]
     else:
         model, tok, ckpt = load_model(init_from, rt.device, "--init_from", dropout=0.0)
-        if make_pairs:  # self-play draws its passages from the data the checkpoint was trained on
-            data_dir = ckpt["data_dir"]
+        if make_pairs:  # self-play draws its passages from the data the checkpoint was trained on, or data_dir
+            whose = "the data_dir given" if data_dir else f"the data {init_from} was trained on"
+            data_dir = data_dir or ckpt["data_dir"]
             missing = [f for f in ("train.bin", "val.bin") if not os.path.exists(os.path.join(data_dir, f))]
             if missing:
                 where = "" if os.path.isabs(data_dir) else f" (relative to the working folder {os.getcwd()})"
                 path = os.path.join(data_dir, missing[0])
-                raise SystemExit(f"error: --make_pairs draws passages from the data {init_from} was trained "
-                                 f"on, but {path} is not there{where}: run dpo.py from the folder train.py "
-                                 "ran in, or pass --pairs=FILE instead")
+                raise SystemExit(f"error: --make_pairs draws passages from {whose}, but {path} is not "
+                                 f"there{where}: run dpo.py from the folder train.py ran in, pass "
+                                 "--data_dir=DIR, or --pairs=FILE instead")
+            # the passages are token ids: the data's tokenizer must be the checkpoint's
+            check_tokenizer(ckpt, init_from, load_tokenizer(data_dir, load_meta(data_dir)), data_dir,
+                            f"pass the --data_dir {init_from} was trained on")
     if rt.master:  # one run per out_dir, and a fresh run never replaces a tuned model
         lock = claim_out_dir(out_dir, not resume, overwrite, "continue it with --resume=True")
     block_size = model.config.block_size
@@ -399,14 +407,14 @@ if __name__ == "__main__":
         train_path, val_path = run["pairs"]["train"][0], run["pairs"]["val"][0]
     elif make_pairs:
         t0 = time.time()
-        log(f"making {make_pairs} self-play pairs from {ckpt['data_dir']} with {init_from}...")
+        log(f"making {make_pairs} self-play pairs from {data_dir} with {init_from}...")
         train_path, val_path = (os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl"))
         if rt.master:
             n_val = max(100, make_pairs // 10)  # at least 100: one pair is then at most 1 % of the accuracy
             n_steps = sum(decode_steps(n, GENERATE_BATCH, completion_tokens) for n in (make_pairs, n_val))
             decode = decode_compile(compile, rt.device_type, n_steps, log)
             for path, split, n in ((train_path, "train", make_pairs), (val_path, "val", n_val)):
-                write_jsonl(path, self_play_pairs(model, tok, ckpt["data_dir"], split, n, prompt_tokens,
+                write_jsonl(path, self_play_pairs(model, tok, data_dir, split, n, prompt_tokens,
                                                   completion_tokens, seed, rt, decode))
         if rt.ddp:
             torch.distributed.barrier()

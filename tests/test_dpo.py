@@ -385,14 +385,28 @@ def test_out_dir_that_is_a_symlink_to_init_from_is_refused(trained):
     assert open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read() == start
 
 
-def test_make_pairs_without_the_training_data_says_where_it_looked(trained, tmp_path):
+def test_make_pairs_without_the_training_data_says_where_it_looked_and_data_dir_names_it(trained, tmp_path):
     init_from = os.path.join(trained, "out-tiny")  # run from another folder: its data_dir is relative
     p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
             cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert (f"data/tiny/train.bin is not there (relative to the working folder {tmp_path})" in p.stderr
-            and "run dpo.py from the folder train.py ran in, or pass --pairs=FILE" in p.stderr), p.stderr
+            and "run dpo.py from the folder train.py ran in, pass --data_dir=DIR, or --pairs=FILE" in p.stderr), p.stderr
     assert "making" not in p.stdout and not os.path.exists(tmp_path / "out-elsewhere")
+    # --data_dir names it; a copy whose tokenizer differs (two ranks swapped: the same ids, other strings) is refused
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(trained, "data", "tiny"), other)
+    ranks = (other / "tokenizer.tiktoken").read_text().splitlines()
+    (a, ra), (b, rb) = (line.split() for line in ranks[-2:])
+    (other / "tokenizer.tiktoken").write_text("\n".join([*ranks[:-2], f"{a} {rb}", f"{b} {ra}"]) + "\n")
+    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
+            f"--data_dir={other}", cwd=str(tmp_path), check=False)
+    assert p.returncode == 1 and f"the tokenizer of {other} differs" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
+            f"--data_dir={trained}/data/tiny", "--prompt_tokens=12", "--completion_tokens=10", "--max_iters=2",
+            "--eval_interval=2", cwd=str(tmp_path))
+    assert f"making 8 self-play pairs from {trained}/data/tiny" in p.stdout, p.stdout
+    assert os.path.exists(tmp_path / "out-elsewhere" / "ckpt.pt")
 
 
 NO_REPLIES = "a choice needs 'replies', a list of the 2 replies' texts"
