@@ -482,12 +482,13 @@ if __name__ == "__main__":
     if rt.master:
         keep_metrics(metrics_path, iter_num if resume else -1)  # the steps after the checkpoint are redone
     # the steps that fit in max_time: timed from the end of the first step (which may compile), counted 10
-    # steps later (train.py waits for its warmup's end, which is longer). An evaluation scores every
-    # held-out pair, forward only (a third of the work of a training pair), in steps of this process's
-    # gradient_accumulation_steps x micro_batch pairs
+    # steps later (train.py waits for its warmup's end, which is longer), then again every 30 steps from
+    # the speed since (as train.py: batches of a few lengths, on a machine whose speed moves). An
+    # evaluation scores every held-out pair, forward only (a third of the work of a training pair), in
+    # steps of this process's gradient_accumulation_steps x micro_batch pairs
     eval_cost = len(val_data) / (3 * gradient_accumulation_steps * micro_batch)
     budget = Budget(max_time, max_iters, eval_interval, eval_cost, time_from=iter_num + 1, fit_at=iter_num + 11,
-                    saved=fitted, log=log)
+                    refit_every=30, saved=fitted, log=log)
 
     def get_lr(it: int) -> float:
         """train.py's schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters, or the last step."""
