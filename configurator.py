@@ -5,8 +5,8 @@ then calls configure(globals()). Overrides come from, in this order whatever the
   2. --key=value arguments, over the files:        python train.py --batch_size=8 config/gutenberg.py
 A config file is ordinary Python that assigns some of the same names. Every public name it defines
 (modules, functions and classes aside; a helper's name starts with _) must be a key, of its default's
-type: an unknown key is an error that suggests the closest names. Errors are one line on stderr
-(SystemExit), raised before any real work starts. resolve() also says which keys a file or a flag
+type: an unknown key is an error that suggests the closest names. A script's UPPER_CASE names are
+constants, not keys. Errors are one line on stderr (SystemExit), raised before any real work starts. resolve() also says which keys a file or a flag
 set, so that a resumed run can tell a setting typed from a default left alone.
 """
 
@@ -20,8 +20,10 @@ SIMPLE_TYPES = (bool, int, float, str, type(None))
 
 
 def config_keys(namespace: dict) -> list[str]:
-    """The configurable names of a script: public module-level variables of simple types."""
-    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)]
+    """The configurable names of a script: public module-level variables of simple types. UPPER_CASE
+    names are constants (PEP 8's convention: GENERATE_BATCH, imported from plumbing), not settings."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, SIMPLE_TYPES)]
 
 
 def declared_comments(namespace: dict) -> dict[str, str]:

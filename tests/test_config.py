@@ -12,7 +12,7 @@ from model import make_model, model_args_from
 from plumbing import check_config
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 1e-3, "device": "auto", "compile": None, "bias": False,
-            "_private": 1, "np": pytest}
+            "_private": 1, "np": pytest, "GENERATE_BATCH": 32}  # a constant, no setting
 
 
 def test_defaults_file_then_command_line(tmp_path):
@@ -56,7 +56,8 @@ def test_config_file_errors_name_the_file(tmp_path):
 def test_help_lists_the_keys(capsys):
     with pytest.raises(SystemExit) as e:
         configure(DEFAULTS, ["--help"])
-    assert e.value.code == 0 and "--batch_size=16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--batch_size=16" in out and "GENERATE_BATCH" not in out and "_private" not in out
 
 
 def test_a_config_builds_on_the_one_beside_it(tmp_path):
