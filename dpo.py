@@ -210,9 +210,9 @@ def pairs_from_feedback(rows: list[tuple[int, dict]], path: str) -> list[tuple[i
 def load_pairs(path: str, log=print) -> list[dict]:
     """The pairs of a file, checked; those whose chosen equals rejected are dropped (and counted):
     they hold no preference, and their h is 0 whatever the model."""
-    rows = read_rows(path)
+    rows, feedback = read_rows(path), False
     if rows and "prompt" in rows[0][1] and ("choice" in rows[0][1] or "rating" in rows[0][1]):
-        rows = pairs_from_feedback(rows, path)
+        rows, feedback = pairs_from_feedback(rows, path), True
         log(f"{path}: chat.py's feedback log, {len(rows)} preference pairs")
     for i, r in rows:
         for col in COLUMNS:
@@ -227,6 +227,9 @@ def load_pairs(path: str, log=print) -> list[dict]:
         log(f"{path}: dropped {len(rows) - len(kept)} pair(s) whose chosen equals rejected")
     if not kept:
         why = " (every chosen equals its rejected)" if rows else ""
+        if feedback and not rows:  # ratings of different prompts compare nothing
+            why = (": a pair is a --pairwise choice, or two replies to the same prompt rated differently; "
+                   "rate with chat.py --pairwise, or ask a prompt again and rate its new reply")
         raise SystemExit(f"error: {path} holds no preference pairs{why}")
     return kept
 

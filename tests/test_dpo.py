@@ -140,6 +140,11 @@ def test_chat_feedback_becomes_pairs(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert dpo.load_pairs(str(log)) == [{"prompt": "P", "chosen": "b", "rejected": "a"},
                                         {"prompt": "Q", "chosen": "good", "rejected": "bad"}]
+    # one rating per prompt (a plain chat session) compares nothing: the error says how to get pairs
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows[2:3]), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"holds no preference pairs: a pair is a --pairwise choice, or two "
+                                         r"replies to the same prompt rated differently; rate with chat.py --pairwise"):
+        dpo.load_pairs(str(log))
 
 
 @pytest.mark.parametrize("content,message", [
