@@ -382,6 +382,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
             tok_s = tokens_per_iter / dt
             mfu = raw_model.flops_per_token() * tok_s / rt.world_size / peak_flops
             left = (budget.last - iter_num) * dt
+            if max_time > 0:  # until the budget is counted, budget.last is max_iters: max_time bounds it
+                left = min(left, max_time - elapsed)
             log_metrics(metrics_path, {"iter": iter_num, "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
                                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed": elapsed})
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} "
