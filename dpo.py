@@ -53,6 +53,7 @@ from plumbing import (
     ddp_guard,
     decode_compile,
     decode_steps,
+    draw_share,
     draw_windows,
     end_ddp,
     keep_freed_memory,
@@ -363,10 +364,8 @@ if __name__ == "__main__":
     log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
     # the same global batch whatever the number of processes, as in train.py: gradient_accumulation_steps
     # becomes each process's micro-steps, of micro_batch pairs (batch_size unless it does not divide evenly)
-    gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size)
-    if micro_batch != batch_size:
-        log(f"note: {rt.world_size} processes share the global batch of {config['gradient_accumulation_steps']} x "
-            f"{batch_size} pairs as {gradient_accumulation_steps} micro-step(s) each of {micro_batch} pairs")
+    gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size,
+                                                           log, unit="pairs")
     fitted = None  # how many steps fit in max_time, counted once (see plumbing.Budget)
     # dropout off, as TRL does by default (disable_dropout): the reference is computed without it, and
     # with it the policy would differ from the reference before the first step (rewards not 0)
@@ -558,11 +557,8 @@ if __name__ == "__main__":
             lr = get_lr(iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # the step's global batch, drawn whole by every process: (processes, micro-steps, micro_batch),
-            # of which this process takes its row. The same pairs with 1 process or 8
-            n_draws = rt.world_size * gradient_accumulation_steps
-            step_idx = torch.randint(len(train_data), (n_draws, micro_batch), generator=batch_gen)
-            step_idx = step_idx.view(rt.world_size, gradient_accumulation_steps, micro_batch)[rt.rank]
+            # this process's share of the step's pairs, (micro-steps, micro_batch): the same pairs with 1 process or 8
+            step_idx = draw_share(len(train_data), gradient_accumulation_steps, micro_batch, batch_gen, rt)
             for micro_step in range(gradient_accumulation_steps):
                 if rt.ddp:  # all-reduce the gradients on the last micro-step only (see train.py)
                     model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1

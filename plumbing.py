@@ -208,22 +208,36 @@ def ddp_guard(rt: Runtime):
                          f"died (see its log): {text.splitlines()[0][:200]}") from None
 
 
-def share_batch(batch_size: int, gradient_accumulation_steps: int, world_size: int) -> tuple[int, int]:
+def share_batch(batch_size: int, gradient_accumulation_steps: int, world_size: int, log=None,
+                unit: str = "sequences") -> tuple[int, int]:
     """How world_size processes share an iteration's global batch of gradient_accumulation_steps x
-    batch_size sequences: (micro-steps per process, sequences per micro-step), the fewest micro-steps
-    of at most batch_size sequences that split it evenly. The global batch stays the same, and so
-    the run: 8 processes take 4 x 16 as 1 micro-step of 8 sequences each."""
+    batch_size sequences (unit: dpo.py's are pairs): (micro-steps per process, sequences per
+    micro-step), the fewest micro-steps of at most batch_size sequences that split it evenly. The
+    global batch stays the same, and so the run: 8 processes take 4 x 16 as 1 micro-step of 8
+    sequences each. log: where to say so when the micro-steps are smaller than batch_size."""
     total = gradient_accumulation_steps * batch_size
     if total % world_size:
         step = world_size // math.gcd(gradient_accumulation_steps, world_size)  # batch_size's step
-        raise SystemExit(f"error: the global batch of {total} sequences (gradient_accumulation_steps="
+        raise SystemExit(f"error: the global batch of {total} {unit} (gradient_accumulation_steps="
                          f"{gradient_accumulation_steps} x batch_size={batch_size}) cannot be split evenly "
                          f"among {world_size} processes: make it a multiple of {world_size}, e.g. "
                          f"--batch_size={max(step, batch_size // step * step)}")
     steps = math.ceil(gradient_accumulation_steps / world_size)  # so that no micro-step exceeds batch_size
     while total % (world_size * steps):
         steps += 1  # ends at the latest at total / world_size micro-steps of 1 sequence
-    return steps, total // (world_size * steps)
+    micro_batch = total // (world_size * steps)
+    if log is not None and micro_batch != batch_size:
+        log(f"note: {world_size} processes share the global batch of {gradient_accumulation_steps} x {batch_size} "
+            f"{unit} as {steps} micro-step(s) each of {micro_batch} {unit} (batch_size lowered to {micro_batch})")
+    return steps, micro_batch
+
+
+def draw_share(high: int, micro_steps: int, micro_batch: int, gen: torch.Generator, rt: Runtime) -> torch.Tensor:
+    """This process's share of an iteration's global batch of random indices below high, (micro_steps,
+    micro_batch): every process draws the whole batch from the same generator and keeps its own row,
+    so the batch, and the run, are the same with 1 process or 8."""
+    ix = torch.randint(high, (rt.world_size * micro_steps, micro_batch), generator=gen)
+    return ix.view(rt.world_size, micro_steps, micro_batch)[rt.rank]
 
 
 def end_ddp(rt: Runtime) -> None:

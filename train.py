@@ -32,6 +32,7 @@ from plumbing import (
     configure_optimizer,
     curve,
     ddp_guard,
+    draw_share,
     end_ddp,
     fast_bf16,
     keep_freed_memory,
@@ -125,11 +126,7 @@ if rt.device_type == "cpu":  # every step allocates the same large tensors: reus
 log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: None)
 # the same global batch whatever the number of processes: gradient_accumulation_steps becomes the
 # micro-steps of each process, of micro_batch sequences (batch_size unless it does not divide evenly)
-gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size)
-if micro_batch != batch_size:
-    log(f"note: {rt.world_size} processes share the global batch of {config['gradient_accumulation_steps']} x "
-        f"{batch_size} sequences as {gradient_accumulation_steps} micro-step(s) each of {micro_batch} sequences "
-        f"(batch_size lowered to {micro_batch})")
+gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size, log)
 if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
     lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
 
@@ -163,13 +160,6 @@ def get_batch(split: str, gen: torch.Generator, starts: torch.Tensor | None = No
 # the run, is the same with 1 process or 8.
 batch_gen = torch.Generator().manual_seed(seed)
 
-
-def iteration_windows() -> torch.Tensor:
-    """Where this process's windows of the next iteration start: (micro-steps, micro_batch)."""
-    n_train_windows = meta["train"]["tokens"] - block_size  # block_size: a resume takes its checkpoint's
-    n_windows = rt.world_size * gradient_accumulation_steps
-    ix = torch.randint(n_train_windows, (n_windows, micro_batch), generator=batch_gen)
-    return ix.view(rt.world_size, gradient_accumulation_steps, micro_batch)[rt.rank]
 
 
 # --- model: a new one, or the checkpoint's to resume ---------------------------------------------
@@ -342,7 +332,10 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: an untied token table's own rate
-        windows, loss_sum = iteration_windows(), torch.zeros((), device=rt.device)
+        # where this process's windows of the iteration start, (micro-steps, micro_batch)
+        n_windows = meta["train"]["tokens"] - block_size  # block_size: a resume takes its checkpoint's
+        windows = draw_share(n_windows, gradient_accumulation_steps, micro_batch, batch_gen, rt)
+        loss_sum = torch.zeros((), device=rt.device)
         for micro_step in range(gradient_accumulation_steps):
             if rt.ddp:
                 # all-reduce the gradients on the last micro-step only: syncing on every one would send
