@@ -6,8 +6,9 @@ then calls configure(globals()). Overrides come from, in this order whatever the
 A config file is ordinary Python that assigns some of the same names. Every public name it defines
 (modules, functions and classes aside; a helper's name starts with _) must be a key, of its default's
 type: an unknown key is an error that suggests the closest names. A script's UPPER_CASE names are
-constants, not keys. Errors are one line on stderr (SystemExit), raised before any real work starts. resolve() also says which keys a file or a flag
-set, so that a resumed run can tell a setting typed from a default left alone.
+constants, not keys. Errors are one line on stderr (SystemExit), raised before any real work starts.
+resolve() also says which keys a file or a flag set, so that a resumed run can tell a setting typed
+from a default left alone.
 """
 
 import difflib

@@ -9,7 +9,8 @@ same machine, each measured by eval.py on all the held-out books.
 With a wall-clock budget, train.py counts the iterations that fit and ends each run's schedule
 there. With fixed_compute, each run trains the iterations written beside it: those of the FLOPs of
 1,400 iterations of 4,096 tokens on 4 layers of width 256 (what fit in 10 minutes on a 2-core CPU
-with AMX when the sweep was made, 2026-11-26; the code is faster now), by model.flops_per_token: 1,687 for the default's 3 layers (a test checks every count).
+with AMX when the sweep was made, 2026-11-26; the code is faster now), by model.flops_per_token:
+1,687 for the default's 3 layers (a test checks every count).
 At a fixed number of tokens the loss does not depend on the hardware, so a GPU can sweep what a
 CPU trains. Results go to out-sweep/<run>/ and, as a table, to out-sweep/sweep.md.
 """
