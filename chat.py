@@ -45,6 +45,7 @@ from plumbing import (
     keep_metrics,
     load_model,
     log_metrics,
+    on_ctrl_c,
     plot_curves,
     read_metrics,
     same_dir,
@@ -253,6 +254,7 @@ gen = torch.Generator(device=rt.device).manual_seed(seed)
 # --- the loop: a prompt, the reply (or two), a rating, one update ------------------------------------
 if interactive:
     print(HELP)
+on_ctrl_c()  # Ctrl-C raises KeyboardInterrupt, which ends the loop; counted, so a compiled step cannot drop it
 try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are saved in every case
     while True:
         text = ask(lines, "\nprompt> ")

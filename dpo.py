@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 
 import numpy as np
@@ -45,6 +44,7 @@ from plumbing import (
     GENERATE_BATCH,
     Budget,
     check_config,
+    check_ctrl_c,
     check_tokenizer,
     claim_out_dir,
     configure_optimizer,
@@ -62,6 +62,7 @@ from plumbing import (
     load_model,
     log_metrics,
     non_finite,
+    on_ctrl_c,
     plot_curves,
     rank0_clock,
     read_metrics,
@@ -353,7 +354,7 @@ if __name__ == "__main__":
         hint = " (continue with --resume=True)" if saved_iter is not None else ""
         raise SystemExit(f"interrupted{at}: {kept()}{hint}")
 
-    signal.signal(signal.SIGINT, interrupted)
+    on_ctrl_c(interrupted)
     if resume and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without "
                          "--resume=True, or pass the --out_dir it wrote to")
@@ -513,6 +514,7 @@ if __name__ == "__main__":
     iter_start = iter_num
     with ddp_guard(rt):
         while True:
+            check_ctrl_c()  # a Ctrl-C that a compiled call dropped stops here (plumbing.on_ctrl_c)
             done = budget.done(iter_num, elapsed, iter_start)  # at the last step that fits, or out of time
 
             # evaluate on the held-out pairs (at step 0 too), every eval_interval steps and at the end,

@@ -182,10 +182,36 @@ def check_config(c: dict, given=()) -> None:
             need(0 <= c[k] < 1, f"{k} must be in [0, 1), got {c[k]}")
 
 
+# Ctrl-C and torch.compile. Before each call of a compiled function, torch checks that its inputs
+# still fit the compiled graph (its "guards"). An exception raised while one of those checks runs
+# Python code counts as a failed check and is dropped: a Ctrl-C noticed there is lost, and the
+# script goes on (2 presses in 3, in a loop of small compiled calls). So the scripts' handlers count
+# the presses (on_ctrl_c), and every loop that calls compiled code asks check_ctrl_c() once a round.
+CTRL_C: list[int] = []  # the Ctrl-C presses seen
+
+
+def on_ctrl_c(stop=signal.default_int_handler) -> None:
+    """Ctrl-C calls stop(signum, frame), which ends the script (it raises: KeyboardInterrupt by
+    default); the press is counted first."""
+    def handler(signum, frame):
+        CTRL_C.append(signum)
+        stop(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def check_ctrl_c() -> None:
+    """Raises again a Ctrl-C that a compiled call dropped, through the script's handler."""
+    handler = signal.getsignal(signal.SIGINT)
+    if CTRL_C and callable(handler):
+        handler(signal.SIGINT, None)
+
+
 @contextlib.contextmanager
 def ctrl_c_ends_quietly():
     """Ctrl-C ends the script with one line and exit status 130 (128 + SIGINT, what a shell reports
     for it) instead of a traceback. The newline first ends a sample cut mid-line."""
+    on_ctrl_c()
     try:
         yield
     except KeyboardInterrupt:
@@ -925,18 +951,26 @@ def continue_prompts(model, prompts: list[list[int]], max_new_tokens: int, eot_i
         x = torch.tensor(prompts[b : b + batch_size], device=rt.device)
         with rt.autocast(decode=True):
             steps = decoder.generate(x, max_new_tokens, **sampling, eot_id=eot_id, generator=gen, compile=compile)
-            rows = torch.cat([x[:, :0], *steps], dim=1).tolist()
+            rows = torch.cat([x[:, :0], *stoppable(steps)], dim=1).tolist()
         out += [r[: r.index(eot_id)] if eot_id in r else r for r in rows]
         if log:
             log(f"{len(out)}/{len(prompts)} continuations")
     return out
 
 
+def stoppable(steps):
+    """model.generate's tokens as they come, each after check_ctrl_c(): a compiled decode step may
+    drop a Ctrl-C."""
+    for nxt in steps:
+        check_ctrl_c()
+        yield nxt
+
+
 def stream(steps, tok) -> list[int]:
     """Prints one row of model.generate's tokens as they come; returns them, without <|endoftext|>."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     ids = []
-    for nxt in steps:
+    for nxt in stoppable(steps):
         if nxt.item() == tok.eot_id:
             break
         ids.append(nxt.item())

@@ -18,7 +18,16 @@ import torch
 
 from configurator import configure
 from model import SAMPLING, sampling
-from plumbing import check_config, ctrl_c_ends_quietly, decode_compile, decode_steps, load_model, setup_runtime, stream
+from plumbing import (
+    check_config,
+    ctrl_c_ends_quietly,
+    decode_compile,
+    decode_steps,
+    load_model,
+    setup_runtime,
+    stoppable,
+    stream,
+)
 
 # -----------------------------------------------------------------------------
 out_dir = "out-gutenberg"  # where train.py saved ckpt.pt
@@ -145,7 +154,7 @@ def main(c: dict) -> None:
         steps = model.generate(x.repeat(n, 1), c["max_new_tokens"], **settings, eot_id=tok.eot_id,
                                generator=gen, compile=compile)
         with rt.autocast(decode=True):
-            out = torch.cat([torch.empty(n, 0, dtype=torch.long, device=rt.device), *steps], dim=1).tolist()
+            out = torch.cat([torch.empty(n, 0, dtype=torch.long, device=rt.device), *stoppable(steps)], dim=1).tolist()
         for i, row in enumerate(out, first + 1):
             row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
             print(f"--- sample {i} ---\n{c['start']}{tok.decode(row)}", flush=True)

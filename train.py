@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -26,6 +25,7 @@ from model import make_model, model_args_from, model_settings, next_token_loss
 from plumbing import (
     Budget,
     check_config,
+    check_ctrl_c,
     check_micro_batch,
     check_token_files,
     claim_out_dir,
@@ -40,6 +40,7 @@ from plumbing import (
     load_checkpoint,
     log_metrics,
     measure_peak_flops,
+    on_ctrl_c,
     plot_curves,
     rank0_clock,
     read_metrics,
@@ -113,7 +114,7 @@ def interrupted(signum, frame):
     raise SystemExit(130)
 
 
-signal.signal(signal.SIGINT, interrupted)  # from here on; during the imports above, Python's traceback
+on_ctrl_c(interrupted)  # from here on; during the imports above, Python's traceback
 check_config(config, given)  # impossible values fail here, before any data is read
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be scratch or resume, got {init_from!r}")
@@ -288,6 +289,7 @@ iter_start, saved_iter = iter_num, (iter_num if init_from == "resume" else None)
 elapsed_at_start = elapsed
 with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with one clear line
     while True:
+        check_ctrl_c()  # a Ctrl-C that a compiled call dropped stops here (plumbing.on_ctrl_c)
         done = budget.done(iter_num, elapsed, iter_start)  # at the last iteration that fits, or out of time
         # evaluate and save: every eval_interval iterations (not again at the one resumed from), at the end
         due = iter_num % eval_interval == 0 and (iter_num > iter_start or init_from == "scratch")

@@ -313,6 +313,54 @@ def test_ctrl_c_during_training_is_one_line_saying_what_is_kept(workdir):
     assert re.search(r"interrupted at iteration \d+: out-ctrl-c/ckpt.pt keeps iteration 5 \(continue with", rest)
 
 
+def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
+    """torch.compile's guard check, before each call of a compiled function, drops an exception raised
+    while it runs Python code: a Ctrl-C noticed there was lost, and sample.py went on printing samples
+    (one press in ten here, in a loop of small calls; two in three with Inductor's kernels). on_ctrl_c
+    counts the presses, and check_ctrl_c, once a round, raises a dropped one: every press stops the loop."""
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    f = torch.compile(lambda x: x + 1, backend="eager")  # Dynamo's guards, without Inductor's compile
+    x = torch.zeros(4)
+    f(x)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        for _ in range(50):
+            plumbing.CTRL_C.clear()
+            plumbing.on_ctrl_c(stop)
+            # Ctrl-C from another process, at a moment the loop cannot choose; it writes to a pipe once sent
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            kill = subprocess.Popen(["sh", "-c", f"sleep 0.01; kill -INT {os.getpid()}; echo sent"], stdout=w)
+            os.close(w)
+            with pytest.raises(Stopped):
+                while not sent(r):
+                    f(x)
+                    plumbing.check_ctrl_c()
+                for _ in range(100):  # the handler runs within a few of these calls, or the press was dropped
+                    f(x)
+                    plumbing.check_ctrl_c()
+            os.close(r)
+            kill.wait()
+    finally:
+        signal.signal(signal.SIGINT, before)
+        plumbing.CTRL_C.clear()
+
+
+def sent(r: int) -> bool:
+    """Whether the pipe r has been written to or closed: a bare read, which no exception leaves half-done
+    (Popen.poll, stopped so, left a lock held)."""
+    try:
+        os.read(r, 1)
+        return True
+    except BlockingIOError:
+        return False
+
+
 @pytest.mark.parametrize("script, args, started", [
     ("sample.py", ["--start=Il était", "--max_new_tokens=100000000"], "Il était"),
     ("sample.py", ["--num_samples=100000000", "--max_new_tokens=4"], "--- sample 40 ---"),  # a second batch
