@@ -185,19 +185,22 @@ def check_config(c: dict, given=()) -> None:
 # Ctrl-C and torch.compile. Before each call of a compiled function, torch checks that its inputs
 # still fit the compiled graph (its "guards"). An exception raised while one of those checks runs
 # Python code counts as a failed check and is dropped: a Ctrl-C noticed there is lost, and the
-# script goes on (2 presses in 3, in a loop of small compiled calls). So the scripts' handlers count
-# the presses (on_ctrl_c), and every loop that calls compiled code asks check_ctrl_c() once a round.
-CTRL_C: list[int] = []  # the Ctrl-C presses seen
+# script goes on (2 presses in 3, in a loop of small compiled calls), after a recompile for the failed
+# check. So the scripts' handlers record the presses (on_ctrl_c), and every loop that calls compiled
+# code asks check_ctrl_c() once a round.
+CTRL_C: list[int] = []  # the Ctrl-C presses seen; empty: none yet
 
 
 def on_ctrl_c(stop=signal.default_int_handler) -> None:
     """Ctrl-C calls stop(signum, frame), which ends the script (it raises: KeyboardInterrupt by
-    default); the press is counted first."""
+    default); the press is recorded first. A script started in the background by a shell script
+    (cmd &) inherits Ctrl-C ignored: it stays so, Ctrl-C is for the foreground."""
     def handler(signum, frame):
         CTRL_C.append(signum)
         stop(signum, frame)
 
-    signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
 
 
 def check_ctrl_c() -> None:

@@ -318,7 +318,7 @@ def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
     while it runs Python code: a Ctrl-C noticed there was lost, and sample.py went on printing samples
     (one press in ten here, in a loop of small calls; two in three with Inductor's kernels). on_ctrl_c
     counts the presses, and check_ctrl_c, once a round, raises a dropped one: every press stops the loop."""
-    class Stopped(Exception):
+    class Stopped(BaseException):  # as KeyboardInterrupt
         pass
 
     def stop(signum, frame):
@@ -327,17 +327,17 @@ def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
     f = torch.compile(lambda x: x + 1, backend="eager")  # Dynamo's guards, without Inductor's compile
     x = torch.zeros(4)
     f(x)
-    before = signal.getsignal(signal.SIGINT)
+    before, kill = signal.getsignal(signal.SIGINT), None
     try:
         for _ in range(50):
             plumbing.CTRL_C.clear()
             plumbing.on_ctrl_c(stop)
-            # Ctrl-C from another process, at a moment the loop cannot choose; it writes to a pipe once sent
-            r, w = os.pipe()
-            os.set_blocking(r, False)
-            kill = subprocess.Popen(["sh", "-c", f"sleep 0.01; kill -INT {os.getpid()}; echo sent"], stdout=w)
-            os.close(w)
             with pytest.raises(Stopped):
+                # Ctrl-C from another process, at a moment the loop cannot choose; it then writes to a pipe
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                kill = subprocess.Popen(["sh", "-c", f"sleep 0.01; kill -INT {os.getpid()}; echo sent"], stdout=w)
+                os.close(w)
                 while not sent(r):
                     f(x)
                     plumbing.check_ctrl_c()
@@ -347,13 +347,27 @@ def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
             os.close(r)
             kill.wait()
     finally:
+        if kill is not None:  # no press left on its way to pytest, which would end the session
+            kill.kill()
+            kill.wait()
         signal.signal(signal.SIGINT, before)
         plumbing.CTRL_C.clear()
 
 
+def test_a_ctrl_c_ignored_from_the_start_stays_ignored():
+    """A script started in the background by a shell script (cmd &) inherits SIGINT ignored: a Ctrl-C
+    at the terminal is for the foreground job, and on_ctrl_c leaves it ignored."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        plumbing.on_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def sent(r: int) -> bool:
-    """Whether the pipe r has been written to or closed: a bare read, which no exception leaves half-done
-    (Popen.poll, stopped so, left a lock held)."""
+    """Whether the pipe r has been written to or closed: a bare read. (Popen.poll, interrupted by the
+    handler, can leave its lock held.)"""
     try:
         os.read(r, 1)
         return True
