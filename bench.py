@@ -36,7 +36,9 @@ from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
 from plumbing import (
     BatchedMuon,
     Runtime,
+    check_ctrl_c,
     configure_optimizer,
+    ctrl_c_ends_quietly,
     fast_bf16,
     keep_freed_memory,
     measure_peak_flops,
@@ -167,7 +169,9 @@ def timed(fn) -> float:
     fn()  # warm-up (allocations, lazy initialisation)
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    check_ctrl_c()  # a Ctrl-C that a compiled call dropped
+    return t
 
 
 @torch.no_grad()
@@ -294,6 +298,7 @@ def best_times(paths: dict, rounds: int = 3) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            check_ctrl_c()  # a Ctrl-C that a compiled call dropped
     return {name: min(t) for name, t in times.items()}
 
 
@@ -434,6 +439,7 @@ def training_step(model, optimizer, x, y, phases: dict | None = None):
     if phases is not None:
         for k, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", time.perf_counter() - t2)):
             phases[k] = phases.get(k, 0.0) + dt
+    check_ctrl_c()  # a Ctrl-C that a compiled call dropped (plumbing.on_ctrl_c)
 
 
 def op_shares(model, optimizer, x, y, steps: int = 3) -> tuple[dict[str, float], float]:
@@ -557,4 +563,5 @@ if __name__ == "__main__":
     config = configure(globals())
     config["dtype"] = resolve_dtype(config["dtype"], config["device"])  # as train.py's
     globals().update(config)
-    main(config)
+    with ctrl_c_ends_quietly():  # one line, exit status 130
+        main(config)
