@@ -229,6 +229,9 @@ def save(policy, state: dict, ref_ckpt: dict, config: dict, chat_dir: str, metri
 continued = not fresh and os.path.exists(os.path.join(chat_dir, "ckpt.pt"))  # an earlier session's model
 policy_dir = chat_dir if continued else out_dir
 policy, _, policy_ckpt = load_model(policy_dir, rt.device, dropout=0.0)  # as the reference it is held to
+if continued and "chat" not in policy_ckpt:  # train.py's or dpo.py's model: the session would replace it
+    raise SystemExit(f"error: {chat_dir}/ckpt.pt is not a model that chat.py tuned (train.py or dpo.py wrote "
+                     "it), and a session saves its own there: pass another --chat_dir")
 state = policy_ckpt.get("chat", {"updates": 0, "baseline": 0.0, "ratings": []})
 # a session goes on against the reference it started from: with another (another tokenizer or block_size,
 # other weights) it would tune these weights with the wrong tokenizer, and save a checkpoint pairing them

@@ -123,6 +123,8 @@ RUN_KEYS = ("init_from", "pairs", "val_pairs", "make_pairs", "prompt_tokens", "c
 def read_rows(path: str) -> list[tuple[int, dict]]:
     """Rows of a JSONL/JSON/parquet file or a Hub dataset, each with its number (in a JSONL file, its
     line); errors name the file and the row."""
+    if path.endswith(FORMATS) and not os.path.isfile(path):  # not a Hub dataset's name (owner/name)
+        raise SystemExit(f"error: no such file: {path}")
     if os.path.isfile(path) and not path.endswith(FORMATS):
         raise SystemExit(f"error: {path}: pairs are read from {', '.join(FORMATS)} files or a Hub dataset, "
                          "not this format: convert it to JSONL, one object with "
@@ -358,6 +360,16 @@ if __name__ == "__main__":
     if resume and not os.path.exists(ckpt_path):
         raise SystemExit(f"error: no checkpoint at {ckpt_path} to resume: start the run without "
                          "--resume=True, or pass the --out_dir it wrote to")
+    if make_pairs and not resume:
+        if pairs or val_pairs:
+            raise SystemExit("error: --make_pairs makes the pairs, and --pairs or --val_pairs names others: "
+                             "drop one or the other")
+        # pairs that a run left, or a person put there, without a model (that case is claim_out_dir's, below)
+        made = [os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl")]
+        if any(map(os.path.exists, made)) and not os.path.exists(ckpt_path) and not overwrite:
+            raise SystemExit(f"error: {next(filter(os.path.exists, made))} exists, and --make_pairs would "
+                             "replace it: train on those pairs without --make_pairs, pass another --out_dir, "
+                             "or --overwrite=True")
     min_lr = min_lr or learning_rate / 10
 
     # --- setup: device, the starting model (or the run's, to resume), out_dir ---------------------
@@ -431,6 +443,9 @@ if __name__ == "__main__":
             val_path = os.path.join(out_dir, "pairs_val.jsonl")
     train_rows = load_pairs(train_path, log)
     val_rows = load_pairs(val_path, log) if val_path else []
+    if val_path and os.path.abspath(val_path) == os.path.abspath(train_path):
+        log("note: --val_pairs is --pairs: the held-out figures are measured on the training pairs (leave "
+            "--val_pairs out to hold out a tenth of them)")
     # the files and a fingerprint of their pairs: a resumed run must train on the same ones
     sources = {"train": [train_path, digest(train_rows)], "val": [val_path, digest(val_rows)]}
     for split, (path, fingerprint) in sources.items():

@@ -227,3 +227,19 @@ def test_a_chat_dir_that_is_a_symlink_to_out_dir_is_refused(trained):
     p = chat(trained, "La nuit\n0.5\n", "--chat_dir=chat-link", check=False)
     assert p.returncode == 1 and "chat_dir must differ from out_dir" in p.stderr
     assert open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read() == start
+
+
+def test_a_chat_dir_holding_a_trained_model_is_refused(trained):
+    """A --chat_dir that names another model's folder (train.py's, dpo.py's): its ckpt.pt has the
+    tokenizer and shape of out_dir's, and was once taken for an earlier session, then replaced."""
+    os.makedirs(os.path.join(trained, "out-tiny-copy"), exist_ok=True)
+    for f in ("ckpt.pt", "metrics.jsonl"):
+        with open(os.path.join(trained, "out-tiny", f), "rb") as src, \
+                open(os.path.join(trained, "out-tiny-copy", f), "wb") as dst:
+            dst.write(src.read())
+    before = {f: open(os.path.join(trained, "out-tiny-copy", f), "rb").read() for f in ("ckpt.pt", "metrics.jsonl")}
+    p = chat(trained, "La nuit\n0.5\n", "--chat_dir=out-tiny-copy", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "out-tiny-copy/ckpt.pt is not a model that chat.py tuned" in p.stderr
+    assert sorted(os.listdir(os.path.join(trained, "out-tiny-copy"))) == [".lock", "ckpt.pt", "metrics.jsonl"]
+    assert {f: open(os.path.join(trained, "out-tiny-copy", f), "rb").read() for f in before} == before

@@ -291,6 +291,9 @@ def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
                                                       "(python train.py config/gutenberg.py) or pass --init_from=DIR"),
     (["--resume=True"], "no checkpoint at out-dpo-bad/ckpt.pt to resume"),
     (["--beta=0", "--make_pairs=8"], "need beta > 0 and 0 <= label_smoothing < 0.5"),
+    (["--make_pairs=8", "--pairs=mine.jsonl"], "--make_pairs makes the pairs, and --pairs or --val_pairs names "
+                                               "others: drop one or the other"),
+    (["--pairs=no-such-pairs.jsonl"], "error: no such file: no-such-pairs.jsonl"),  # not the Hub's error
 ])
 def test_bad_settings_are_one_line_before_any_sampling(trained, args, message):
     p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-bad", *args, "--device=cpu", cwd=trained, check=False)
@@ -343,7 +346,8 @@ def test_a_diverged_run_never_replaces_its_last_good_checkpoint(trained, tmp_pat
     pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     args = ["--init_from=out-tiny", "--out_dir=out-dpo-nan", f"--pairs={pairs}", f"--val_pairs={pairs}",
             "--batch_size=4", "--device=cpu"]
-    run("dpo.py", *args, "--max_iters=2", "--eval_interval=2", cwd=trained)
+    p = run("dpo.py", *args, "--max_iters=2", "--eval_interval=2", cwd=trained)
+    assert "note: --val_pairs is --pairs: the held-out figures are measured on the training pairs" in p.stdout
     # resumed with a learning rate that ruins the weights in one step, evaluated (and saved) at every step
     p = run("dpo.py", *args, "--resume=True", "--max_iters=6", "--eval_interval=1", "--learning_rate=1e12",
             cwd=trained, check=False)
@@ -450,3 +454,17 @@ def test_pair_files_other_formats_and_a_bom(tmp_path):
     blimp = {"sentence_good": "Il est.", "sentence_bad": "Il es."}
     (tmp_path / "blimp.jsonl").write_bytes(bom + json.dumps(blimp).encode())
     assert eval_script.read_pairs(str(tmp_path / "blimp.jsonl")) == [("Il est.", "Il es.")]
+
+
+def test_make_pairs_never_replaces_pairs_already_in_out_dir(trained):
+    """Pairs a person put in out_dir (or a run made, without a model yet): --make_pairs would have
+    written its own over them."""
+    d = os.path.join(trained, "out-dpo-mine")
+    os.makedirs(d, exist_ok=True)
+    mine = json.dumps({"prompt": "Il", "chosen": " était une fois", "rejected": " a"}) + "\n"
+    with open(os.path.join(d, "pairs.jsonl"), "w", encoding="utf-8") as f:
+        f.write(mine)
+    p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-mine", "--make_pairs=8", "--device=cpu", cwd=trained,
+            check=False)
+    assert p.returncode == 1 and "out-dpo-mine/pairs.jsonl exists, and --make_pairs would replace it" in p.stderr
+    assert "making" not in p.stdout and open(os.path.join(d, "pairs.jsonl"), encoding="utf-8").read() == mine
