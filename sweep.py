@@ -29,6 +29,7 @@ max_time = 600.0  # the budget of every run, in seconds (without fixed_compute)
 fixed_compute = False  # train each run for its iterations of RUNS (the same FLOPs) instead of max_time
 device = ""  # passed to train.py and eval.py; "" = their default
 # -----------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py, eval.py and config/ are here; out-sweep/ in the working folder
 TIED = ["--tie_embeddings=True", "--embedding_lr=0"]
 RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOPs as 1,400 of 4 x 256)
     "default": ([], 1687),  # a dense Llama of 3 x 256, bf16, Muon, an untied token table at 2e-2
@@ -43,7 +44,7 @@ RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOP
     # a smaller vocabulary: a cheaper output layer, fewer bytes per token
     # (python prepare.py --vocab_size=4096 first)
     "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 2090),
-    "gpt": (["config/gpt.py", "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
+    "gpt": ([os.path.join(ROOT, "config", "gpt.py"), "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
 }
 
 
@@ -69,10 +70,12 @@ def main(c: dict) -> None:
             budget = [f"--max_iters={iters}", "--max_time=0"]
         dev = [f"--device={c['device']}"] if c["device"] else []
         # a run that names a config file starts from it instead of config/gutenberg.py
-        config = [] if overrides[:1] and overrides[0].endswith(".py") else ["config/gutenberg.py"]
-        cmd = [sys.executable, "train.py", *config, *overrides, *budget, *dev,
+        config = [] if overrides[:1] and overrides[0].endswith(".py") else [os.path.join(ROOT, "config", "gutenberg.py")]
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *config, *overrides, *budget, *dev,
                f"--out_dir={out}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+        if rows.pop(name, None):  # its earlier model is being replaced: the table keeps only what exists
+            write_table(table, rows)
         t0 = time.time()
         log = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
@@ -83,8 +86,8 @@ def main(c: dict) -> None:
         fitted = re.search(r"(\d+) of the max_iters=\d+ iterations fit", log.stdout)
         stopped = f" ({fitted.group(1)} fitted in max_time)" if fitted else ""
         stopped = " (stopped by max_time)" if "reached at iteration" in log.stdout else stopped
-        ev = subprocess.run([sys.executable, "eval.py", f"--out_dir={out}", *dev], capture_output=True,
-                            text=True)
+        ev = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={out}", *dev],
+                            capture_output=True, text=True)
         if ev.returncode:
             raise SystemExit(f"error: eval.py on run {name} failed:\n{ev.stderr[-2000:]}")
         bpb = float(re.search(r"([\d.]+) bits per byte", ev.stdout)[1])
@@ -93,12 +96,19 @@ def main(c: dict) -> None:
                f"{wall / 60:.1f} min | {speed} | {bpb:.4f} |")
         print(row, flush=True)
         rows[name] = row
-        table = table[:2] + [rows[n] for n in RUNS if n in rows]
-        with open("out-sweep/sweep.md.tmp", "w") as f:
-            f.write("\n".join(table) + "\n")
-        os.replace("out-sweep/sweep.md.tmp", "out-sweep/sweep.md")
-    print("\n" + "\n".join(table) + "\n\nwritten to out-sweep/sweep.md")
+        write_table(table, rows)
+    print("\n" + "\n".join(table[:2] + [rows[n] for n in RUNS if n in rows]) + "\n\nwritten to out-sweep/sweep.md")
+
+
+def write_table(header: list[str], rows: dict) -> None:
+    """out-sweep/sweep.md: the header, then a row for each run that ended, in RUNS' order (atomically)."""
+    with open("out-sweep/sweep.md.tmp", "w") as f:
+        f.write("\n".join(header[:2] + [rows[n] for n in RUNS if n in rows]) + "\n")
+    os.replace("out-sweep/sweep.md.tmp", "out-sweep/sweep.md")
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    try:
+        main(configure(globals()))
+    except KeyboardInterrupt:  # the same Ctrl-C stops the run in progress
+        raise SystemExit("interrupted: out-sweep/sweep.md lists the runs that ended") from None
