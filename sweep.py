@@ -44,7 +44,7 @@ RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOP
     # a smaller vocabulary: a cheaper output layer, fewer bytes per token
     # (python prepare.py --vocab_size=4096 first)
     "bpe4096": (["--data_dir=data/gutenberg_bpe4096"], 2090),
-    "gpt": ([os.path.join(ROOT, "config", "gpt.py"), "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
+    "gpt": (["config/gpt.py", "--optimizer=adamw"], 1892),  # the course's GPT: learned positions, GELU
 }
 
 
@@ -70,8 +70,9 @@ def main(c: dict) -> None:
             budget = [f"--max_iters={iters}", "--max_time=0"]
         dev = [f"--device={c['device']}"] if c["device"] else []
         # a run that names a config file starts from it instead of config/gutenberg.py
-        config = [] if overrides[:1] and overrides[0].endswith(".py") else [os.path.join(ROOT, "config", "gutenberg.py")]
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *config, *overrides, *budget, *dev,
+        config = [] if overrides[:1] and overrides[0].endswith(".py") else ["config/gutenberg.py"]
+        files = [os.path.join(ROOT, a) if a.endswith(".py") else a for a in config + overrides]  # config files
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *files, *budget, *dev,
                f"--out_dir={out}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         if rows.pop(name, None):  # its earlier model is being replaced: the table keeps only what exists
