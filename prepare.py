@@ -209,12 +209,14 @@ def reusable(data_dir: str, recipe: dict) -> bool:
         print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): "
               f"rebuilding {data_dir}")
     elif isinstance(before.get("data"), dict) and {**before, "data": 0} == {**recipe, "data": 0}:
+        # a preparation a model may have been trained on (a new one retrains the BPE): replaced only when asked
         a, b, counts = before["data"].get("files"), recipe["data"].get("files"), ""
         if a is not None and b is not None:  # files before and now: which ones
             counts = (f" ({len(b.keys() - a.keys())} file(s) added, {len(a.keys() - b.keys())} removed, "
                       f"{sum(a[f] != b[f] for f in a.keys() & b.keys())} changed)")
-        print(f"the data changed since {data_dir} was prepared{counts}: rebuilding it")
-    else:  # a preparation a model may have been trained on: replaced only when asked
+        raise SystemExit(f"error: the data changed since {data_dir} was prepared{counts}: pass another --name "
+                         "to keep both, or --force to replace it")
+    else:  # the same, for other arguments
         changed = [f"{k}={before.get(k)!r}" for k in recipe if k != "data" and before.get(k) != recipe[k]]
         raise SystemExit(f"error: {data_dir} holds a preparation with other arguments "
                          f"({', '.join(changed)}): pass another --name to keep both, "
