@@ -27,7 +27,7 @@ import torch
 
 from configurator import configure
 from model import SAMPLING, sampling
-from plumbing import check_config, load_model
+from plumbing import check_config, ctrl_c_ends_quietly, load_model
 from tokenizer import CHAR_PATTERN, EOT, TOKENIZER_FILE, read_meta
 
 # -----------------------------------------------------------------------------
@@ -252,11 +252,15 @@ def main(c: dict) -> str:
     hf_dir = c["hf_dir"] or "hf-" + os.path.basename(os.path.normpath(c["out_dir"])).removeprefix("out-")
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise SystemExit(f"error: --hf_dir={hf_dir} is a file: pass a folder (new, or an earlier export)")
-    if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not c["overwrite"]:
-        held = sorted(os.listdir(hf_dir))
-        raise SystemExit(f"error: {hf_dir} already holds {len(held)} file(s) ({', '.join(held[:4])}"
-                         f"{', ...' if len(held) > 4 else ''}): pass --overwrite=True to replace an earlier "
-                         "export (files export does not write are kept), or another --hf_dir")
+    held = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
+    earlier = {"config.json", "tokenizer_meta.json"} <= set(held)  # files only an export writes together
+    if held and not (earlier and c["overwrite"]):
+        what = f"{len(held)} file(s) ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+        if not earlier:  # a project, a data folder: --overwrite would replace its README.md, its tokenizer
+            raise SystemExit(f"error: {hf_dir} holds {what} and no earlier export, whose files export would "
+                             "write over: pass a new or empty --hf_dir")
+        raise SystemExit(f"error: {hf_dir} already holds an export, {what}: pass --overwrite=True to replace "
+                         "it (files export does not write are kept), or another --hf_dir")
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -284,4 +288,5 @@ def main(c: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    with ctrl_c_ends_quietly():  # one line, exit status 130; the temporary folder is removed
+        main(configure(globals()))

@@ -129,6 +129,19 @@ def test_export_never_overwrites_without_overwrite_and_keeps_other_files(trained
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary folder left beside it
 
 
+def test_overwrite_replaces_only_an_earlier_export(trained, tmp_path):
+    """--overwrite=True into a folder that holds no export (a project, a data folder) once replaced its
+    README.md or its tokenizer.tiktoken: refused, whatever the flag."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "README.md").write_text("my project")
+    (mine / "tokenizer.tiktoken").write_text("my ranks")
+    p = run("export.py", "--out_dir=out-tiny", f"--hf_dir={mine}", "--overwrite=True", cwd=trained, check=False)
+    assert p.returncode == 1 and "holds 2 file(s) (README.md, tokenizer.tiktoken) and no earlier export" in p.stderr
+    assert (mine / "README.md").read_text() == "my project" and (mine / "tokenizer.tiktoken").read_text() == "my ranks"
+    assert sorted(os.listdir(tmp_path)) == ["project"]
+
+
 def test_export_to_a_file_is_a_one_line_error(trained, tmp_path):
     path = tmp_path / "model.bin"
     path.write_text("not a folder")
