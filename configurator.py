@@ -126,6 +126,14 @@ def resolve(namespace: dict, argv: list[str] | None = None) -> tuple[dict, set[s
     defaults = {k: namespace[k] for k in config_keys(namespace)}
     config, given = dict(defaults), set()
     flags = [a for a in argv if a.startswith("--") or a == "-h"]
+    for i, a in enumerate(argv):  # anything else is a config file, which is run: only a .py file
+        if a in flags or a.endswith(".py"):
+            continue
+        before = argv[i - 1] if i else ""
+        if before.startswith("--") and "=" not in before:  # --out_dir out-new: the value taken for a file
+            raise SystemExit(f"error: '{before} {a}': a setting takes '=': {before}={a}")
+        hint = f"--{a}" if "=" in a else "--key=value, or a config file (.py)"
+        raise SystemExit(f"error: {a!r} is neither a setting nor a config file: did you mean {hint}?")
     for path in [a for a in argv if a not in flags]:  # the files first: a flag always wins
         for k, v in _file_names(path).items():
             if k not in defaults:  # an import or a helper (module, function, class) is no setting

@@ -36,6 +36,17 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         configure(DEFAULTS, [str(cfg)])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "'--device cuda': a setting takes '=': --device=cuda"),  # the value was run as a file
+    (["--learning_rate", "books/notes.txt"], "a setting takes '=': --learning_rate=books/notes.txt"),
+    (["batch_size=8"], "'batch_size=8' is neither a setting nor a config file: did you mean --batch_size=8?"),
+    (["Il était une fois"], "neither a setting nor a config file: did you mean --key=value, or a config file"),
+])
+def test_a_word_that_is_no_setting_is_never_run_as_a_config_file(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        configure(DEFAULTS, argv)
+
+
 @pytest.mark.parametrize("arg", ["--batch_size=8.5", "--batch_size=abc", "--learning_rate=fast", "--bias=maybe",
                                  "--batch_size"])
 def test_wrong_types_are_one_line_errors(arg):
