@@ -161,6 +161,8 @@ def check_config(c: dict, given=()) -> None:
               "make_pairs", "num_samples", "max_new_tokens", "embedding_lr"):
         if k in c:
             need(c[k] >= 0, f"{k} must be zero or positive, got {c[k]}")
+    if "seed" in c:  # torch's generators take 64 bits; the scripts add a process's rank, or 1, to it
+        need(0 <= c["seed"] < 2**63 - 1024, f"seed must be zero or positive and below 2**63 - 1024, got {c['seed']}")
     if all(k in c for k in SAMPLING):  # the sampling settings: model.SamplingConfig checks them
         try:
             sampling(c)

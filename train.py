@@ -130,6 +130,9 @@ log = functools.partial(print, flush=True) if rt.master else (lambda *a, **k: No
 gradient_accumulation_steps, micro_batch = share_batch(batch_size, gradient_accumulation_steps, rt.world_size, log)
 if rt.master and not eval_only:  # one run per out_dir, and a fresh run never replaces a trained model
     lock = claim_out_dir(out_dir, init_from == "scratch", overwrite, "continue it with --init_from=resume")
+if eval_only and init_from == "scratch":
+    log(f"note: eval_only evaluates a new, untrained model (about ln(vocab_size) nats); --init_from=resume "
+        f"evaluates {out_dir}'s")
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
 meta = load_meta(data_dir)  # what prepare.py wrote: tokenizer, vocabulary, tokens and bytes per split

@@ -211,3 +211,10 @@ def test_help_into_a_closed_pipe_ends_quietly():
     os.close(r)  # before the script has written anything: its import of torch takes a second
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64 - 1, 10**23])
+def test_a_seed_past_64_bits_is_one_line_at_start_up(seed):
+    """A seed torch's generators cannot hold (with the rank, or 1, added) failed at the first evaluation."""
+    with pytest.raises(SystemExit, match=f"seed must be zero or positive and below 2\\*\\*63 - 1024, got {seed}"):
+        check_config(configure(train_defaults(), [f"--seed={seed}"]))

@@ -444,3 +444,15 @@ def test_freed_memory_stays_with_the_process_on_linux():
 
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
+
+
+def test_eval_only_evaluates_the_trained_model_and_writes_nothing(trained):
+    ckpt = os.path.join(trained, "out-tiny", "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    args = ["--data_dir=data/tiny", "--out_dir=out-tiny", "--eval_interval=30", *TINY, "--eval_only=True"]
+    resumed = run("train.py", *args, "--init_from=resume", cwd=trained).stdout
+    fresh = run("train.py", *args, cwd=trained).stdout
+    assert "note: eval_only evaluates a new, untrained model" in fresh and "note: eval_only" not in resumed
+    val = [float(re.search(r"val loss ([\d.]+)", out)[1]) for out in (resumed, fresh)]
+    assert val[0] < val[1]  # 60 iterations of training against none
+    assert open(ckpt, "rb").read() == before
