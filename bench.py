@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure
+from configurator import resolve
 from model import MoE, SwiGLU, make_model, model_args_from, next_token_loss
 from plumbing import (
     BatchedMuon,
@@ -46,6 +46,7 @@ from plumbing import (
     resolve_compile,
     resolve_dtype,
     resolve_optimizer,
+    setup_runtime,
 )
 from tokenizer import load as load_tokenizer
 
@@ -560,7 +561,14 @@ def main(c: dict) -> None:
 
 
 if __name__ == "__main__":
-    config = configure(globals())
+    config, given = resolve(globals())
+    setup_runtime(config["device"], config["dtype"])  # a device or dtype that is not there: one line, now
+    if "out_dir" in given and not os.path.exists(os.path.join(ROOT, config["out_dir"], "ckpt.pt")):
+        raise SystemExit(f"error: no checkpoint at {config['out_dir']}/ckpt.pt (relative to {ROOT}): pass "
+                         "another --out_dir, or leave it out to time the default's shape with random weights")
+    for k in ("train_iters", "new_tokens", "profile_steps"):
+        if config[k] < 1:
+            raise SystemExit(f"error: {k} must be positive, got {config[k]}")
     config["dtype"] = resolve_dtype(config["dtype"], config["device"])  # as train.py's
     globals().update(config)
     with ctrl_c_ends_quietly():  # one line, exit status 130
