@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -84,7 +85,7 @@ if auto_rate and pairwise:
     raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
 if kl_coef < 0 or not 0 <= baseline_decay < 1:
     raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
-chat_dir = chat_dir or out_dir.rstrip("/") + "-chat"
+chat_dir = chat_dir or os.path.relpath(os.path.abspath(out_dir) + "-chat")  # out_dir "." too: ../<it>-chat
 if same_dir(chat_dir, out_dir):  # by real path: a symlink to out_dir is out_dir
     raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
 
@@ -261,6 +262,8 @@ on_ctrl_c()  # Ctrl-C raises KeyboardInterrupt, which ends the loop; counted, so
 try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are saved in every case
     while True:
         text = ask(lines, "\nprompt> ")
+        if not text.strip():  # an empty line asks again: in a script, it would take the next line for a rating
+            continue
         if text.strip() == "q":
             break
         if text.strip() == "?":
@@ -323,6 +326,7 @@ try:  # the session ends by q, end of input, Ctrl-C or an error: its updates are
 except (EOFError, KeyboardInterrupt):
     print()
 finally:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would cut this last save short
     save(policy, state, ref_ckpt, config, chat_dir, metrics_path)
     logged = f"; feedback in {log_path}" if os.path.isfile(log_path) else "; no feedback logged"
     plot = f", ratings plot {chat_dir}/rewards.png" if state["ratings"] else ""

@@ -69,11 +69,12 @@ def test_the_kl_term_bounds_the_drift(trained):
 
 def test_bad_input_is_asked_again_and_end_of_input_saves(trained):
     start = hashlib.sha256(open(os.path.join(trained, "out-tiny", "ckpt.pt"), "rb").read()).hexdigest()
-    p = chat(trained, "La nuit\nabc\n2\n?\n0.5\nLe jour\ns\n", "--chat_dir=chat-bad")
+    p = chat(trained, "\nLa nuit\nabc\n2\n?\n0.5\n \nLe jour\ns\n", "--chat_dir=chat-bad")  # blank prompts: asked again
     assert "'abc' is not a number" in p.stdout and "2.0 is outside [-1, 1]" in p.stdout
     assert "skip: no rating" in p.stdout  # the help
     log = feedback(trained, "chat-bad")
     assert [e["rating"] for e in log] == [0.5, None] and log[-1]["update"] == 1
+    assert [e["prompt"] for e in log] == ["La nuit", "Le jour"]
     ckpt = torch.load(os.path.join(trained, "chat-bad", "ckpt.pt"), weights_only=True)
     assert ckpt["chat"]["updates"] == 1 and os.path.getsize(os.path.join(trained, "chat-bad", "rewards.png")) > 1000
     rows = read_metrics(os.path.join(trained, "chat-bad", "metrics.jsonl"))
