@@ -161,14 +161,25 @@ def no_data(data_dir: str) -> str:
     directory, as prepare.py writes data/ there: a script started from another folder says where it
     looked, and where the data is if it lies beside the scripts."""
     if os.path.isabs(data_dir):
-        return f"error: no prepared data in {data_dir}: run python prepare.py first (or pass --data_dir=DIR)"
+        return f"error: no prepared data in {data_dir}: run {prepare_command(data_dir)} first (or pass --data_dir=DIR)"
     looked = (f"error: no prepared data in {data_dir} (looked in {os.path.abspath(data_dir)}: data_dir is "
               f"relative to the working directory {os.getcwd()})")
     project = os.path.dirname(os.path.abspath(__file__))
     if os.path.exists(os.path.join(project, data_dir, "meta.json")):
         return f"{looked}: run from {project}, or pass --data_dir={os.path.join(project, data_dir)}"
-    return (f"{looked}: run python prepare.py first, from the folder you train in (it writes data/ there), "
-            "or pass --data_dir=DIR")
+    return (f"{looked}: run {prepare_command(data_dir)} first, from the folder you train in (it writes data/ "
+            "there), or pass --data_dir=DIR")
+
+
+def prepare_command(data_dir: str) -> str:
+    """The prepare.py command that writes data_dir, from the folder name prepare.py gives it."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    kind = name.removeprefix("gutenberg_")
+    if kind in ("gpt2", "char"):
+        return f"python prepare.py --tokenizer={kind}"
+    if kind.startswith("bpe") and kind[3:].isdigit():
+        return "python prepare.py" + ("" if kind == "bpe8192" else f" --vocab_size={kind[3:]}")
+    return f"python prepare.py --dataset=YOUR_TEXT --name={name}"
 
 
 def _rerun(data_dir: str) -> str:

@@ -603,8 +603,15 @@ def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_writes
 
 def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
     d = tmp_path / "data" / "m"
-    with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py first"):
+    with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py --dataset=YOUR_TEXT "
+                                         r"--name=m first"):
         tok.load_meta(str(d))
+    # the command that writes the folder the config names: config/tp_seed.py's is the GPT-2 tokenizer's
+    for name, command in (("gutenberg_gpt2", "python prepare.py --tokenizer=gpt2 first"),
+                          ("gutenberg_bpe4096", "python prepare.py --vocab_size=4096 first"),
+                          ("gutenberg_bpe8192", "python prepare.py first")):
+        with pytest.raises(SystemExit, match=f"run {command}"):
+            tok.load_meta(str(tmp_path / "data" / name))
     d.mkdir(parents=True)
     meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": tok.CHAR_PATTERN,
                                              "nfc": True, "vocab_size": 300},
