@@ -400,6 +400,11 @@ if __name__ == "__main__":
     else:
         model, tok, ckpt = load_model(init_from, rt.device, "--init_from", dropout=0.0)
         if make_pairs:  # self-play draws its passages from the data the checkpoint was trained on, or data_dir
+            if prompt_tokens + completion_tokens > model.config.block_size:  # every pair would be cut
+                raise SystemExit(f"error: prompt_tokens + completion_tokens = {prompt_tokens + completion_tokens} "
+                                 f"is longer than {init_from}'s block_size={model.config.block_size}: pass "
+                                 f"--prompt_tokens and --completion_tokens that add up to at most "
+                                 f"{model.config.block_size}")
             whose = "the data_dir given" if data_dir else f"the data {init_from} was trained on"
             data_dir = data_dir or ckpt["data_dir"]
             missing = [f for f in ("train.bin", "val.bin") if not os.path.exists(os.path.join(data_dir, f))]

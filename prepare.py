@@ -98,8 +98,10 @@ def resolve_dataset(spec: str) -> str:
 
 
 def is_hub_name(spec: str) -> bool:
-    """owner/name, and no file or pattern here: a dataset on the Hub, such as rayml/french_gutenberg."""
-    return "/" in spec and not os.path.exists(spec) and not any(c in spec for c in "*?[")
+    """owner/name, and no file or pattern here: a dataset on the Hub, such as rayml/french_gutenberg.
+    A path (/data/books, ./books/x, books/2024/x) is no Hub name, even when nothing is there."""
+    return (spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
+            and not any(c in spec for c in "*?["))
 
 
 def fingerprint(spec: str) -> dict | None:

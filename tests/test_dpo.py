@@ -294,6 +294,8 @@ def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
     (["--make_pairs=8", "--pairs=mine.jsonl"], "--make_pairs makes the pairs, and --pairs or --val_pairs names "
                                                "others: drop one or the other"),
     (["--pairs=no-such-pairs.jsonl"], "error: no such file: no-such-pairs.jsonl"),  # not the Hub's error
+    (["--make_pairs=8"], "prompt_tokens + completion_tokens = 224 is longer than out-tiny's block_size=32: pass "
+                         "--prompt_tokens and --completion_tokens that add up to at most 32"),  # every pair cut
 ])
 def test_bad_settings_are_one_line_before_any_sampling(trained, args, message):
     p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-bad", *args, "--device=cpu", cwd=trained, check=False)
@@ -305,8 +307,8 @@ def test_one_run_per_out_dir(trained):
     os.makedirs(os.path.join(trained, "out-dpo-busy"), exist_ok=True)
     with open(os.path.join(trained, "out-dpo-busy", ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
-        p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-busy", "--make_pairs=8", "--device=cpu",
-                cwd=trained, check=False)
+        p = run("dpo.py", "--init_from=out-tiny", "--out_dir=out-dpo-busy", "--make_pairs=8", "--prompt_tokens=12",
+                "--completion_tokens=10", "--device=cpu", cwd=trained, check=False)
     assert p.returncode == 1 and "is using out-dpo-busy" in p.stderr and "making" not in p.stdout
 
 
@@ -371,7 +373,8 @@ def test_ctrl_c_is_one_line_saying_which_step_the_checkpoint_keeps(trained, tmp_
         return out.splitlines()[-1]
 
     # while the pairs are being made: nothing saved
-    last = interrupt("making", "--out_dir=out-dpo-int0", "--make_pairs=5000", "--completion_tokens=48")
+    last = interrupt("making", "--out_dir=out-dpo-int0", "--make_pairs=5000", "--prompt_tokens=8",
+                     "--completion_tokens=24")
     assert last == "interrupted: nothing was saved, out-tiny is unchanged", last
     assert not os.path.exists(os.path.join(trained, "out-dpo-int0", "ckpt.pt"))
     # while training, after a checkpoint: the step the message names is the one on disk
@@ -396,7 +399,8 @@ def test_out_dir_that_is_a_symlink_to_init_from_is_refused(trained):
 
 def test_make_pairs_without_the_training_data_says_where_it_looked_and_data_dir_names_it(trained, tmp_path):
     init_from = os.path.join(trained, "out-tiny")  # run from another folder: its data_dir is relative
-    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
+    short = ["--prompt_tokens=12", "--completion_tokens=10"]  # the tiny model's block_size is 32
+    p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu", *short,
             cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert (f"data/tiny/train.bin is not there (relative to the working folder {tmp_path})" in p.stderr
@@ -409,7 +413,7 @@ def test_make_pairs_without_the_training_data_says_where_it_looked_and_data_dir_
     (a, ra), (b, rb) = (line.split() for line in ranks[-2:])
     (other / "tokenizer.tiktoken").write_text("\n".join([*ranks[:-2], f"{a} {rb}", f"{b} {ra}"]) + "\n")
     p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
-            f"--data_dir={other}", cwd=str(tmp_path), check=False)
+            f"--data_dir={other}", *short, cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and f"the tokenizer of {other} differs" in p.stderr and "Traceback" not in p.stderr, p.stderr
     p = run("dpo.py", f"--init_from={init_from}", "--out_dir=out-elsewhere", "--make_pairs=8", "--device=cpu",
             f"--data_dir={trained}/data/tiny", "--prompt_tokens=12", "--completion_tokens=10", "--max_iters=2",

@@ -103,6 +103,11 @@ def test_bad_dataset_arguments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"names no \.parquet"):
         prepare.main(config(dataset=str(tmp_path / "empty*.txt")))
+    for path in (str(tmp_path / "no" / "such"), "./books/nope", "books/2024/nope"):  # a mistyped folder, not a Hub name
+        assert not prepare.is_hub_name(path)
+        with pytest.raises(SystemExit, match=r"names no \.parquet"):
+            prepare.main(config(dataset=path))
+    assert prepare.is_hub_name("rayml/french_gutenberg")
     with pytest.raises(SystemExit, match="bpe, gpt2, char"):
         prepare.main(config(tokenizer="wordpiece"))
     (tmp_path / "one.txt").write_text("un seul livre")
