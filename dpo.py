@@ -56,6 +56,7 @@ from plumbing import (
     draw_share,
     draw_windows,
     end_ddp,
+    hold_data,
     keep_freed_memory,
     keep_metrics,
     keep_resumed,
@@ -414,6 +415,7 @@ if __name__ == "__main__":
                 raise SystemExit(f"error: --make_pairs draws passages from {whose}, but {path} is not "
                                  f"there{where}: run dpo.py from the folder train.py ran in, pass "
                                  "--data_dir=DIR, or --pairs=FILE instead")
+            data_lock = hold_data(data_dir)  # prepare.py cannot replace the files while pairs are drawn
             # the passages are token ids: the data's tokenizer must be the checkpoint's
             check_tokenizer(ckpt, init_from, load_tokenizer(data_dir, load_meta(data_dir)), data_dir,
                             f"pass the --data_dir {init_from} was trained on")

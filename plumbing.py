@@ -868,6 +868,25 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
 
 
 # --- data: the token files checked, passages inside one document --------------------------------------
+def hold_data(data_dir: str) -> int | None:
+    """A shared lock on the data folder, held while the process runs (keep the returned descriptor):
+    prepare.py locks it exclusively to replace its files, and refuses while a run reads them. A
+    `prepare.py --force` under a running training handed it other token ids without a word. Readers
+    share the lock; the kernel drops it when the process ends, even by kill -9."""
+    try:
+        import fcntl
+
+        fd = os.open(data_dir, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or no such folder: load_meta says so
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"error: prepare.py is writing {data_dir}: start again once it has ended") from None
+    return fd
+
+
 def check_token_files(data_dir: str, meta: dict) -> None:
     """Each split's .bin holds the tokens meta.json says, all of them in the vocabulary: a missing,
     truncated or foreign file is a one-line error before training, not a crash in it."""

@@ -238,8 +238,8 @@ def lock_folder(data_dir: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise SystemExit(f"error: another prepare.py is writing {data_dir}: wait for it to end, or pass "
-                         "another --name") from None
+        raise SystemExit(f"error: {data_dir} is in use (another prepare.py writes it, or train.py or dpo.py "
+                         "reads it): wait for it to end, or pass another --name") from None
     return fd
 
 

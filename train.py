@@ -35,6 +35,7 @@ from plumbing import (
     draw_share,
     end_ddp,
     fast_bf16,
+    hold_data,
     keep_freed_memory,
     keep_metrics,
     load_checkpoint,
@@ -135,6 +136,7 @@ if eval_only and init_from == "scratch":
         f"evaluates {out_dir}'s")
 
 # --- data: random windows of the memory-mapped token files ---------------------------------------
+data_lock = hold_data(data_dir)  # prepare.py cannot replace the files while this run reads them
 meta = load_meta(data_dir)  # what prepare.py wrote: tokenizer, vocabulary, tokens and bytes per split
 check_token_files(data_dir, meta)  # a missing, truncated or foreign .bin is an error now, not a crash later
 tok = load_tokenizer(data_dir, meta)

@@ -594,11 +594,42 @@ def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_writes
     staged = sorted(os.listdir(d / ".incomplete"))
     p = run("prepare.py", *args, "--val_fraction=0.5", "--force", cwd=str(tmp_path), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.splitlines()[-1] == "error: another prepare.py is writing data/c: wait for it to end, or pass another --name"
+    assert p.stderr.splitlines()[-1] == ("error: data/c is in use (another prepare.py writes it, or train.py or dpo.py "
+                                         "reads it): wait for it to end, or pass another --name")
     assert sorted(os.listdir(d / ".incomplete")) == staged  # the first run's files are untouched
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=60) == 130
     assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+
+
+def test_prepare_never_replaces_data_that_a_run_reads(workdir, txt_dir, tmp_path):
+    """prepare.py --force while train.py read the same folder: the run went on with the new token ids
+    (or died in get_batch), its checkpoint naming the old tokenizer. A run holds a shared lock on the
+    folder (plumbing.hold_data) that prepare.py's exclusive one waits for, in one line."""
+    import fcntl
+
+    shutil.copytree(os.path.join(workdir, "data", "tiny"), tmp_path / "data" / "tiny")
+    d = tmp_path / "data" / "tiny"
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    fd = plumbing.hold_data(str(d))  # as train.py holds it while it trains
+    try:
+        p = run("prepare.py", f"--dataset={txt_dir}", "--tokenizer=char", "--name=tiny", "--force", cwd=str(tmp_path),
+                check=False)
+    finally:
+        os.close(fd)
+    assert p.returncode == 1 and "data/tiny is in use (another prepare.py writes it, or train.py" in p.stderr, p.stderr
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
+    # and the other way: a run does not start on a folder that prepare.py is writing
+    fd = os.open(d, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as prepare.py holds it
+    try:
+        p = run("train.py", "--data_dir=data/tiny", "--out_dir=out-locked", *TINY, "--max_iters=2", cwd=str(tmp_path),
+                check=False)
+    finally:
+        os.close(fd)
+    assert p.returncode == 1 and p.stderr.strip() == "error: prepare.py is writing data/tiny: start again once it " \
+        "has ended", p.stderr
+    assert not os.path.exists(tmp_path / "out-locked")
 
 
 def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
