@@ -37,6 +37,7 @@ from plumbing import (
     BatchedMuon,
     Runtime,
     check_ctrl_c,
+    check_device,
     configure_optimizer,
     ctrl_c_ends_quietly,
     fast_bf16,
@@ -46,7 +47,6 @@ from plumbing import (
     resolve_compile,
     resolve_dtype,
     resolve_optimizer,
-    setup_runtime,
 )
 from tokenizer import load as load_tokenizer
 
@@ -562,7 +562,7 @@ def main(c: dict) -> None:
 
 if __name__ == "__main__":
     config, given = resolve(globals())
-    setup_runtime(config["device"], config["dtype"])  # a device or dtype that is not there: one line, now
+    check_device(config["device"], config["dtype"])  # a device or dtype that is not there: one line, now
     if "out_dir" in given and not os.path.exists(os.path.join(ROOT, config["out_dir"], "ckpt.pt")):
         raise SystemExit(f"error: no checkpoint at {config['out_dir']}/ckpt.pt (relative to {ROOT}): pass "
                          "another --out_dir, or leave it out to time the default's shape with random weights")

@@ -85,7 +85,9 @@ if auto_rate and pairwise:
     raise SystemExit("error: --auto_rate rates single replies: drop --pairwise")
 if kl_coef < 0 or not 0 <= baseline_decay < 1:
     raise SystemExit("error: need kl_coef >= 0 and 0 <= baseline_decay < 1")
-chat_dir = chat_dir or os.path.relpath(os.path.abspath(out_dir) + "-chat")  # out_dir "." too: ../<it>-chat
+if not chat_dir:  # beside out_dir; for out_dir "." (or ".."), beside the folder it names
+    base = os.path.normpath(out_dir)
+    chat_dir = (os.path.abspath(base) if os.path.basename(base) in (".", "..") else base) + "-chat"
 if same_dir(chat_dir, out_dir):  # by real path: a symlink to out_dir is out_dir
     raise SystemExit("error: chat_dir must differ from out_dir: the starting checkpoint is never overwritten")
 

@@ -3,7 +3,7 @@ Configuration, nanoGPT style: each script defines its defaults as plain module-l
 then calls configure(globals()). Overrides come from, in this order whatever the order typed:
   1. config files given as positional arguments:  python train.py config/gutenberg.py
   2. --key=value arguments, over the files:        python train.py --batch_size=8 config/gutenberg.py
-A config file is ordinary Python that assigns some of the same names. Every public name it defines
+A config file is ordinary Python (a .py file) that assigns some of the same names. Every public name it defines
 (modules, functions and classes aside; a helper's name starts with _) must be a key, of its default's
 type: an unknown key is an error that suggests the closest names. A script's UPPER_CASE names are
 constants, not keys. Errors are one line on stderr (SystemExit), raised before any real work starts.

@@ -364,12 +364,12 @@ if __name__ == "__main__":
     if make_pairs and not resume:
         if pairs or val_pairs:
             raise SystemExit("error: --make_pairs makes the pairs, and --pairs or --val_pairs names others: "
-                             "drop one or the other")
+                             "drop them, or pass --make_pairs=0 (a config file may set it)")
         # pairs that a run left, or a person put there, without a model (that case is claim_out_dir's, below)
         made = [os.path.join(out_dir, f) for f in ("pairs.jsonl", "pairs_val.jsonl")]
         if any(map(os.path.exists, made)) and not os.path.exists(ckpt_path) and not overwrite:
             raise SystemExit(f"error: {next(filter(os.path.exists, made))} exists, and --make_pairs would "
-                             "replace it: train on those pairs without --make_pairs, pass another --out_dir, "
+                             "replace it: train on those pairs with --make_pairs=0, pass another --out_dir, "
                              "or --overwrite=True")
     min_lr = min_lr or learning_rate / 10
 
@@ -440,6 +440,8 @@ if __name__ == "__main__":
                                                   completion_tokens, seed, rt, decode))
         if rt.ddp:
             torch.distributed.barrier()
+        if data_lock is not None:  # the passages are drawn: prepare.py may replace the data now
+            os.close(data_lock)
         log(f"wrote {train_path} and {val_path} in {time.time() - t0:.0f}s")
     if not train_path:  # the pairs an earlier --make_pairs run wrote
         train_path = os.path.join(out_dir, "pairs.jsonl")

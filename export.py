@@ -253,12 +253,12 @@ def main(c: dict) -> str:
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise SystemExit(f"error: --hf_dir={hf_dir} is a file: pass a folder (new, or an earlier export)")
     held = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
-    earlier = {"config.json", "tokenizer_meta.json"} <= set(held)  # files only an export writes together
+    earlier = {"config.json", "model.safetensors"} <= set(held)  # what every export has written
     if held and not (earlier and c["overwrite"]):
         what = f"{len(held)} file(s) ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
         if not earlier:  # a project, a data folder: --overwrite would replace its README.md, its tokenizer
-            raise SystemExit(f"error: {hf_dir} holds {what} and no earlier export, whose files export would "
-                             "write over: pass a new or empty --hf_dir")
+            raise SystemExit(f"error: {hf_dir} holds {what} and is no export folder (its README.md, say, would "
+                             "be replaced): pass a new or empty --hf_dir")
         raise SystemExit(f"error: {hf_dir} already holds an export, {what}: pass --overwrite=True to replace "
                          "it (files export does not write are kept), or another --hf_dir")
     try:

@@ -71,6 +71,22 @@ class Runtime:
         return model
 
 
+def check_device(device: str, dtype: str) -> tuple[str, str]:
+    """The device and dtype, resolved from auto, or a one-line error where they are not there."""
+    device = resolve_device(device)
+    device_type = device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device={device} is not one of auto, cpu, cuda, cuda:N, mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but torch sees no CUDA GPU: use --device=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but this torch has no MPS backend: use --device=cpu")
+    dtype = resolve_dtype(dtype, device)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype={dtype} is not one of auto, float32, bfloat16, float16")
+    return device, dtype
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -101,17 +117,8 @@ def keep_freed_memory() -> bool:
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 1337, backend: str = "",
                   ddp_timeout: float = 300.0) -> Runtime:
     """Checks the device and dtype, starts DDP when launched by torchrun, seeds torch."""
-    device = resolve_device(device)
+    device, dtype = check_device(device, dtype)
     device_type = device.split(":")[0]
-    if device_type not in ("cpu", "cuda", "mps"):
-        raise SystemExit(f"error: --device={device} is not one of auto, cpu, cuda, cuda:N, mps")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={device} but torch sees no CUDA GPU: use --device=cpu")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device=mps but this torch has no MPS backend: use --device=cpu")
-    dtype = resolve_dtype(dtype, device)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype={dtype} is not one of auto, float32, bfloat16, float16")
 
     rank, local_rank, world_size = 0, 0, 1
     ddp = "RANK" in os.environ  # set by torchrun
@@ -881,9 +888,11 @@ def hold_data(data_dir: str) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
-        raise SystemExit(f"error: prepare.py is writing {data_dir}: start again once it has ended") from None
+        if isinstance(e, BlockingIOError):  # held exclusively
+            raise SystemExit(f"error: prepare.py is writing {data_dir}: start again once it has ended") from None
+        return None  # a file system without locks (some network mounts): unlocked, as before
     return fd
 
 

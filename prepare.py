@@ -189,8 +189,10 @@ def write_bin(path: str, token_lists: list[list[int]], eot: int) -> int:
 
 
 def reusable(data_dir: str, recipe: dict) -> bool:
-    """Whether data_dir holds a complete preparation of this recipe (same arguments, same data).
-    Says why not, when there is something there."""
+    """Whether data_dir holds a complete preparation to reuse: of this recipe, or of the same arguments
+    on data that changed since (a model may have been trained on it: a new preparation retrains the BPE,
+    and would leave that model without its data), which a note names. Says why not, when there is
+    something there; other arguments are refused."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         return False
@@ -207,23 +209,22 @@ def reusable(data_dir: str, recipe: dict) -> bool:
     if old.get("recipe") == recipe:
         return True
     before = old["recipe"] if isinstance(old.get("recipe"), dict) else {}
-    if recipe["data"] is None:
-        print(f"cannot tell whether {recipe['dataset']} changed (the Hub is unreachable): "
-              f"rebuilding {data_dir}")
-    elif isinstance(before.get("data"), dict) and {**before, "data": 0} == {**recipe, "data": 0}:
-        # a preparation a model may have been trained on (a new one retrains the BPE): replaced only when asked
+    same_arguments = {**before, "data": 0} == {**recipe, "data": 0}
+    if same_arguments and recipe["data"] is None:
+        print(f"note: cannot tell whether {recipe['dataset']} changed (the Hub is unreachable)")
+        return True
+    if same_arguments and isinstance(before.get("data"), dict):
         a, b, counts = before["data"].get("files"), recipe["data"].get("files"), ""
         if a is not None and b is not None:  # files before and now: which ones
             counts = (f" ({len(b.keys() - a.keys())} file(s) added, {len(a.keys() - b.keys())} removed, "
                       f"{sum(a[f] != b[f] for f in a.keys() & b.keys())} changed)")
-        raise SystemExit(f"error: the data changed since {data_dir} was prepared{counts}: pass another --name "
-                         "to keep both, or --force to replace it")
-    else:  # the same, for other arguments
-        changed = [f"{k}={before.get(k)!r}" for k in recipe if k != "data" and before.get(k) != recipe[k]]
-        raise SystemExit(f"error: {data_dir} holds a preparation with other arguments "
-                         f"({', '.join(changed)}): pass another --name to keep both, "
-                         "or --force to replace it")
-    return False
+        print(f"note: the data changed since {data_dir} was prepared{counts}: --name=NEW prepares it beside, "
+              "--force replaces this one (a model trained on it would lose its data)")
+        return True
+    # other arguments: a preparation a model may have been trained on is replaced only when asked
+    changed = [f"{k}={before.get(k)!r}" for k in recipe if k != "data" and before.get(k) != recipe[k]]
+    raise SystemExit(f"error: {data_dir} holds a preparation with other arguments ({', '.join(changed)}): "
+                     "pass another --name to keep both, or --force to replace it")
 
 
 def lock_folder(data_dir: str) -> int | None:
@@ -236,8 +237,10 @@ def lock_folder(data_dir: str) -> int | None:
     fd = os.open(data_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        if not isinstance(e, BlockingIOError):  # a file system without locks (some network mounts)
+            return None
         raise SystemExit(f"error: {data_dir} is in use (another prepare.py writes it, or train.py or dpo.py "
                          "reads it): wait for it to end, or pass another --name") from None
     return fd
@@ -334,7 +337,7 @@ def main(config: dict) -> str:
         recipe["vocab_size"] = c["vocab_size"]
     recipe["data"] = fingerprint(spec)
     if not c["force"] and reusable(data_dir, recipe):
-        print(f"{data_dir} already holds this preparation: reusing it (--force rebuilds)")
+        print(f"reusing {data_dir} (--force rebuilds it)")
         return data_dir
 
     # everything is written into a staging folder, then moved over the old files: an error or

@@ -29,7 +29,7 @@ max_time = 600.0  # the budget of every run, in seconds (without fixed_compute)
 fixed_compute = False  # train each run for its iterations of RUNS (the same FLOPs) instead of max_time
 device = ""  # passed to train.py and eval.py; "" = their default
 # -----------------------------------------------------------------------------
-ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py, eval.py and config/ are here; out-sweep/ in the working folder
+ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py, eval.py, config/; out-sweep/ goes to the working folder
 TIED = ["--tie_embeddings=True", "--embedding_lr=0"]
 RUNS = {  # name: (overrides of config/gutenberg.py, iterations of the same FLOPs as 1,400 of 4 x 256)
     "default": ([], 1687),  # a dense Llama of 3 x 256, bf16, Muon, an untied token table at 2e-2
@@ -98,13 +98,14 @@ def main(c: dict) -> None:
         print(row, flush=True)
         rows[name] = row
         write_table(table, rows)
-    print("\n" + "\n".join(table[:2] + [rows[n] for n in RUNS if n in rows]) + "\n\nwritten to out-sweep/sweep.md")
+    with open("out-sweep/sweep.md") as f:
+        print("\n" + f.read() + "\nwritten to out-sweep/sweep.md")
 
 
 def write_table(header: list[str], rows: dict) -> None:
-    """out-sweep/sweep.md: the header, then a row for each run that ended, in RUNS' order (atomically)."""
+    """out-sweep/sweep.md, atomically: the header, then a row for each run that ended, in RUNS' order."""
     with open("out-sweep/sweep.md.tmp", "w") as f:
-        f.write("\n".join(header[:2] + [rows[n] for n in RUNS if n in rows]) + "\n")
+        f.write("\n".join(header + [rows[n] for n in RUNS if n in rows]) + "\n")
     os.replace("out-sweep/sweep.md.tmp", "out-sweep/sweep.md")
 
 

@@ -172,13 +172,14 @@ def no_data(data_dir: str) -> str:
 
 
 def prepare_command(data_dir: str) -> str:
-    """The prepare.py command that writes data_dir, from the folder name prepare.py gives it."""
-    name = os.path.basename(os.path.normpath(data_dir))
+    """The prepare.py command that writes data_dir, where it is a folder of the novels that prepare.py
+    names itself (data/gutenberg_<tokenizer>); else the command's shape."""
+    parent, name = os.path.split(os.path.normpath(data_dir))
     kind = name.removeprefix("gutenberg_")
-    if kind in ("gpt2", "char"):
+    if parent == "data" and kind in ("gpt2", "char"):
         return f"python prepare.py --tokenizer={kind}"
-    if kind.startswith("bpe") and kind[3:].isdigit():
-        return "python prepare.py" + ("" if kind == "bpe8192" else f" --vocab_size={kind[3:]}")
+    if parent == "data" and kind.startswith("bpe") and kind[3:].isdigit():
+        return f"python prepare.py --vocab_size={kind[3:]}"
     return f"python prepare.py --dataset=YOUR_TEXT --name={name}"
 
 

@@ -292,7 +292,7 @@ def test_too_few_pairs_is_one_line_before_the_reference_pass(trained, tmp_path):
     (["--resume=True"], "no checkpoint at out-dpo-bad/ckpt.pt to resume"),
     (["--beta=0", "--make_pairs=8"], "need beta > 0 and 0 <= label_smoothing < 0.5"),
     (["--make_pairs=8", "--pairs=mine.jsonl"], "--make_pairs makes the pairs, and --pairs or --val_pairs names "
-                                               "others: drop one or the other"),
+                                               "others: drop them, or pass --make_pairs=0"),
     (["--pairs=no-such-pairs.jsonl"], "error: no such file: no-such-pairs.jsonl"),  # not the Hub's error
     (["--make_pairs=8"], "prompt_tokens + completion_tokens = 224 is longer than out-tiny's block_size=32: pass "
                          "--prompt_tokens and --completion_tokens that add up to at most 32"),  # every pair cut

@@ -137,7 +137,7 @@ def test_overwrite_replaces_only_an_earlier_export(trained, tmp_path):
     (mine / "README.md").write_text("my project")
     (mine / "tokenizer.tiktoken").write_text("my ranks")
     p = run("export.py", "--out_dir=out-tiny", f"--hf_dir={mine}", "--overwrite=True", cwd=trained, check=False)
-    assert p.returncode == 1 and "holds 2 file(s) (README.md, tokenizer.tiktoken) and no earlier export" in p.stderr
+    assert p.returncode == 1 and "holds 2 file(s) (README.md, tokenizer.tiktoken) and is no export folder" in p.stderr
     assert (mine / "README.md").read_text() == "my project" and (mine / "tokenizer.tiktoken").read_text() == "my ranks"
     assert sorted(os.listdir(tmp_path)) == ["project"]
 

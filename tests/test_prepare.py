@@ -144,8 +144,8 @@ def documents(name: str) -> int:
 
 @pytest.mark.parametrize("spec", ["books/*.txt", "books"])
 def test_reuse_sees_a_book_added_or_edited(tmp_path, books, monkeypatch, capsys, spec):
-    """Changed files are refused, as other arguments are: a model may have been trained on the data
-    (and a new preparation retrains the BPE); --force rebuilds it."""
+    """Changed files are seen, and named in a note, but the data is reused: a model may have been
+    trained on it (a new preparation retrains the BPE); --force rebuilds it."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "books").mkdir()
     for i in range(3):
@@ -154,9 +154,9 @@ def test_reuse_sees_a_book_added_or_edited(tmp_path, books, monkeypatch, capsys,
     assert documents("mine") == 3
     (tmp_path / "books" / "b3.txt").write_text(books[3][:5000], encoding="utf-8")
     files = {f: (tmp_path / "data" / "mine" / f).read_bytes() for f in os.listdir(tmp_path / "data" / "mine")}
-    with pytest.raises(SystemExit, match=r"the data changed since data/mine was prepared \(1 file\(s\) added, 0 "
-                                         r"removed, 0 changed\): pass another --name to keep both, or --force"):
-        prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    assert ("note: the data changed since data/mine was prepared (1 file(s) added, 0 removed, 0 changed): "
+            "--name=NEW prepares it beside, --force replaces this one") in capsys.readouterr().out
     assert {f: (tmp_path / "data" / "mine" / f).read_bytes() for f in files} == files
     prepare.main(config(dataset=spec, tokenizer="char", name="mine", force=True))
     assert documents("mine") == 4
@@ -166,13 +166,13 @@ def test_reuse_sees_a_book_added_or_edited(tmp_path, books, monkeypatch, capsys,
                                    for s in ("train", "val")]
     book.write_text(books[0][:5000][::-1], encoding="utf-8")
     os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(SystemExit, match=r"\(0 file\(s\) added, 0 removed, 1 changed\)"):
-        prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
+    assert "(0 file(s) added, 0 removed, 1 changed)" in capsys.readouterr().out
     prepare.main(config(dataset=spec, tokenizer="char", name="mine", force=True))
     after = [np.fromfile(tmp_path / "data" / "mine" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")]
     assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     prepare.main(config(dataset=spec, tokenizer="char", name="mine"))
-    assert "reusing it" in capsys.readouterr().out
+    assert "reusing data/mine (--force rebuilds it)" in capsys.readouterr().out
 
 
 def test_reuse_sees_a_new_local_mirror(tmp_path, books, monkeypatch, capsys):
@@ -183,8 +183,8 @@ def test_reuse_sees_a_new_local_mirror(tmp_path, books, monkeypatch, capsys):
     pq.write_table(pa.table({"content": books[:3]}), tmp_path / "mirror" / "train.parquet")
     prepare.main(config(tokenizer="char"))
     pq.write_table(pa.table({"content": books[:5]}), tmp_path / "mirror" / "train.parquet")
-    with pytest.raises(SystemExit, match=r"1 changed\): pass another --name"):
-        prepare.main(config(tokenizer="char"))
+    prepare.main(config(tokenizer="char"))
+    assert "1 changed): --name=NEW prepares it beside" in capsys.readouterr().out and documents("gutenberg_char") == 3
     prepare.main(config(tokenizer="char", force=True))
     assert documents("gutenberg_char") == 5
 
@@ -208,14 +208,14 @@ def test_hub_dataset_reuse_follows_its_revision(tmp_path, books, monkeypatch, ca
     for rev in ("abc", "abc"):
         latest[0] = rev
         prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
-    latest[0] = "def"  # a new revision: refused before anything is loaded, then rebuilt when asked
-    with pytest.raises(SystemExit, match="the data changed since data/hub was prepared: pass another --name"):
-        prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
+    latest[0] = "def"  # a new revision: named, the data reused, then rebuilt when asked
+    prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
+    assert "note: the data changed since data/hub was prepared" in capsys.readouterr().out and loaded == ["abc"]
     prepare.main(config(dataset="someone/books", tokenizer="char", name="hub", force=True))
     assert loaded == ["abc", "def"] and documents("hub") == 4  # the second run reused the first
-    monkeypatch.setattr(prepare, "hub_reachable", lambda: False)  # offline: cannot tell, so rebuilt
+    monkeypatch.setattr(prepare, "hub_reachable", lambda: False)  # offline: cannot tell, so reused
     prepare.main(config(dataset="someone/books", tokenizer="char", name="hub"))
-    assert "cannot tell whether someone/books changed" in capsys.readouterr().out and loaded[-1] is None
+    assert "cannot tell whether someone/books changed" in capsys.readouterr().out and loaded == ["abc", "def"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no val tokens", "a list", "no tokenizer file"])

@@ -332,12 +332,14 @@ def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
         for _ in range(50):
             plumbing.CTRL_C.clear()
             plumbing.on_ctrl_c(stop)
+            r, w = os.pipe()  # the child writes "sent" there once its Ctrl-C is sent
+            go_r, go_w = os.pipe()  # and sends it once it reads a line here: never during Popen
+            os.set_blocking(r, False)
+            kill = subprocess.Popen(["sh", "-c", f"read go; kill -INT {os.getpid()}; echo sent"], stdin=go_r, stdout=w)
+            os.close(go_r)
+            os.close(w)
             with pytest.raises(Stopped):
-                # Ctrl-C from another process, at a moment the loop cannot choose; it then writes to a pipe
-                r, w = os.pipe()
-                os.set_blocking(r, False)
-                kill = subprocess.Popen(["sh", "-c", f"sleep 0.01; kill -INT {os.getpid()}; echo sent"], stdout=w)
-                os.close(w)
+                os.write(go_w, b"go\n")  # Ctrl-C from another process, at a moment the loop cannot choose
                 while not sent(r):
                     f(x)
                     plumbing.check_ctrl_c()
@@ -345,6 +347,7 @@ def test_a_ctrl_c_that_a_compiled_call_drops_is_raised_again():
                     f(x)
                     plumbing.check_ctrl_c()
             os.close(r)
+            os.close(go_w)
             kill.wait()
     finally:
         if kill is not None:  # no press left on its way to pytest, which would end the session
@@ -632,17 +635,18 @@ def test_prepare_never_replaces_data_that_a_run_reads(workdir, txt_dir, tmp_path
     assert not os.path.exists(tmp_path / "out-locked")
 
 
-def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path):
+def test_load_meta_missing_truncated_or_incomplete_is_one_line(tmp_path, monkeypatch):
     d = tmp_path / "data" / "m"
     with pytest.raises(SystemExit, match=r"^error: no prepared data in .*m: run python prepare.py --dataset=YOUR_TEXT "
                                          r"--name=m first"):
         tok.load_meta(str(d))
     # the command that writes the folder the config names: config/tp_seed.py's is the GPT-2 tokenizer's
+    monkeypatch.chdir(tmp_path)
     for name, command in (("gutenberg_gpt2", "python prepare.py --tokenizer=gpt2 first"),
                           ("gutenberg_bpe4096", "python prepare.py --vocab_size=4096 first"),
-                          ("gutenberg_bpe8192", "python prepare.py first")):
+                          ("gutenberg_char", "python prepare.py --tokenizer=char first")):
         with pytest.raises(SystemExit, match=f"run {command}"):
-            tok.load_meta(str(tmp_path / "data" / name))
+            tok.load_meta(os.path.join("data", name))  # relative: a folder prepare.py writes by that name
     d.mkdir(parents=True)
     meta = {"vocab_size": 300, "tokenizer": {"kind": "char", "file": tok.TOKENIZER_FILE, "pattern": tok.CHAR_PATTERN,
                                              "nfc": True, "vocab_size": 300},
