@@ -111,6 +111,8 @@ def interrupted(signum, frame):
         where = f"at iteration {iter_num}"
         kept = None if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
     kept = f"{kept} (continue with --init_from=resume)" if kept else "no checkpoint was written"
+    if kept == "no checkpoint was written" and os.path.exists(ckpt_path):  # --overwrite=True's earlier run
+        kept += f"; {ckpt_path} and its metrics.jsonl are the earlier run's, as they were"
     print(f"interrupted {where}: {kept}", file=sys.stderr, flush=True)
     raise SystemExit(130)
 
@@ -257,7 +259,8 @@ def check_finite(loss: float, what: str) -> None:
 metrics_path = os.path.join(out_dir, "metrics.jsonl")  # every logged step and evaluation, one JSON line each
 if rt.master and not eval_only:
     log("config: " + json.dumps(config))
-    keep_metrics(metrics_path, iter_num if init_from == "resume" else -1)  # steps after it are done again
+    if init_from == "resume":
+        keep_metrics(metrics_path, iter_num)  # the steps after the checkpoint's are done again
 # max_time as iterations: how many fit is counted at the warmup's end (at least 10 iterations after the
 # first, which compiles), from the speed of its second half; until then the run plans max_iters. The
 # warmup's learning rates do not depend on where the schedule ends: fitting it then changes no step taken.
@@ -315,6 +318,8 @@ with ddp_guard(rt):  # under DDP, a process that dies makes the others stop with
                     "val_loss": losses["val"], "best_val_loss": best_val_loss, "elapsed": elapsed,
                     "budget": budget.fitted, "config": config, "tokenizer": tok.state(), "data_dir": data_dir,
                     "bytes_per_token": bytes_per_token, "rng": rng}, ckpt_path)
+                if saved_iter is None and init_from == "scratch":  # the model they describe is replaced now
+                    keep_metrics(metrics_path, -1)  # an earlier run's rows (--overwrite=True): none kept
                 log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"],
                                            "val_loss": losses["val"], "val_bpb": val_bpb, "elapsed": elapsed})
                 rows = read_metrics(metrics_path)  # the plot is drawn from the same file a user reads

@@ -769,3 +769,24 @@ def test_a_prompt_of_thousands_of_characters_is_a_prompt(trained):
     start = "« Il était une fois, dit-elle [1, 2] », " * 100  # 4,000 characters, brackets and quotes
     p = run("sample.py", "--out_dir=out-tiny", "--device=cpu", f"--start={start}", "--max_new_tokens=5", cwd=trained)
     assert p.stdout.startswith(start[:100])
+
+
+def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run_whole(workdir):
+    """--overwrite=True, then Ctrl-C before the new run's first checkpoint: the earlier run's model was
+    kept, but its metrics.jsonl had been emptied at start-up. The rows go when the model they describe does."""
+    args = ["--data_dir=data/tiny", "--out_dir=out-ow", *TINY, "--eval_interval=5"]
+    run("train.py", *args, "--max_iters=5", cwd=workdir)
+    d = os.path.join(workdir, "out-ow")
+    before = {f: open(os.path.join(d, f), "rb").read() for f in ("ckpt.pt", "metrics.jsonl")}
+    p = popen("train.py", *args, "--max_iters=5", "--overwrite=True", "--eval_iters=100000", cwd=workdir)
+    for line in p.stdout:
+        if line.startswith("config: "):  # the last line before the first evaluation, which takes minutes
+            time.sleep(1)  # well into it, before the first save (an earlier Ctrl-C passes as well)
+            p.send_signal(signal.SIGINT)
+            break
+    rest = finish(p)
+    assert p.returncode == 130 and "no checkpoint was written; out-ow/ckpt.pt and its metrics.jsonl are the " \
+        "earlier run's, as they were" in rest, rest
+    assert {f: open(os.path.join(d, f), "rb").read() for f in before} == before
+    run("train.py", *args, "--max_iters=5", "--overwrite=True", cwd=workdir)  # run whole: only its rows
+    assert [r["iter"] for r in plumbing.read_metrics(os.path.join(d, "metrics.jsonl")) if "val_loss" in r] == [0, 5]
