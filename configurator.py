@@ -61,7 +61,7 @@ def _unknown(key: str, known: dict, where: str) -> SystemExit:
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
-def _file_names(path: str) -> dict:
+def file_names(path: str) -> dict:
     """The public names a config file defines, {name: value}."""
     try:
         with open(path) as f:
@@ -135,7 +135,7 @@ def resolve(namespace: dict, argv: list[str] | None = None) -> tuple[dict, set[s
         hint = f"--{a}" if "=" in a else "--key=value, or a config file (.py)"
         raise SystemExit(f"error: {a!r} is neither a setting nor a config file: did you mean {hint}?")
     for path in [a for a in argv if a not in flags]:  # the files first: a flag always wins
-        for k, v in _file_names(path).items():
+        for k, v in file_names(path).items():
             if k not in defaults:  # an import or a helper (module, function, class) is no setting
                 if isinstance(v, types.ModuleType) or callable(v):
                     continue

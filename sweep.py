@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
+from configurator import configure, file_names
+from tokenizer import prepare_command
 
 # -----------------------------------------------------------------------------
 runs = ""  # comma-separated names from RUNS; "" = all
@@ -53,6 +54,14 @@ def main(c: dict) -> None:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"error: unknown run(s) {', '.join(unknown)}: choose among {', '.join(RUNS)}")
+    for name in names:  # every run's data first: a missing folder would stop the sweep hours in
+        overrides = RUNS[name][0]
+        config = overrides[0] if overrides[:1] and overrides[0].endswith(".py") else "config/gutenberg.py"
+        given = [a.removeprefix("--data_dir=") for a in overrides if a.startswith("--data_dir=")]
+        data_dir = given[-1] if given else file_names(os.path.join(ROOT, config))["data_dir"]
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            raise SystemExit(f"error: run {name} trains on {data_dir}, which is not prepared here: run "
+                             f"{prepare_command(data_dir)} first, or leave the run out (--runs=...)")
     os.makedirs("out-sweep", exist_ok=True)
     table = ["| run | overrides of config/gutenberg.py | iterations | wall | tokens/s | "
              "val bits/byte (eval.py) |",

@@ -218,3 +218,14 @@ def test_a_seed_past_64_bits_is_one_line_at_start_up(seed):
     """A seed torch's generators cannot hold (with the rank, or 1, added) failed at the first evaluation."""
     with pytest.raises(SystemExit, match=f"seed must be zero or positive and below 2\\*\\*63 - 1024, got {seed}"):
         check_config(configure(train_defaults(), [f"--seed={seed}"]))
+
+
+def test_sweep_checks_every_run_s_data_before_training_any(tmp_path, monkeypatch):
+    """A run on data not prepared here stopped the sweep when its turn came: bpe4096, the tenth, hours in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "gutenberg_bpe8192").mkdir(parents=True)
+    (tmp_path / "data" / "gutenberg_bpe8192" / "meta.json").write_text("{}")  # the default's data, there
+    with pytest.raises(SystemExit, match=r"run bpe4096 trains on data/gutenberg_bpe4096, which is not prepared here: "
+                                         r"run python prepare.py --vocab_size=4096 first"):
+        sweep.main(configure(vars(sweep), ["--runs=default,bpe4096"]))
+    assert not os.path.exists(tmp_path / "out-sweep")  # nothing trained, nothing written
