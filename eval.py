@@ -201,6 +201,9 @@ def main(c: dict) -> dict:
     if not 0 <= c["stride"] <= model.config.block_size:
         raise SystemExit(f"error: --stride={c['stride']} must lie between 0 and "
                          f"block_size={model.config.block_size}")
+    if c["num_samples"] and c["prompt_tokens"] >= model.config.block_size:  # no room left for the samples
+        raise SystemExit(f"error: --prompt_tokens={c['prompt_tokens']} leaves no room in the model's "
+                         f"block_size={model.config.block_size}: pass fewer")
     if rows:
         return score_pairs(model, tok, c["pairs"], rows, c["batch_size"], rt)
     if raw is not None:

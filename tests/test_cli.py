@@ -96,3 +96,10 @@ def test_eval_measures_samples_the_same_way_every_time(trained):
     args = ["--out_dir=out-tiny", "--num_samples=4", "--max_new_tokens=12", "--prompt_tokens=6", "--device=cpu"]
     a, b = (run("eval.py", *args, cwd=trained).stdout for _ in range(2))
     assert "4 samples of 12 tokens" in a and "distinct-2" in a and a == b
+
+
+def test_eval_prompts_longer_than_the_context_are_refused(trained):
+    p = run("eval.py", "--out_dir=out-tiny", "--num_samples=1", "--prompt_tokens=10000", "--device=cpu", cwd=trained,
+            check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "--prompt_tokens=10000 leaves no room in the model's block_size=32: pass fewer" in p.stderr, p.stderr
