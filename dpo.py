@@ -345,10 +345,14 @@ if __name__ == "__main__":
 
     # what the run leaves when it stops early: the step its checkpoint keeps (None: nothing saved yet)
     iter_num, saved_iter = None, None
+    earlier = not resume and os.path.exists(ckpt_path)  # --overwrite=True replaces an earlier run
 
     def kept() -> str:
         if saved_iter is not None:
             return f"{ckpt_path} keeps step {saved_iter}"
+        if earlier:  # its model is kept until the first save; its metrics (and made pairs) are this run's
+            return (f"nothing was saved, {init_from} is unchanged; {ckpt_path} is the earlier run's model, "
+                    "but its log and pairs may be this run's: it cannot be resumed")
         return f"{ckpt_path} is unchanged" if resume else f"nothing was saved, {init_from} is unchanged"
 
     def interrupted(signum, frame):

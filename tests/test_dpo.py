@@ -472,3 +472,20 @@ def test_make_pairs_never_replaces_pairs_already_in_out_dir(trained):
             check=False)
     assert p.returncode == 1 and "out-dpo-mine/pairs.jsonl exists, and --make_pairs would replace it" in p.stderr
     assert "making" not in p.stdout and open(os.path.join(d, "pairs.jsonl"), encoding="utf-8").read() == mine
+
+
+def test_an_overwrite_interrupted_before_its_first_save_says_what_is_left(trained, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    args = ["--init_from=out-tiny", "--out_dir=out-dpo-ow", f"--pairs={pairs}", "--batch_size=4", "--device=cpu",
+            "--eval_interval=1000"]
+    run("dpo.py", *args, "--max_iters=2", cwd=trained)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo.py"), *args, "--max_iters=100000",
+                          "--overwrite=True"], cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("eval at step 0"):  # its metrics.jsonl is this run's now; its first save is far
+            p.send_signal(signal.SIGINT)
+            break
+    out = finish(p)
+    assert p.returncode == 1 and "Traceback" not in out, out
+    assert re.match(r"interrupted at step \d+: nothing was saved, out-tiny is unchanged; out-dpo-ow/ckpt.pt is the "
+                    r"earlier run's model, but its log", out.splitlines()[-1]), out
