@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import SAMPLING, make_model, model_args_from, other_arch_keys, pack, sampling
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, lock_data_dir
 
 
 # --- runtime and processes: device, precision, DDP, compile, the machine's speed ------------------
@@ -876,24 +876,13 @@ def restore_rng_state(states: list[dict], rt: Runtime, log) -> None:
 
 # --- data: the token files checked, passages inside one document --------------------------------------
 def hold_data(data_dir: str) -> int | None:
-    """A shared lock on the data folder, held while the process runs (keep the returned descriptor):
-    prepare.py locks it exclusively to replace its files, and refuses while a run reads them. A
-    `prepare.py --force` under a running training handed it other token ids without a word. Readers
-    share the lock; the kernel drops it when the process ends, even by kill -9."""
+    """A shared lock on the data folder (tokenizer.lock_data_dir), to keep while the run reads it:
+    prepare.py, which locks it exclusively to replace its files, refuses meanwhile. A `prepare.py
+    --force` under a running training handed it other token ids without a word. Several readers share it."""
     try:
-        import fcntl
-
-        fd = os.open(data_dir, os.O_RDONLY)
-    except (ImportError, OSError):  # not POSIX, or no such folder: load_meta says so
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if isinstance(e, BlockingIOError):  # held exclusively
-            raise SystemExit(f"error: prepare.py is writing {data_dir}: start again once it has ended") from None
-        return None  # a file system without locks (some network mounts): unlocked, as before
-    return fd
+        return lock_data_dir(data_dir, exclusive=False)  # None without one: no such folder (load_meta says so)
+    except BlockingIOError:
+        raise SystemExit(f"error: prepare.py is writing {data_dir}: start again once it has ended") from None
 
 
 def check_token_files(data_dir: str, meta: dict) -> None:

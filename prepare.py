@@ -32,7 +32,16 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure
-from tokenizer import DEFAULT_GPT2_RANKS, TOKENIZER_FILE, Tokenizer, gpt2, read_meta, train_bpe, train_char
+from tokenizer import (
+    DEFAULT_GPT2_RANKS,
+    TOKENIZER_FILE,
+    Tokenizer,
+    gpt2,
+    lock_data_dir,
+    read_meta,
+    train_bpe,
+    train_char,
+)
 
 HUB_DATASET = "rayml/french_gutenberg"
 LOCAL_MIRROR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
@@ -228,22 +237,13 @@ def reusable(data_dir: str, recipe: dict) -> bool:
 
 
 def lock_folder(data_dir: str) -> int | None:
-    """An exclusive lock on the folder itself (no lock file to leave behind), or a one-line error if
-    another prepare.py holds it. The kernel releases it when the process ends, even by kill -9."""
+    """An exclusive lock on data_dir (tokenizer.lock_data_dir), or a one-line error if another
+    prepare.py writes it or a run reads it."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: runs go unlocked
-        return None
-    fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if not isinstance(e, BlockingIOError):  # a file system without locks (some network mounts)
-            return None
+        return lock_data_dir(data_dir, exclusive=True)
+    except BlockingIOError:
         raise SystemExit(f"error: {data_dir} is in use (another prepare.py writes it, or train.py or dpo.py "
                          "reads it): wait for it to end, or pass another --name") from None
-    return fd
 
 
 def publish(staging: str, data_dir: str) -> None:

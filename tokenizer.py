@@ -171,6 +171,28 @@ def no_data(data_dir: str) -> str:
             "there), or pass --data_dir=DIR")
 
 
+def lock_data_dir(data_dir: str, exclusive: bool) -> int | None:
+    """A lock on a data folder, the folder itself (no lock file to leave behind): exclusive for prepare.py,
+    which replaces its files, shared for the runs that read them. Returns the descriptor to keep open
+    (the kernel drops the lock when the process ends, even by kill -9), or None where there is no lock
+    to take (not POSIX, no such folder, a file system without locks: some network mounts). Raises
+    BlockingIOError while another process holds it the other way (or exclusively)."""
+    try:
+        import fcntl
+
+        fd = os.open(data_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise
+        return None
+    return fd
+
+
 def prepare_command(data_dir: str) -> str:
     """The prepare.py command that writes data_dir, where it is a folder of the novels that prepare.py
     names itself (data/gutenberg_<tokenizer>); else the command's shape."""
