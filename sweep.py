@@ -55,10 +55,9 @@ def main(c: dict) -> None:
     if unknown:
         raise SystemExit(f"error: unknown run(s) {', '.join(unknown)}: choose among {', '.join(RUNS)}")
     for name in names:  # every run's data first: a missing folder would stop the sweep hours in
-        overrides = RUNS[name][0]
-        config = overrides[0] if overrides[:1] and overrides[0].endswith(".py") else "config/gutenberg.py"
-        given = [a.removeprefix("--data_dir=") for a in overrides if a.startswith("--data_dir=")]
-        data_dir = given[-1] if given else file_names(os.path.join(ROOT, config))["data_dir"]
+        args = train_args(RUNS[name][0])
+        given = [a.removeprefix("--data_dir=") for a in args if a.startswith("--data_dir=")]
+        data_dir = given[-1] if given else file_names(args[0])["data_dir"]
         if not os.path.exists(os.path.join(data_dir, "meta.json")):
             raise SystemExit(f"error: run {name} trains on {data_dir}, which is not prepared here: run "
                              f"{prepare_command(data_dir)} first, or leave the run out (--runs=...)")
@@ -78,10 +77,7 @@ def main(c: dict) -> None:
         if c["fixed_compute"]:
             budget = [f"--max_iters={iters}", "--max_time=0"]
         dev = [f"--device={c['device']}"] if c["device"] else []
-        # a run that names a config file starts from it instead of config/gutenberg.py
-        config = [] if overrides[:1] and overrides[0].endswith(".py") else ["config/gutenberg.py"]
-        files = [os.path.join(ROOT, a) if a.endswith(".py") else a for a in config + overrides]  # config files
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *files, *budget, *dev,
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *train_args(overrides), *budget, *dev,
                f"--out_dir={out}", "--overwrite=True"]  # a run redone replaces its own out_dir
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         if rows.pop(name, None):  # its earlier model is being replaced: the table keeps only what exists
@@ -109,6 +105,13 @@ def main(c: dict) -> None:
         write_table(table, rows)
     with open("out-sweep/sweep.md") as f:
         print("\n" + f.read() + "\nwritten to out-sweep/sweep.md")
+
+
+def train_args(overrides: list[str]) -> list[str]:
+    """A run's train.py arguments: config/gutenberg.py (or the config file the run names instead),
+    then its overrides, config files found beside sweep.py whatever the working folder."""
+    config = [] if overrides[:1] and overrides[0].endswith(".py") else ["config/gutenberg.py"]
+    return [os.path.join(ROOT, a) if a.endswith(".py") else a for a in config + overrides]
 
 
 def write_table(header: list[str], rows: dict) -> None:
