@@ -110,9 +110,12 @@ def interrupted(signum, frame):
     else:
         where = f"at iteration {iter_num}"
         kept = None if saved_iter is None else f"{ckpt_path} keeps iteration {saved_iter}"
-    kept = f"{kept} (continue with --init_from=resume)" if kept else "no checkpoint was written"
-    if kept == "no checkpoint was written" and os.path.exists(ckpt_path):  # --overwrite=True's earlier run
-        kept += f"; {ckpt_path} and its metrics.jsonl are the earlier run's, as they were"
+    if kept:
+        kept += " (continue with --init_from=resume)"
+    elif os.path.exists(ckpt_path):  # --overwrite=True's earlier run: replaced at the first save
+        kept = f"no checkpoint was written; {ckpt_path} and its metrics.jsonl are the earlier run's, as they were"
+    else:
+        kept = "no checkpoint was written"
     print(f"interrupted {where}: {kept}", file=sys.stderr, flush=True)
     raise SystemExit(130)
 
